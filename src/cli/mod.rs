@@ -1,0 +1,142 @@
+//! Command-line interface: the binary's edge, where errors become messages and exit
+//! codes. Everything it calls lives in the library modules.
+
+mod bench;
+mod detect;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, LoadedConfig, DEFAULT_CONFIG, EX_CONFIG};
+
+/// Counts products on warehouse shelves from cameras and publishes stable counts.
+#[derive(Debug, Parser)]
+#[command(name = "shelfwatch", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `shelfwatch=debug`.
+    #[arg(long, global = true, env = "SHELFWATCH_LOG", default_value = "info")]
+    pub log: String,
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Detect objects in images: one JSON object per image on stdout.
+    Detect(detect::DetectArgs),
+    /// Measure preprocessing, inference and decoding on images.
+    Bench(bench::BenchArgs),
+    /// Validate a config file: exit 0, or 78 naming the key and line.
+    CheckConfig {
+        /// The config file to check.
+        file: PathBuf,
+    },
+    /// Print the commented default configuration.
+    PrintDefaultConfig,
+}
+
+/// Model choice shared by the commands that run a detector.
+#[derive(Debug, clap::Args)]
+pub struct ModelArgs {
+    /// Config file; the built-in defaults when absent.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Model manifest to use instead of the configured one.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Score threshold for every label, instead of the configured one.
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// Model input size WIDTHxHEIGHT, for fully convolutional models.
+    #[arg(long, value_parser = parse_size)]
+    pub input_size: Option<(u32, u32)>,
+}
+
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s
+        .split_once(['x', 'X'])
+        .ok_or_else(|| format!("{s:?} is not WIDTHxHEIGHT"))?;
+    let p = |v: &str| v.parse::<u32>().map_err(|e| format!("{v:?}: {e}"));
+    let (w, h) = (p(w)?, p(h)?);
+    if w == 0 || h == 0 {
+        return Err("width and height must be positive".into());
+    }
+    Ok((w, h))
+}
+
+impl ModelArgs {
+    /// The config (or defaults) with command-line overrides applied. A config error is
+    /// reported and becomes exit status 78.
+    fn load(&self) -> Result<(PathBuf, crate::vision::DetectorOptions), ExitCode> {
+        let loaded = match &self.config {
+            Some(path) => Config::load(path).map_err(|e| {
+                eprintln!("{e}");
+                ExitCode::from(EX_CONFIG)
+            })?,
+            None => LoadedConfig::defaults(),
+        };
+        let manifest = self.model.clone().unwrap_or_else(|| loaded.manifest_path());
+        let mut options = loaded.detector_options();
+        if let Some(t) = self.threshold {
+            if !(t > 0.0 && t <= 1.0) {
+                eprintln!("--threshold must be in (0, 1], got {t}");
+                return Err(ExitCode::from(2));
+            }
+            options.score_threshold = Some(t);
+            options.label_thresholds.clear();
+        }
+        options.input_size = self.input_size;
+        Ok((manifest, options))
+    }
+}
+
+/// Sets up `tracing` on stderr; stdout is kept for command output.
+pub fn init_logging(filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs a parsed command line and returns the process exit status.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Detect(args) => detect::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EX_CONFIG)
+            }
+        },
+        Command::PrintDefaultConfig => {
+            print!("{DEFAULT_CONFIG}");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Prints an error chain on stderr the way every command does.
+fn report(err: &anyhow::Error) {
+    eprintln!("error: {err:#}");
+}

@@ -1,0 +1,265 @@
+//! The model manifest: a TOML file beside each model that says how to feed it and how
+//! to read its outputs. shelfwatch never guesses a model's preprocessing or decoder.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::VisionError;
+
+/// Everything needed to run one model correctly, as written in `<model>.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Manifest {
+    /// Manifest format version; only 1 exists.
+    pub schema: u32,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Model file, relative to the manifest's directory.
+    pub file: PathBuf,
+    /// Lower-case hex sha256 of `file`; loading refuses any other content.
+    pub sha256: String,
+    /// Label file (one label a line, index order), relative to the manifest's directory.
+    pub labels: PathBuf,
+    pub licence: String,
+    #[serde(default)]
+    pub source: Option<Source>,
+    pub input: InputSpec,
+    pub decoder: DecoderSpec,
+    #[serde(default)]
+    pub postprocess: Postprocess,
+}
+
+/// Where the weights came from, for the model card and for audits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Source {
+    pub package: String,
+    pub version: String,
+    #[serde(default)]
+    pub member: Option<String>,
+    #[serde(default)]
+    pub converter: Option<String>,
+}
+
+/// Tensor layout of the model input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    Nchw,
+    Nhwc,
+}
+
+/// Channel order the model expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ColourOrder {
+    Rgb,
+    Bgr,
+}
+
+/// How a frame of any aspect ratio is fitted to the model input.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResizePolicy {
+    /// Scale each axis independently (what SSD models were trained with).
+    Stretch,
+    /// Keep the aspect ratio and pad (what YOLO exports expect).
+    Letterbox,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct InputSpec {
+    /// Input tensor name; informational, the first model input is used.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub width: u32,
+    pub height: u32,
+    pub layout: Layout,
+    pub colour: ColourOrder,
+    pub resize: ResizePolicy,
+    /// Value written into letterbox padding, 0..255 before normalisation.
+    #[serde(default = "default_pad_value")]
+    pub pad_value: u8,
+    /// Per channel (in the model's colour order): value = (pixel - mean) / std.
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+fn default_pad_value() -> u8 {
+    114
+}
+
+/// Which decoder turns the raw outputs into boxes, with its parameters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum DecoderSpec {
+    Ssd(SsdSpec),
+    Yolov5(YoloSpec),
+    Yolov8(YoloSpec),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SsdSpec {
+    pub boxes_output: String,
+    pub scores_output: String,
+    pub background_class: Option<usize>,
+    /// (y, x, h, w) scales the encodings were divided by.
+    pub box_scales: [f32; 4],
+    pub anchors: AnchorSpec,
+}
+
+/// The standard multi-layer SSD anchor generator's parameters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AnchorSpec {
+    pub input_size: u32,
+    pub min_scale: f32,
+    pub max_scale: f32,
+    pub strides: Vec<u32>,
+    pub aspect_ratios: Vec<f32>,
+    #[serde(default)]
+    pub reduce_boxes_in_lowest_layer: bool,
+    #[serde(default = "one")]
+    pub interpolated_scale_aspect_ratio: f32,
+    /// Expected anchor count, checked against the generator and the model's output.
+    pub count: usize,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct YoloSpec {
+    /// Output tensor name; the first output when absent.
+    #[serde(default)]
+    pub output: Option<String>,
+}
+
+/// The model's recommended post-processing; config may override each value.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Postprocess {
+    #[serde(default = "default_score_threshold")]
+    pub score_threshold: f32,
+    #[serde(default = "default_iou_threshold")]
+    pub iou_threshold: f32,
+    #[serde(default = "default_max_detections")]
+    pub max_detections: usize,
+}
+
+fn default_score_threshold() -> f32 {
+    0.4
+}
+fn default_iou_threshold() -> f32 {
+    0.45
+}
+fn default_max_detections() -> usize {
+    100
+}
+
+impl Default for Postprocess {
+    fn default() -> Self {
+        Self {
+            score_threshold: default_score_threshold(),
+            iou_threshold: default_iou_threshold(),
+            max_detections: default_max_detections(),
+        }
+    }
+}
+
+/// A manifest with its files resolved and checked.
+#[derive(Debug, Clone)]
+pub struct LoadedManifest {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+    pub model_path: PathBuf,
+    pub labels: Vec<String>,
+}
+
+impl Manifest {
+    /// Reads and parses a manifest, resolving its files against the manifest's directory.
+    /// The model file's hash is not checked here; see [`LoadedManifest::verify_model`].
+    pub fn load(path: &Path) -> Result<LoadedManifest, VisionError> {
+        let text = std::fs::read_to_string(path).map_err(|error| VisionError::Io {
+            path: path.to_owned(),
+            error,
+        })?;
+        let manifest: Manifest = toml::from_str(&text).map_err(|e| VisionError::Manifest {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        if manifest.schema != 1 {
+            return Err(VisionError::Manifest {
+                path: path.to_owned(),
+                message: format!(
+                    "schema {} is not supported (this build reads 1)",
+                    manifest.schema
+                ),
+            });
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let model_path = dir.join(&manifest.file);
+        let labels_path = dir.join(&manifest.labels);
+        let labels_text =
+            std::fs::read_to_string(&labels_path).map_err(|error| VisionError::Io {
+                path: labels_path.clone(),
+                error,
+            })?;
+        let labels: Vec<String> = labels_text.lines().map(|l| l.trim().to_owned()).collect();
+        if labels.is_empty() {
+            return Err(VisionError::Manifest {
+                path: labels_path,
+                message: "label file is empty".into(),
+            });
+        }
+        Ok(LoadedManifest {
+            path: path.to_owned(),
+            manifest,
+            model_path,
+            labels,
+        })
+    }
+}
+
+impl LoadedManifest {
+    /// Reads the model file and checks it against the manifest's sha256, so a truncated
+    /// copy or a model swapped without its manifest is refused instead of mis-decoded.
+    pub fn verify_model(&self) -> Result<Vec<u8>, VisionError> {
+        let bytes = std::fs::read(&self.model_path).map_err(|error| VisionError::Io {
+            path: self.model_path.clone(),
+            error,
+        })?;
+        let actual = hex(&Sha256::digest(&bytes));
+        if !actual.eq_ignore_ascii_case(self.manifest.sha256.trim()) {
+            return Err(VisionError::Checksum {
+                path: self.model_path.clone(),
+                manifest: self.path.clone(),
+                expected: self.manifest.sha256.clone(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Index of a label by name (exact match), for per-label thresholds.
+    pub fn label_index(&self, name: &str) -> Option<usize> {
+        self.labels.iter().position(|l| l == name)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}

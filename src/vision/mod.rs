@@ -1,0 +1,288 @@
+//! Vision: a frame in, detections in source-image pixels out.
+//!
+//! One [`Detector`] owns one optimised tract plan with its input shape pinned, a reusable
+//! execution state and a reusable input tensor, so the per-frame path does not rebuild
+//! anything. How to feed the model and how to read its outputs comes from its manifest.
+
+pub mod annotate;
+pub mod decode;
+pub mod manifest;
+pub mod nms;
+pub mod preprocess;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use image::RgbImage;
+use serde::Serialize;
+use tract_onnx::prelude::*;
+
+pub use decode::{Candidate, Decoder, Thresholds};
+pub use manifest::{LoadedManifest, Manifest};
+pub use preprocess::{Geometry, Preprocessor};
+
+/// Errors of the vision module. Each names the file or tensor it is about.
+#[derive(Debug, thiserror::Error)]
+pub enum VisionError {
+    #[error("{path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: invalid model manifest: {message}")]
+    Manifest { path: PathBuf, message: String },
+    #[error(
+        "{path}: sha256 is {actual} but {manifest} expects {expected}; the model file is \
+         corrupt or does not belong to this manifest"
+    )]
+    Checksum {
+        path: PathBuf,
+        manifest: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("{path}: cannot load model: {message}")]
+    Model { path: PathBuf, message: String },
+    #[error("model {model}: {message}")]
+    Outputs { model: String, message: String },
+    #[error("inference failed: {0}")]
+    Inference(String),
+    #[error("unknown label {label:?} (model {model} knows: {known})")]
+    UnknownLabel {
+        label: String,
+        model: String,
+        known: String,
+    },
+}
+
+/// An axis-aligned box in pixels of the image it refers to: (x1, y1) top-left, (x2, y2)
+/// bottom-right, x2 >= x1, y2 >= y1.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BBox {
+    pub x1: f32,
+    pub y1: f32,
+    pub x2: f32,
+    pub y2: f32,
+}
+
+impl BBox {
+    pub fn width(&self) -> f32 {
+        (self.x2 - self.x1).max(0.0)
+    }
+    pub fn height(&self) -> f32 {
+        (self.y2 - self.y1).max(0.0)
+    }
+    pub fn area(&self) -> f32 {
+        self.width() * self.height()
+    }
+    /// Intersection over union; 0 for two empty boxes.
+    pub fn iou(&self, other: &BBox) -> f32 {
+        let iw = (self.x2.min(other.x2) - self.x1.max(other.x1)).max(0.0);
+        let ih = (self.y2.min(other.y2) - self.y1.max(other.y1)).max(0.0);
+        let inter = iw * ih;
+        let union = self.area() + other.area() - inter;
+        if union > 0.0 {
+            inter / union
+        } else {
+            0.0
+        }
+    }
+}
+
+/// One detected object in source-image pixels.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Detection {
+    pub label: String,
+    #[serde(rename = "class")]
+    pub class_id: usize,
+    pub score: f32,
+    #[serde(rename = "box")]
+    pub bbox: BBox,
+}
+
+/// Milliseconds spent in each stage for one frame.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StageTimings {
+    pub preprocess_ms: f64,
+    pub inference_ms: f64,
+    pub postprocess_ms: f64,
+}
+
+/// Overrides of the manifest's post-processing, from config or the command line.
+#[derive(Debug, Clone, Default)]
+pub struct DetectorOptions {
+    pub score_threshold: Option<f32>,
+    pub iou_threshold: Option<f32>,
+    pub max_detections: Option<usize>,
+    /// Per-label score thresholds by label name.
+    pub label_thresholds: BTreeMap<String, f32>,
+    /// Model input size override (width, height) for fully convolutional models.
+    pub input_size: Option<(u32, u32)>,
+}
+
+/// A loaded, optimised model with its pre- and post-processing.
+pub struct Detector {
+    manifest: LoadedManifest,
+    state: TypedSimpleState,
+    /// Reused between frames: written in place whenever tract has released it.
+    input: Arc<Tensor>,
+    preprocessor: Preprocessor,
+    decoder: Decoder,
+    thresholds: Thresholds,
+    iou_threshold: f32,
+    max_detections: usize,
+    candidates: Vec<Candidate>,
+}
+
+impl Detector {
+    /// Loads the model a manifest describes: verifies its sha256, pins the input shape and
+    /// optimises the graph once.
+    pub fn load(manifest_path: &Path, options: &DetectorOptions) -> Result<Self, VisionError> {
+        let manifest = Manifest::load(manifest_path)?;
+        let bytes = manifest.verify_model()?;
+        let spec = &manifest.manifest;
+        let (width, height) = options
+            .input_size
+            .unwrap_or((spec.input.width, spec.input.height));
+        let shape: [usize; 4] = match spec.input.layout {
+            manifest::Layout::Nchw => [1, 3, height as usize, width as usize],
+            manifest::Layout::Nhwc => [1, height as usize, width as usize, 3],
+        };
+        let model_err = |e: TractError| VisionError::Model {
+            path: manifest.model_path.clone(),
+            message: format!("{e:#}"),
+        };
+        let mut model = tract_onnx::onnx()
+            .model_for_read(&mut std::io::Cursor::new(bytes))
+            .map_err(model_err)?
+            .with_input_fact(0, f32::fact(shape).into())
+            .map_err(model_err)?;
+        let output_names = output_names(&model);
+        let decoder = Decoder::new(&manifest, &output_names, (width, height))?;
+        // Only the outputs the decoder reads are kept, so the optimiser can drop the rest.
+        model
+            .select_outputs_by_name(decoder.output_names())
+            .map_err(model_err)?;
+        let plan = model
+            .into_optimized()
+            .map_err(model_err)?
+            .into_runnable()
+            .map_err(model_err)?;
+        let state = plan.spawn().map_err(model_err)?;
+
+        let thresholds = Thresholds::new(
+            &manifest,
+            options
+                .score_threshold
+                .unwrap_or(spec.postprocess.score_threshold),
+            &options.label_thresholds,
+        )?;
+        let preprocessor = Preprocessor::new(&spec.input, width, height);
+        let input = Arc::new(preprocessor.new_tensor());
+        tracing::info!(
+            model = %spec.name,
+            file = %manifest.model_path.display(),
+            width,
+            height,
+            labels = manifest.labels.len(),
+            "model loaded"
+        );
+        Ok(Self {
+            iou_threshold: options
+                .iou_threshold
+                .unwrap_or(spec.postprocess.iou_threshold),
+            max_detections: options
+                .max_detections
+                .unwrap_or(spec.postprocess.max_detections),
+            manifest,
+            state,
+            input,
+            preprocessor,
+            decoder,
+            thresholds,
+            candidates: Vec::new(),
+        })
+    }
+
+    pub fn manifest(&self) -> &LoadedManifest {
+        &self.manifest
+    }
+
+    pub fn labels(&self) -> &[String] {
+        &self.manifest.labels
+    }
+
+    /// Model input size (width, height) in use.
+    pub fn input_size(&self) -> (u32, u32) {
+        self.preprocessor.size()
+    }
+
+    /// Runs the whole detector on one RGB frame.
+    pub fn detect(
+        &mut self,
+        frame: &RgbImage,
+    ) -> Result<(Vec<Detection>, StageTimings), VisionError> {
+        let t0 = Instant::now();
+        if Arc::get_mut(&mut self.input).is_none() {
+            self.input = Arc::new(self.preprocessor.new_tensor());
+        }
+        let input = Arc::get_mut(&mut self.input).expect("input tensor was just made unique");
+        let geometry = self.preprocessor.run(frame, input);
+        let t1 = Instant::now();
+        let outputs = self
+            .state
+            .run(tvec!(self.input.clone().into_tvalue()))
+            .map_err(|e| VisionError::Inference(format!("{e:#}")))?;
+        let t2 = Instant::now();
+        self.candidates.clear();
+        self.decoder
+            .decode(&outputs, &self.thresholds, &mut self.candidates)?;
+        drop(outputs);
+        let kept = nms::nms(
+            &mut self.candidates,
+            self.iou_threshold,
+            self.max_detections,
+        );
+        let detections = kept
+            .iter()
+            .map(|c| Detection {
+                label: self.manifest.labels[c.class_id].clone(),
+                class_id: c.class_id,
+                score: c.score,
+                bbox: geometry.to_source(&c.bbox),
+            })
+            .collect();
+        let t3 = Instant::now();
+        Ok((
+            detections,
+            StageTimings {
+                preprocess_ms: ms(t1 - t0),
+                inference_ms: ms(t2 - t1),
+                postprocess_ms: ms(t3 - t2),
+            },
+        ))
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// ONNX output names in output order (tract keeps them as outlet labels).
+fn output_names(model: &InferenceModel) -> Vec<String> {
+    model
+        .output_outlets()
+        .map(|outlets| {
+            outlets
+                .iter()
+                .map(|o| {
+                    model
+                        .outlet_label(*o)
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| model.node(o.node).name.clone())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}

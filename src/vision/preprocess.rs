@@ -1,0 +1,312 @@
+//! Frame -> model input tensor, as the manifest prescribes: resize policy, channel
+//! order, normalisation and layout. Buffers are kept between frames.
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::RgbImage;
+use tract_onnx::prelude::Tensor;
+
+use super::manifest::{ColourOrder, InputSpec, Layout, ResizePolicy};
+use super::BBox;
+
+/// How model-input coordinates map back to the source frame.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Geometry {
+    pub src_width: u32,
+    pub src_height: u32,
+    pub input_width: u32,
+    pub input_height: u32,
+    /// Model-input pixels per source pixel, per axis.
+    pub scale_x: f32,
+    pub scale_y: f32,
+    /// Letterbox padding on the left and top, in model-input pixels.
+    pub pad_x: f32,
+    pub pad_y: f32,
+}
+
+impl Geometry {
+    pub fn new(policy: ResizePolicy, src: (u32, u32), input: (u32, u32)) -> Self {
+        let (sw, sh) = (src.0 as f32, src.1 as f32);
+        let (iw, ih) = (input.0 as f32, input.1 as f32);
+        match policy {
+            ResizePolicy::Stretch => Self {
+                src_width: src.0,
+                src_height: src.1,
+                input_width: input.0,
+                input_height: input.1,
+                scale_x: iw / sw,
+                scale_y: ih / sh,
+                pad_x: 0.0,
+                pad_y: 0.0,
+            },
+            ResizePolicy::Letterbox => {
+                let (nw, nh) = letterbox_size(src, input);
+                Self {
+                    src_width: src.0,
+                    src_height: src.1,
+                    input_width: input.0,
+                    input_height: input.1,
+                    scale_x: nw as f32 / sw,
+                    scale_y: nh as f32 / sh,
+                    pad_x: ((input.0 - nw) / 2) as f32,
+                    pad_y: ((input.1 - nh) / 2) as f32,
+                }
+            }
+        }
+    }
+
+    /// Size of the resized picture inside the model input.
+    fn content_size(&self) -> (u32, u32) {
+        (
+            (self.src_width as f32 * self.scale_x).round() as u32,
+            (self.src_height as f32 * self.scale_y).round() as u32,
+        )
+    }
+
+    /// Maps a box in normalised model-input coordinates (0..1 of the input tensor) to
+    /// source pixels, clamped to the frame.
+    pub fn to_source(&self, b: &BBox) -> BBox {
+        let fx = |u: f32| {
+            ((u * self.input_width as f32 - self.pad_x) / self.scale_x)
+                .clamp(0.0, self.src_width as f32)
+        };
+        let fy = |v: f32| {
+            ((v * self.input_height as f32 - self.pad_y) / self.scale_y)
+                .clamp(0.0, self.src_height as f32)
+        };
+        BBox {
+            x1: fx(b.x1),
+            y1: fy(b.y1),
+            x2: fx(b.x2),
+            y2: fy(b.y2),
+        }
+    }
+}
+
+fn letterbox_size(src: (u32, u32), input: (u32, u32)) -> (u32, u32) {
+    let s = (input.0 as f32 / src.0 as f32).min(input.1 as f32 / src.1 as f32);
+    let nw = ((src.0 as f32 * s).round() as u32).clamp(1, input.0);
+    let nh = ((src.1 as f32 * s).round() as u32).clamp(1, input.1);
+    (nw, nh)
+}
+
+/// Turns RGB frames into the model's input tensor.
+pub struct Preprocessor {
+    width: u32,
+    height: u32,
+    layout: Layout,
+    colour: ColourOrder,
+    policy: ResizePolicy,
+    /// Normalised value of every byte per input channel (model order): one lookup per
+    /// sample instead of a subtract and a divide.
+    lut: [[f32; 256]; 3],
+    pad: [f32; 3],
+    resizer: Resizer,
+    resized: Image<'static>,
+}
+
+impl Preprocessor {
+    pub fn new(spec: &InputSpec, width: u32, height: u32) -> Self {
+        let mut lut = [[0f32; 256]; 3];
+        for (c, table) in lut.iter_mut().enumerate() {
+            for (v, slot) in table.iter_mut().enumerate() {
+                *slot = (v as f32 - spec.mean[c]) / spec.std[c];
+            }
+        }
+        let pad = [0, 1, 2].map(|c| lut[c][spec.pad_value as usize]);
+        Self {
+            width,
+            height,
+            layout: spec.layout,
+            colour: spec.colour,
+            policy: spec.resize,
+            lut,
+            pad,
+            resizer: Resizer::new(),
+            resized: Image::new(width, height, PixelType::U8x3),
+        }
+    }
+
+    pub fn size(&self) -> (u32, u32) {
+        (self.width, self.height)
+    }
+
+    /// A zeroed tensor of the model's input shape.
+    pub fn new_tensor(&self) -> Tensor {
+        let (w, h) = (self.width as usize, self.height as usize);
+        let shape = match self.layout {
+            Layout::Nchw => [1, 3, h, w],
+            Layout::Nhwc => [1, h, w, 3],
+        };
+        Tensor::zero::<f32>(&shape).expect("f32 tensor of a fixed shape")
+    }
+
+    /// Resizes `frame` as the policy says and writes the normalised result into `out`
+    /// (which must come from [`Preprocessor::new_tensor`]).
+    pub fn run(&mut self, frame: &RgbImage, out: &mut Tensor) -> Geometry {
+        let geometry = Geometry::new(self.policy, frame.dimensions(), (self.width, self.height));
+        let (cw, ch) = geometry.content_size();
+        if self.resized.width() != cw || self.resized.height() != ch {
+            self.resized = Image::new(cw, ch, PixelType::U8x3);
+        }
+        let src = ImageRef::new(
+            frame.width(),
+            frame.height(),
+            frame.as_raw(),
+            PixelType::U8x3,
+        )
+        .expect("an RgbImage buffer always matches its dimensions");
+        // Bilinear convolution is Pillow's BILINEAR: the reference pipeline uses it too, and
+        // unlike plain interpolation it averages every source pixel when downscaling.
+        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+        self.resizer
+            .resize(&src, &mut self.resized, &options)
+            .expect("source and destination are both U8x3");
+
+        let mut view = out
+            .try_as_plain_ram_mut()
+            .expect("a tensor made by new_tensor is plain");
+        let data = view.as_slice_mut::<f32>().expect("input tensor is f32");
+        let (w, h) = (self.width as usize, self.height as usize);
+        let (px, py) = (geometry.pad_x as usize, geometry.pad_y as usize);
+        let letterboxed = cw as usize != w || ch as usize != h;
+        // Model channel c takes frame channel order[c].
+        let order = match self.colour {
+            ColourOrder::Rgb => [0, 1, 2],
+            ColourOrder::Bgr => [2, 1, 0],
+        };
+        let pixels = self.resized.buffer();
+        let row_len = cw as usize * 3;
+        match self.layout {
+            Layout::Nchw => {
+                let plane = w * h;
+                if letterboxed {
+                    for c in 0..3 {
+                        data[c * plane..(c + 1) * plane].fill(self.pad[c]);
+                    }
+                }
+                for (y, row) in pixels.chunks_exact(row_len).enumerate() {
+                    let base = (y + py) * w + px;
+                    for c in 0..3 {
+                        let lut = &self.lut[c];
+                        let dst = &mut data[c * plane + base..c * plane + base + cw as usize];
+                        for (d, px3) in dst.iter_mut().zip(row.chunks_exact(3)) {
+                            *d = lut[px3[order[c]] as usize];
+                        }
+                    }
+                }
+            }
+            Layout::Nhwc => {
+                if letterboxed {
+                    for px3 in data.chunks_exact_mut(3) {
+                        px3.copy_from_slice(&self.pad);
+                    }
+                }
+                for (y, row) in pixels.chunks_exact(row_len).enumerate() {
+                    let base = ((y + py) * w + px) * 3;
+                    let dst = &mut data[base..base + row_len];
+                    for (d, s) in dst.chunks_exact_mut(3).zip(row.chunks_exact(3)) {
+                        for c in 0..3 {
+                            d[c] = self.lut[c][s[order[c]] as usize];
+                        }
+                    }
+                }
+            }
+        }
+        geometry
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(layout: Layout, colour: ColourOrder, resize: ResizePolicy) -> InputSpec {
+        InputSpec {
+            name: None,
+            width: 4,
+            height: 4,
+            layout,
+            colour,
+            resize,
+            pad_value: 0,
+            mean: [0.0, 0.0, 0.0],
+            std: [1.0, 1.0, 1.0],
+        }
+    }
+
+    #[test]
+    fn letterbox_centres_a_wide_frame_and_maps_boxes_back_to_source_pixels() {
+        let g = Geometry::new(ResizePolicy::Letterbox, (200, 100), (4, 4));
+        assert_eq!((g.pad_x, g.pad_y), (0.0, 1.0));
+        // The whole content area (rows 1..3 of 4) is the whole source frame.
+        let b = g.to_source(&BBox {
+            x1: 0.0,
+            y1: 0.25,
+            x2: 1.0,
+            y2: 0.75,
+        });
+        assert_eq!(
+            b,
+            BBox {
+                x1: 0.0,
+                y1: 0.0,
+                x2: 200.0,
+                y2: 100.0
+            }
+        );
+    }
+
+    #[test]
+    fn stretch_maps_normalised_boxes_to_source_pixels_per_axis() {
+        let g = Geometry::new(ResizePolicy::Stretch, (600, 400), (300, 300));
+        let b = g.to_source(&BBox {
+            x1: 0.5,
+            y1: 0.5,
+            x2: 1.2,
+            y2: 1.0,
+        });
+        assert_eq!(
+            b,
+            BBox {
+                x1: 300.0,
+                y1: 200.0,
+                x2: 600.0,
+                y2: 400.0
+            }
+        );
+    }
+
+    #[test]
+    fn nchw_bgr_tensor_holds_swapped_planes_and_letterbox_padding() {
+        let s = spec(Layout::Nchw, ColourOrder::Bgr, ResizePolicy::Letterbox);
+        let mut p = Preprocessor::new(&s, 4, 4);
+        let mut t = p.new_tensor();
+        // A 4x2 frame of pure red letterboxes into rows 1 and 2.
+        let frame = RgbImage::from_pixel(4, 2, image::Rgb([200, 10, 0]));
+        p.run(&frame, &mut t);
+        let view = t.try_as_plain_ram().unwrap();
+        let d = view.as_slice::<f32>().unwrap();
+        // Plane 0 is blue (frame channel 2), plane 2 is red.
+        assert_eq!(&d[0..4], &[0.0; 4], "padding row");
+        assert_eq!(&d[4..8], &[0.0; 4], "blue plane of a red frame");
+        assert_eq!(&d[32 + 4..32 + 8], &[200.0; 4], "red plane");
+        assert_eq!(&d[32 + 12..32 + 16], &[0.0; 4], "bottom padding row");
+    }
+
+    #[test]
+    fn nhwc_tensor_interleaves_normalised_channels() {
+        let mut s = spec(Layout::Nhwc, ColourOrder::Rgb, ResizePolicy::Stretch);
+        s.mean = [127.5; 3];
+        s.std = [127.5; 3];
+        let mut p = Preprocessor::new(&s, 4, 4);
+        let mut t = p.new_tensor();
+        let frame = RgbImage::from_pixel(8, 8, image::Rgb([255, 0, 127]));
+        p.run(&frame, &mut t);
+        let view = t.try_as_plain_ram().unwrap();
+        let d = view.as_slice::<f32>().unwrap();
+        assert_eq!(d[0], 1.0);
+        assert_eq!(d[1], -1.0);
+        assert!((d[2] - (-0.5 / 127.5)).abs() < 1e-6);
+    }
+}
