@@ -18,3 +18,6 @@ stage "shipped configs" bash -c '
   for f in examples/*.toml; do
     target/debug/shelfwatch check-config "$f"
   done'
+stage "vivid VM: capture from the real V4L2 driver (x86_64)" bash -c '
+  cargo build --locked --example vivid-guest
+  tests/vivid/run-vm.sh --arch x86_64 --binary target/debug/examples/vivid-guest -- /dev/video0'

@@ -2,6 +2,7 @@
 //! codes. Everything it calls lives in the library modules.
 
 mod bench;
+mod camera;
 mod detect;
 
 use std::path::PathBuf;
@@ -37,6 +38,10 @@ pub enum Command {
     Detect(detect::DetectArgs),
     /// Measure preprocessing, inference and decoding on images.
     Bench(bench::BenchArgs),
+    /// List V4L2 cameras with their formats, sizes, frame rates and controls.
+    Devices(camera::DevicesArgs),
+    /// Save frames from a camera (to build datasets).
+    Capture(camera::CaptureArgs),
     /// Validate a config file: exit 0, or 78 naming the key and line.
     CheckConfig {
         /// The config file to check.
@@ -119,6 +124,8 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Detect(args) => detect::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Devices(args) => camera::devices(args),
+        Command::Capture(args) => camera::capture(args),
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(_) => {
                 println!("{}: ok", file.display());
