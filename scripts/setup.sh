@@ -6,6 +6,7 @@ set -euo pipefail
 apt_packages=(
   libclang-dev   # bindgen, for the v4l crate's videodev2.h bindings
   pkg-config
+  systemd        # systemd-analyze verify/security on the unit
 )
 
 missing=()

@@ -21,3 +21,12 @@ stage "shipped configs" bash -c '
 stage "vivid VM: capture from the real V4L2 driver (x86_64)" bash -c '
   cargo build --locked --example vivid-guest
   tests/vivid/run-vm.sh --arch x86_64 --binary target/debug/examples/vivid-guest -- /dev/video0'
+stage "systemd unit: verify and security rating" bash -c '
+  tmp=$(mktemp -d)
+  trap "rm -rf $tmp" EXIT
+  # verify resolves ExecStart on this machine: point it at the binary just built.
+  sed "s#/usr/bin/shelfwatch#$PWD/target/debug/shelfwatch#" systemd/shelfwatch.service > "$tmp/shelfwatch.service"
+  out=$(systemd-analyze verify --man=no "$tmp/shelfwatch.service" 2>&1)
+  if [ -n "$out" ]; then echo "$out"; exit 1; fi
+  # Fails above an exposure of 2.0.
+  systemd-analyze security --offline=true --threshold=20 systemd/shelfwatch.service | tail -n 1'

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::capture::SourceSettings;
+use crate::counting::{CountingParams, Membership, Polygon, ZoneSpec};
+use crate::publish::{SinkSettings, StdoutSettings};
 use crate::vision::{DetectorOptions, Manifest};
 
 /// The commented default configuration, as shipped in `examples/shelfwatch.toml`.
@@ -17,11 +20,281 @@ pub const DEFAULT_CONFIG: &str = include_str!("../examples/shelfwatch.toml");
 pub const EX_CONFIG: u8 = 78;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
+    pub device: DeviceConfig,
+    #[serde(default)]
     pub model: ModelConfig,
+    #[serde(default)]
+    pub counting: CountingConfig,
+    #[serde(default)]
+    pub cameras: Vec<CameraConfig>,
+    #[serde(default = "default_sinks")]
+    pub sinks: Vec<SinkSettings>,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub snapshots: SnapshotConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            device: DeviceConfig::default(),
+            model: ModelConfig::default(),
+            counting: CountingConfig::default(),
+            cameras: Vec::new(),
+            sinks: default_sinks(),
+            state: StateConfig::default(),
+            health: HealthConfig::default(),
+            snapshots: SnapshotConfig::default(),
+        }
+    }
+}
+
+fn default_sinks() -> Vec<SinkSettings> {
+    vec![SinkSettings::Stdout(StdoutSettings::default())]
+}
+
+/// This device, as subscribers know it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Device id in every message (and MQTT topic): letters, digits, `-` and `_`.
+    /// Default: the host name.
+    #[serde(default = "default_device_id")]
+    pub id: String,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        Self {
+            id: default_device_id(),
+        }
+    }
+}
+
+fn default_device_id() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_default();
+    let id: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if id.is_empty() {
+        "shelfwatch".into()
+    } else {
+        id
+    }
+}
+
+/// How detections become stable counts; defaults for every zone.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CountingConfig {
+    /// Frames in the consensus window.
+    #[serde(default = "default_window_frames")]
+    pub window_frames: usize,
+    /// Fraction of the window that must agree before a count changes.
+    #[serde(default = "default_min_agreement")]
+    pub min_agreement: f32,
+    /// Also forget observations older than this many seconds.
+    #[serde(default)]
+    pub window_seconds: Option<f64>,
+    /// A zone empty this long raises out-of-stock.
+    #[serde(default = "default_out_of_stock_after_s")]
+    pub out_of_stock_after_s: f64,
+    /// Labels that hide a zone (its counts are held while they overlap it).
+    #[serde(default = "default_occluders")]
+    pub occluders: Vec<String>,
+    /// Default zone membership rule.
+    #[serde(default = "default_membership")]
+    pub membership: Membership,
+    /// For the `overlap` rule: share of a box that must lie in the zone.
+    #[serde(default = "default_overlap_fraction")]
+    pub overlap_fraction: f32,
+}
+
+fn default_window_frames() -> usize {
+    5
+}
+fn default_min_agreement() -> f32 {
+    0.6
+}
+fn default_out_of_stock_after_s() -> f64 {
+    30.0
+}
+fn default_occluders() -> Vec<String> {
+    vec!["Person".into()]
+}
+fn default_membership() -> Membership {
+    Membership::BottomCentre
+}
+fn default_overlap_fraction() -> f32 {
+    0.5
+}
+
+impl Default for CountingConfig {
+    fn default() -> Self {
+        Self {
+            window_frames: default_window_frames(),
+            min_agreement: default_min_agreement(),
+            window_seconds: None,
+            out_of_stock_after_s: default_out_of_stock_after_s(),
+            occluders: default_occluders(),
+            membership: default_membership(),
+            overlap_fraction: default_overlap_fraction(),
+        }
+    }
+}
+
+impl CountingConfig {
+    pub fn params(&self) -> CountingParams {
+        CountingParams {
+            window_frames: self.window_frames,
+            min_agreement: self.min_agreement,
+            window: self.window_seconds.map(std::time::Duration::from_secs_f64),
+            out_of_stock_after: std::time::Duration::from_secs_f64(self.out_of_stock_after_s),
+            occluders: self.occluders.iter().cloned().collect(),
+        }
+    }
+}
+
+/// `[[cameras]]`: one camera and its shelf zones.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CameraConfig {
+    /// Camera id in messages: letters, digits, `-` and `_`.
+    pub id: String,
+    pub source: SourceSettings,
+    #[serde(default)]
+    pub zones: Vec<ZoneConfig>,
+}
+
+/// Whether zone polygons are in 0..1 of the frame or in pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Coordinates {
+    Normalised,
+    Pixels,
+}
+
+/// `[[cameras.zones]]`: a named shelf zone with an optional planogram.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ZoneConfig {
+    pub name: String,
+    /// Corner points [x, y], in order, at least three.
+    pub polygon: Vec<[f32; 2]>,
+    #[serde(default = "default_coordinates")]
+    pub coordinates: Coordinates,
+    /// Planogram: labels expected in this zone. Empty: anything may stand here.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Below this total the zone is low on stock.
+    #[serde(default)]
+    pub min: Option<u32>,
+    /// Above this total the zone is over-stocked.
+    #[serde(default)]
+    pub max: Option<u32>,
+    /// Overrides `counting.membership` for this zone.
+    #[serde(default)]
+    pub membership: Option<Membership>,
+    #[serde(default)]
+    pub overlap_fraction: Option<f32>,
+}
+
+fn default_coordinates() -> Coordinates {
+    Coordinates::Normalised
+}
+
+impl ZoneConfig {
+    /// The zone for frames of `size` (width, height).
+    pub fn spec(&self, counting: &CountingConfig, size: (u32, u32)) -> ZoneSpec {
+        let (sx, sy) = match self.coordinates {
+            Coordinates::Normalised => (size.0 as f32, size.1 as f32),
+            Coordinates::Pixels => (1.0, 1.0),
+        };
+        ZoneSpec {
+            name: self.name.clone(),
+            polygon: Polygon::new(
+                self.polygon
+                    .iter()
+                    .map(|p| (p[0] * sx, p[1] * sy))
+                    .collect(),
+            ),
+            membership: self.membership.unwrap_or(counting.membership),
+            overlap_fraction: self.overlap_fraction.unwrap_or(counting.overlap_fraction),
+            expected: self.labels.clone(),
+            min: self.min,
+            max: self.max,
+        }
+    }
+}
+
+/// Where the daemon keeps its state (stable counts, sequence number).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct StateConfig {
+    /// Relative to the config file. Holds `state.json` and a lock file.
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/shelfwatch")
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_state_dir(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Seconds between health records; 0 turns them off.
+    #[serde(default = "default_health_interval")]
+    pub interval_s: u64,
+}
+
+fn default_health_interval() -> u64 {
+    60
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            interval_s: default_health_interval(),
+        }
+    }
+}
+
+/// Annotated JPEG snapshots of the latest frame (zones, boxes, labels, counts).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// Directory for `<camera>.jpg` (overwritten, atomically); relative to the config file.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Seconds between periodic snapshots; 0 or absent: only on request (SIGUSR1).
+    #[serde(default)]
+    pub interval_s: Option<u64>,
 }
 
 /// Which detector runs and how its output is filtered.
@@ -237,6 +510,142 @@ impl LoadedConfig {
     /// Semantic checks the types cannot express: (key path, message) for each problem.
     fn validate(&self) -> Vec<(String, String)> {
         let mut problems = Vec::new();
+        let c = &self.config;
+        if let Err(m) = check_name(&c.device.id) {
+            problems.push(("device.id".into(), m));
+        }
+        let k = &c.counting;
+        if k.window_frames == 0 {
+            problems.push(("counting.window-frames".into(), "must be at least 1".into()));
+        }
+        if !(k.min_agreement > 0.0 && k.min_agreement <= 1.0) {
+            problems.push((
+                "counting.min-agreement".into(),
+                format!("must be in (0, 1], got {}", k.min_agreement),
+            ));
+        }
+        if k.window_seconds.is_some_and(|s| s.is_nan() || s <= 0.0) {
+            problems.push(("counting.window-seconds".into(), "must be positive".into()));
+        }
+        if k.out_of_stock_after_s.is_nan() || k.out_of_stock_after_s < 0.0 {
+            problems.push((
+                "counting.out-of-stock-after-s".into(),
+                "must be zero or positive".into(),
+            ));
+        }
+        if !(k.overlap_fraction > 0.0 && k.overlap_fraction <= 1.0) {
+            problems.push((
+                "counting.overlap-fraction".into(),
+                "must be in (0, 1]".into(),
+            ));
+        }
+        let mut camera_ids = std::collections::BTreeSet::new();
+        for (i, cam) in c.cameras.iter().enumerate() {
+            let key = format!("cameras[{i}]");
+            if let Err(m) = check_name(&cam.id) {
+                problems.push((format!("{key}.id"), m));
+            } else if !camera_ids.insert(cam.id.clone()) {
+                problems.push((
+                    format!("{key}.id"),
+                    format!("camera id {:?} is used twice", cam.id),
+                ));
+            }
+            match &cam.source {
+                SourceSettings::V4l2(v) => {
+                    if v.formats.is_empty() {
+                        problems.push((
+                            format!("{key}.source.formats"),
+                            "list at least one pixel format".into(),
+                        ));
+                    }
+                    if v.width == 0 || v.height == 0 {
+                        problems.push((
+                            format!("{key}.source.width"),
+                            "width and height must be positive".into(),
+                        ));
+                    }
+                    if v.fps == 0 {
+                        problems.push((format!("{key}.source.fps"), "must be at least 1".into()));
+                    }
+                    if v.buffers < 2 || v.buffers > 32 {
+                        problems.push((
+                            format!("{key}.source.buffers"),
+                            "must be between 2 and 32".into(),
+                        ));
+                    }
+                    if v.frame_timeout_ms < 100 {
+                        problems.push((
+                            format!("{key}.source.frame-timeout-ms"),
+                            "must be at least 100".into(),
+                        ));
+                    }
+                }
+                SourceSettings::Files(f) => {
+                    if !(f.fps > 0.0 && f.fps <= 1000.0) {
+                        problems.push((format!("{key}.source.fps"), "must be in (0, 1000]".into()));
+                    }
+                    if let Err(e) = crate::capture::files::expand(&self.resolve(&f.path)) {
+                        problems.push((format!("{key}.source.path"), e.to_string()));
+                    }
+                }
+            }
+            let mut zone_names = std::collections::BTreeSet::new();
+            for (j, z) in cam.zones.iter().enumerate() {
+                let zkey = format!("{key}.zones[{j}]");
+                if let Err(m) = check_name(&z.name) {
+                    problems.push((format!("{zkey}.name"), m));
+                } else if !zone_names.insert(z.name.clone()) {
+                    problems.push((
+                        format!("{zkey}.name"),
+                        format!("zone {:?} is used twice in this camera", z.name),
+                    ));
+                }
+                if z.polygon.len() < 3 {
+                    problems.push((
+                        format!("{zkey}.polygon"),
+                        format!("needs at least 3 points, has {}", z.polygon.len()),
+                    ));
+                } else if Polygon::new(z.polygon.iter().map(|p| (p[0], p[1])).collect()).area()
+                    <= 0.0
+                {
+                    problems.push((format!("{zkey}.polygon"), "has no area".into()));
+                }
+                if z.coordinates == Coordinates::Normalised
+                    && z.polygon
+                        .iter()
+                        .flatten()
+                        .any(|v| !(-0.01..=1.01).contains(v))
+                {
+                    problems.push((
+                        format!("{zkey}.polygon"),
+                        "normalised coordinates must lie in 0..1 (set coordinates = \"pixels\" for pixel values)".into(),
+                    ));
+                }
+                if let (Some(min), Some(max)) = (z.min, z.max) {
+                    if min > max {
+                        problems.push((
+                            format!("{zkey}.min"),
+                            format!("min {min} is above max {max}"),
+                        ));
+                    }
+                }
+                if z.overlap_fraction.is_some_and(|f| !(f > 0.0 && f <= 1.0)) {
+                    problems.push((
+                        format!("{zkey}.overlap-fraction"),
+                        "must be in (0, 1]".into(),
+                    ));
+                }
+            }
+        }
+        if c.sinks.is_empty() {
+            problems.push(("sinks".into(), "configure at least one sink".into()));
+        }
+        if c.snapshots.interval_s.is_some_and(|s| s > 0) && c.snapshots.dir.is_none() {
+            problems.push((
+                "snapshots.interval-s".into(),
+                "periodic snapshots need snapshots.dir".into(),
+            ));
+        }
         let m = &self.config.model;
         let mut unit = |key: String, v: f32| {
             if !(v > 0.0 && v <= 1.0) {
@@ -277,6 +686,26 @@ impl LoadedConfig {
         }
         problems
     }
+}
+
+/// Names that end up in topics and file names: non-empty, letters, digits, `-`, `_`.
+/// (No `/`, `+`, `#` or spaces: an MQTT topic built from them stays well-formed.)
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 64 {
+        return Err(format!("{name:?} is longer than 64 characters"));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(format!(
+            "{name:?} contains {bad:?}; use letters, digits, '-' and '_'"
+        ));
+    }
+    Ok(())
 }
 
 fn line_of_offset(text: &str, offset: usize) -> usize {

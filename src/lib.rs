@@ -7,4 +7,7 @@
 pub mod capture;
 pub mod cli;
 pub mod config;
+pub mod counting;
+pub mod daemon;
+pub mod publish;
 pub mod vision;

@@ -21,6 +21,10 @@ pub struct FileSettings {
     /// Frames per second to deliver.
     #[serde(default = "default_fps")]
     pub fps: f64,
+    /// Wait for inference to take each frame instead of dropping it when inference is
+    /// slower than `fps`: every recorded frame is counted (replays, evaluation, tests).
+    #[serde(default)]
+    pub every_frame: bool,
 }
 
 fn default_loop() -> bool {
@@ -117,6 +121,10 @@ impl FrameSource for FileSource {
 
     fn close(&mut self) {}
 
+    fn lossless(&self) -> bool {
+        self.settings.every_frame
+    }
+
     fn next_frame(&mut self, stop: &dyn Fn() -> bool) -> Result<Frame, CaptureError> {
         if self.next >= self.files.len() {
             if !self.settings.looping || self.files.is_empty() {
@@ -180,7 +188,12 @@ mod tests {
     }
 
     fn source(path: PathBuf, looping: bool, fps: f64) -> FileSource {
-        let mut s = FileSource::new(FileSettings { path, looping, fps });
+        let mut s = FileSource::new(FileSettings {
+            path,
+            looping,
+            fps,
+            every_frame: false,
+        });
         s.open().unwrap();
         s
     }
@@ -237,6 +250,7 @@ mod tests {
             path: dir.path().join("*.jpg"),
             looping: true,
             fps: 1.0,
+            every_frame: false,
         });
         let err = s.open().unwrap_err().to_string();
         assert!(err.contains("no image files found"), "{err}");

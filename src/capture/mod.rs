@@ -100,6 +100,10 @@ pub trait FrameSource: Send {
     fn open(&mut self) -> Result<(), CaptureError>;
     /// Releases the device; `open` may be called again.
     fn close(&mut self);
+    /// Whether every frame must reach inference (the producer waits instead of dropping).
+    fn lossless(&self) -> bool {
+        false
+    }
     /// Blocks until the next frame. `stop` says whether to give up waiting.
     fn next_frame(&mut self, stop: &dyn Fn() -> bool) -> Result<Frame, CaptureError>;
 }
@@ -270,7 +274,11 @@ fn run_capture(
             Ok(frame) => {
                 stats.frames.fetch_add(1, Ordering::Relaxed);
                 delay = backoff.initial;
-                slot.put(frame);
+                if source.lossless() {
+                    slot.put_when_empty(frame, &stopped);
+                } else {
+                    slot.put(frame);
+                }
             }
             Err(CaptureError::Corrupt(why)) => {
                 stats.corrupt.fetch_add(1, Ordering::Relaxed);

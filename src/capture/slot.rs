@@ -56,12 +56,35 @@ impl<T> LatestSlot<T> {
         self.ready.notify_one();
     }
 
+    /// Stores `item` once the previous one has been taken (lossless replay), giving up
+    /// when `stop` says so. Returns false if it gave up or the slot was closed.
+    pub fn put_when_empty(&self, item: T, stop: &dyn Fn() -> bool) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while s.item.is_some() {
+            if stop() || s.closed {
+                return false;
+            }
+            s = self
+                .ready
+                .wait_timeout(s, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        s.item = Some(item);
+        drop(s);
+        self.ready.notify_all();
+        true
+    }
+
     /// Waits up to `timeout` for an item.
     pub fn take(&self, timeout: Duration) -> Take<T> {
         let deadline = Instant::now() + timeout;
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(item) = s.item.take() {
+                drop(s);
+                // A lossless producer may be waiting for the slot to empty.
+                self.ready.notify_all();
                 return Take::Item(item);
             }
             if s.closed {
@@ -115,6 +138,25 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         slot.put("frame");
         assert_eq!(t.join().unwrap(), Take::Item("frame"));
+    }
+
+    #[test]
+    fn a_lossless_producer_waits_for_the_consumer_instead_of_dropping() {
+        let slot = Arc::new(LatestSlot::new());
+        let s = slot.clone();
+        let producer = std::thread::spawn(move || {
+            for i in 0..50 {
+                assert!(s.put_when_empty(i, &|| false));
+            }
+            s.close();
+        });
+        let mut got = vec![];
+        while let Take::Item(i) = slot.take(Duration::from_secs(5)) {
+            got.push(i);
+        }
+        producer.join().unwrap();
+        assert_eq!(got, (0..50).collect::<Vec<_>>());
+        assert_eq!(slot.dropped(), 0);
     }
 
     #[test]

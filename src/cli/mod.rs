@@ -34,6 +34,12 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: count products per shelf zone and publish stable counts.
+    Run {
+        /// Config file.
+        #[arg(long, short, default_value = "/etc/shelfwatch/shelfwatch.toml")]
+        config: PathBuf,
+    },
     /// Detect objects in images: one JSON object per image on stdout.
     Detect(detect::DetectArgs),
     /// Measure preprocessing, inference and decoding on images.
@@ -122,6 +128,17 @@ pub fn init_logging(filter: &str, format: LogFormat) {
 /// Runs a parsed command line and returns the process exit status.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
+        Command::Run { config } => match crate::daemon::run(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(crate::daemon::DaemonError::Config(e)) => {
+                eprintln!("{e}");
+                ExitCode::from(EX_CONFIG)
+            }
+            Err(e) => {
+                report(&e.into());
+                ExitCode::FAILURE
+            }
+        },
         Command::Detect(args) => detect::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Devices(args) => camera::devices(args),

@@ -87,6 +87,39 @@ pub fn draw_tag(img: &mut RgbImage, x: i64, y: i64, text: &str, bg: Rgb<u8>, sca
     }
 }
 
+/// Draws a closed polygon outline (zones on snapshots).
+pub fn draw_polygon(img: &mut RgbImage, points: &[(f32, f32)], colour: Rgb<u8>, thickness: u32) {
+    for i in 0..points.len() {
+        let (a, b) = (points[i], points[(i + 1) % points.len()]);
+        draw_line(img, a, b, colour, thickness);
+    }
+}
+
+/// A line `thickness` pixels wide (square brush), clipped to the image.
+pub fn draw_line(
+    img: &mut RgbImage,
+    a: (f32, f32),
+    b: (f32, f32),
+    colour: Rgb<u8>,
+    thickness: u32,
+) {
+    let steps = (b.0 - a.0).abs().max((b.1 - a.1).abs()).ceil().max(1.0) as i64;
+    let half = thickness as i64 / 2;
+    for i in 0..=steps {
+        let t = i as f32 / steps as f32;
+        let x = (a.0 + t * (b.0 - a.0)).round() as i64;
+        let y = (a.1 + t * (b.1 - a.1)).round() as i64;
+        fill(
+            img,
+            x - half,
+            y - half,
+            thickness as i64,
+            thickness as i64,
+            colour,
+        );
+    }
+}
+
 fn put(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
     if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
         img.put_pixel(x as u32, y as u32, c);

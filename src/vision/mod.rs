@@ -124,6 +124,9 @@ pub struct DetectorOptions {
 /// A loaded, optimised model with its pre- and post-processing.
 pub struct Detector {
     manifest: LoadedManifest,
+    /// The optimised model, shared by every fork: weights are in memory once however
+    /// many cameras run inference in parallel.
+    plan: Arc<TypedSimplePlan>,
     state: TypedSimpleState,
     /// Reused between frames: written in place whenever tract has released it.
     input: Arc<Tensor>,
@@ -189,6 +192,7 @@ impl Detector {
             "model loaded"
         );
         Ok(Self {
+            plan,
             iou_threshold: options
                 .iou_threshold
                 .unwrap_or(spec.postprocess.iou_threshold),
@@ -203,6 +207,40 @@ impl Detector {
             thresholds,
             candidates: Vec::new(),
         })
+    }
+
+    /// A detector on the same loaded model with its own execution state and buffers, for
+    /// another inference thread.
+    pub fn fork(&self) -> Result<Self, VisionError> {
+        let state = self
+            .plan
+            .spawn()
+            .map_err(|e| VisionError::Inference(format!("{e:#}")))?;
+        Ok(Self {
+            manifest: self.manifest.clone(),
+            plan: self.plan.clone(),
+            state,
+            input: Arc::new(self.preprocessor.new_tensor()),
+            preprocessor: self.preprocessor.fork(),
+            decoder: self.decoder.clone(),
+            thresholds: self.thresholds.clone(),
+            iou_threshold: self.iou_threshold,
+            max_detections: self.max_detections,
+            candidates: Vec::new(),
+        })
+    }
+
+    /// Applies new thresholds (config reload) without reloading the model.
+    pub fn set_options(&mut self, options: &DetectorOptions) -> Result<(), VisionError> {
+        let post = &self.manifest.manifest.postprocess;
+        self.thresholds = Thresholds::new(
+            &self.manifest,
+            options.score_threshold.unwrap_or(post.score_threshold),
+            &options.label_thresholds,
+        )?;
+        self.iou_threshold = options.iou_threshold.unwrap_or(post.iou_threshold);
+        self.max_detections = options.max_detections.unwrap_or(post.max_detections);
+        Ok(())
     }
 
     pub fn manifest(&self) -> &LoadedManifest {

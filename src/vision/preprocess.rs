@@ -127,6 +127,21 @@ impl Preprocessor {
         }
     }
 
+    /// The same preprocessing with buffers of its own, for another thread.
+    pub fn fork(&self) -> Self {
+        Self {
+            width: self.width,
+            height: self.height,
+            layout: self.layout,
+            colour: self.colour,
+            policy: self.policy,
+            lut: self.lut,
+            pad: self.pad,
+            resizer: Resizer::new(),
+            resized: Image::new(self.width, self.height, PixelType::U8x3),
+        }
+    }
+
     pub fn size(&self) -> (u32, u32) {
         (self.width, self.height)
     }

@@ -1,0 +1,444 @@
+//! The `shelfwatch run` daemon: wires capture -> vision -> counting -> publish for every
+//! configured camera, and runs the control plane (signals, reload, health, systemd).
+//!
+//! Threads: per camera a capture thread and an inference+counting worker (sharing one
+//! loaded model); one publisher thread that stamps sequence numbers, persists state and
+//! writes to the sinks. The async runtime only waits for signals and timers.
+
+pub mod state;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::capture::{self, Backoff};
+use crate::config::{Config, ConfigErrors, LoadedConfig};
+use crate::counting::{EventKind, ZoneState};
+use crate::publish::{self, Body, CameraHealth, Envelope, Health, Sink};
+use crate::vision::Detector;
+use state::{SavedState, StateStore};
+use worker::{CameraRuntime, RuntimeCell, Worker, WorkerStats};
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error("{0}")]
+    State(#[from] state::StateError),
+    #[error("{0}")]
+    Model(#[from] crate::vision::VisionError),
+    #[error("{0}")]
+    Sink(#[from] publish::SinkError),
+    #[error("no cameras configured: add a [[cameras]] section")]
+    NoCameras,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What workers tell the publisher.
+#[derive(Debug)]
+pub enum Update {
+    State {
+        camera: String,
+        zone: String,
+        state: ZoneState,
+        at: SystemTime,
+    },
+    Event {
+        camera: String,
+        zone: Option<String>,
+        event: EventKind,
+        at: SystemTime,
+    },
+    Health(Health),
+    Snapshot {
+        camera: String,
+        jpeg: Vec<u8>,
+    },
+}
+
+/// Capacity of the worker -> publisher channel: bursts of events fit; a stuck sink
+/// slows inference rather than growing memory.
+const UPDATE_QUEUE: usize = 1024;
+
+struct Camera {
+    id: String,
+    runtime: Arc<RuntimeCell>,
+    stats: Arc<WorkerStats>,
+    capture: Arc<capture::CaptureStats>,
+    dropped: Arc<dyn Fn() -> u64 + Send + Sync>,
+    snapshot_now: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+fn runtime_of(loaded: &LoadedConfig, cam: &crate::config::CameraConfig) -> CameraRuntime {
+    CameraRuntime {
+        zones: cam.zones.clone(),
+        counting: loaded.config.counting.clone(),
+        params: loaded.config.counting.params(),
+        detector: loaded.detector_options(),
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT, or until every (file) source has ended.
+pub fn run(config_path: &Path) -> Result<(), DaemonError> {
+    let loaded = Config::load(config_path)?;
+    let config = loaded.config.clone();
+    if config.cameras.is_empty() {
+        return Err(DaemonError::NoCameras);
+    }
+    let started = Instant::now();
+    let store = StateStore::open(&loaded.resolve(&config.state.dir))?;
+    let saved = store.load()?;
+    tracing::info!(state = %store.path().display(), seq = saved.seq, zones = saved.zones.len(), "state loaded");
+
+    let detector = Detector::load(&loaded.manifest_path(), &loaded.detector_options())?;
+    let sinks = config
+        .sinks
+        .iter()
+        .map(|s| publish::open_sink(s, |p| loaded.resolve(p)))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Update>(UPDATE_QUEUE);
+    let publisher = Publisher {
+        device: config.device.id.clone(),
+        store,
+        saved: saved.clone(),
+        sinks,
+    };
+    // Subscribers get the last known counts at once, never a false zero after a restart.
+    let restored: Vec<Update> = saved
+        .zones
+        .iter()
+        .filter_map(|(key, state)| {
+            let (camera, zone) = key.split_once('/')?;
+            let configured = config
+                .cameras
+                .iter()
+                .any(|c| c.id == camera && c.zones.iter().any(|z| z.name == zone));
+            configured.then(|| Update::State {
+                camera: camera.into(),
+                zone: zone.into(),
+                state: state.clone(),
+                at: SystemTime::now(),
+            })
+        })
+        .collect();
+    let publisher_thread = std::thread::Builder::new()
+        .name("publisher".into())
+        .spawn(move || publisher.run(rx, restored))?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let snapshot_dir = config.snapshots.dir.as_ref().map(|d| loaded.resolve(d));
+    let snapshot_every = config
+        .snapshots
+        .interval_s
+        .filter(|s| *s > 0)
+        .map(Duration::from_secs);
+    let mut cameras = Vec::new();
+    for cam in &config.cameras {
+        let source = cam.source.build(|p| loaded.resolve(p));
+        let (status_tx, status_rx) = std::sync::mpsc::sync_channel(64);
+        let handle = capture::spawn(cam.id.clone(), source, Backoff::default(), Some(status_tx))?;
+        let runtime = Arc::new(RuntimeCell::new(runtime_of(&loaded, cam)));
+        let stats = Arc::new(WorkerStats::default());
+        let snapshot_now = Arc::new(AtomicBool::new(false));
+        let restored: BTreeMap<String, ZoneState> = saved
+            .zones
+            .iter()
+            .filter_map(|(k, v)| {
+                let (c, z) = k.split_once('/')?;
+                (c == cam.id).then(|| (z.to_owned(), v.clone()))
+            })
+            .collect();
+        let capture_stats = handle.stats.clone();
+        let slot = handle.slot.clone();
+        let worker = Worker {
+            camera: cam.id.clone(),
+            detector: detector.fork()?,
+            capture: handle,
+            status: status_rx,
+            runtime: runtime.clone(),
+            restored,
+            updates: tx.clone(),
+            stats: stats.clone(),
+            stop: stop.clone(),
+            snapshot_now: snapshot_now.clone(),
+            snapshot_dir: snapshot_dir.clone(),
+            snapshot_every,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("infer-{}", cam.id))
+            .spawn(move || worker.run())?;
+        cameras.push(Camera {
+            id: cam.id.clone(),
+            runtime,
+            stats,
+            capture: capture_stats,
+            dropped: Arc::new(move || slot.dropped()),
+            snapshot_now,
+            thread,
+        });
+    }
+    drop(detector);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(control(config_path, &loaded, &cameras, &tx, started));
+    stop.store(true, Ordering::Relaxed);
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    for c in cameras {
+        let _ = c.thread.join();
+    }
+    drop(tx);
+    let _ = publisher_thread.join();
+    tracing::info!(uptime_s = started.elapsed().as_secs_f64(), "stopped");
+    result
+}
+
+/// The control plane: signals, reload, health, readiness and the watchdog.
+async fn control(
+    config_path: &Path,
+    initial: &LoadedConfig,
+    cameras: &[Camera],
+    tx: &SyncSender<Update>,
+    started: Instant,
+) -> Result<(), DaemonError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+
+    let health_every = initial.config.health.interval_s;
+    let mut health = tokio::time::interval(Duration::from_secs(health_every.max(1)));
+    health.tick().await;
+    let mut last_processed: Vec<u64> = vec![0; cameras.len()];
+    let mut last_health = Instant::now();
+
+    let mut watchdog_usec = 0u64;
+    let watchdog_enabled = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+    let mut watchdog = tokio::time::interval(if watchdog_enabled {
+        Duration::from_micros(watchdog_usec / 2)
+    } else {
+        Duration::from_secs(3600)
+    });
+    let mut watch_processed: Vec<u64> = vec![0; cameras.len()];
+
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut ready = false;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => reload(config_path, initial, cameras),
+            _ = usr1.recv() => {
+                tracing::info!("SIGUSR1: snapshot requested");
+                for c in cameras { c.snapshot_now.store(true, Ordering::Relaxed); }
+            }
+            _ = health.tick(), if health_every > 0 => {
+                let dt = last_health.elapsed().as_secs_f64().max(1e-3);
+                last_health = Instant::now();
+                let report = Health {
+                    uptime_s: started.elapsed().as_secs_f64(),
+                    cameras: cameras.iter().zip(last_processed.iter_mut()).map(|(c, last)| {
+                        let processed = c.stats.processed.load(Ordering::Relaxed);
+                        let fps = (processed - *last) as f64 / dt;
+                        *last = processed;
+                        let (p50, p99) = c.stats.percentiles();
+                        CameraHealth {
+                            camera: c.id.clone(),
+                            online: c.capture.online.load(Ordering::Relaxed),
+                            fps,
+                            inference_ms_p50: p50,
+                            inference_ms_p99: p99,
+                            frames_captured: c.capture.frames.load(Ordering::Relaxed),
+                            frames_processed: processed,
+                            frames_dropped: (c.dropped)(),
+                            frames_corrupt: c.capture.corrupt.load(Ordering::Relaxed),
+                            reconnects: c.capture.reconnects.load(Ordering::Relaxed),
+                        }
+                    }).collect(),
+                };
+                let _ = tx.try_send(Update::Health(report));
+            }
+            _ = watchdog.tick(), if watchdog_enabled => {
+                // Pet the watchdog only while the pipeline moves: every camera that has
+                // frames to give processed at least one since the last tick. A stuck
+                // inference thread thus gets the service restarted; an unplugged camera
+                // (handled by reconnect backoff) does not.
+                let mut alive = true;
+                for (c, last) in cameras.iter().zip(watch_processed.iter_mut()) {
+                    let now = c.stats.processed.load(Ordering::Relaxed);
+                    let online = c.capture.online.load(Ordering::Relaxed);
+                    if online && now == *last && !c.stats.finished.load(Ordering::Relaxed) {
+                        alive = false;
+                        tracing::warn!(camera = %c.id, "no frame processed since the last watchdog tick");
+                    }
+                    *last = now;
+                }
+                if alive && ready {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                }
+            }
+            _ = tick.tick() => {
+                if !ready && cameras.iter().all(|c| c.stats.processed.load(Ordering::Relaxed) > 0) {
+                    ready = true;
+                    tracing::info!(cameras = cameras.len(), startup_s = started.elapsed().as_secs_f64(), "ready: every camera is delivering counted frames");
+                    let _ = sd_notify::notify(false, &[
+                        sd_notify::NotifyState::Ready,
+                        sd_notify::NotifyState::Status("counting"),
+                    ]);
+                }
+                if cameras.iter().all(|c| c.stats.finished.load(Ordering::Relaxed)) {
+                    tracing::info!("every source has ended");
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// SIGHUP: re-reads the config and applies zones and thresholds; an invalid config is
+/// reported (key and line) and the running one kept.
+fn reload(config_path: &Path, initial: &LoadedConfig, cameras: &[Camera]) {
+    tracing::info!(config = %config_path.display(), "SIGHUP: reloading zones and thresholds");
+    let loaded = match Config::load(config_path) {
+        Ok(l) => l,
+        Err(errors) => {
+            for e in &errors.0 {
+                tracing::error!(file = %e.file.display(), line = e.line, key = %e.key, message = %e.message, "invalid configuration; keeping the running one");
+            }
+            return;
+        }
+    };
+    let new = &loaded.config;
+    let old = &initial.config;
+    if new.device.id != old.device.id || loaded.manifest_path() != initial.manifest_path() {
+        tracing::warn!("device id and model changes take effect after a restart");
+    }
+    for c in cameras {
+        match new.cameras.iter().find(|n| n.id == c.id) {
+            Some(cam) => {
+                if old.cameras.iter().find(|o| o.id == c.id).map(|o| &o.source) != Some(&cam.source)
+                {
+                    tracing::warn!(camera = %c.id, "camera source changes take effect after a restart");
+                }
+                c.runtime.replace(runtime_of(&loaded, cam));
+            }
+            None => {
+                tracing::warn!(camera = %c.id, "camera removed from the config; it keeps running until a restart")
+            }
+        }
+    }
+    for n in &new.cameras {
+        if !cameras.iter().any(|c| c.id == n.id) {
+            tracing::warn!(camera = %n.id, "new camera; it starts after a restart");
+        }
+    }
+}
+
+/// Owns sequence numbers, the state file and the sinks.
+struct Publisher {
+    device: String,
+    store: StateStore,
+    saved: SavedState,
+    sinks: Vec<Box<dyn Sink>>,
+}
+
+impl Publisher {
+    fn run(mut self, rx: Receiver<Update>, initial: Vec<Update>) {
+        let span = tracing::info_span!("publisher", device = %self.device);
+        let _g = span.enter();
+        for u in initial {
+            self.handle(u);
+        }
+        self.finish_batch();
+        while let Ok(u) = rx.recv() {
+            self.handle(u);
+            // Drain what is already queued, then persist once for the batch.
+            while let Ok(u) = rx.try_recv() {
+                self.handle(u);
+            }
+            self.finish_batch();
+        }
+        self.finish_batch();
+        tracing::info!(seq = self.saved.seq, "publisher stopped; state saved");
+    }
+
+    fn handle(&mut self, u: Update) {
+        let (body, at) = match u {
+            Update::State {
+                camera,
+                zone,
+                state,
+                at,
+            } => {
+                self.saved
+                    .zones
+                    .insert(format!("{camera}/{zone}"), state.clone());
+                (
+                    Body::State {
+                        camera,
+                        zone,
+                        state,
+                    },
+                    at,
+                )
+            }
+            Update::Event {
+                camera,
+                zone,
+                event,
+                at,
+            } => (
+                Body::Event {
+                    camera,
+                    zone,
+                    event,
+                },
+                at,
+            ),
+            Update::Health(h) => (Body::Health(h), SystemTime::now()),
+            Update::Snapshot { camera, jpeg } => {
+                tracing::debug!(camera = %camera, bytes = jpeg.len(), "snapshot ready");
+                return;
+            }
+        };
+        self.saved.seq += 1;
+        let msg = Envelope {
+            schema: publish::SCHEMA,
+            device: self.device.clone(),
+            seq: self.saved.seq,
+            ts: publish::rfc3339(at),
+            body,
+        };
+        let json = serde_json::to_string(&msg).expect("messages serialise");
+        for sink in &mut self.sinks {
+            if let Err(e) = sink.publish(&msg, &json) {
+                tracing::error!(sink = %sink.name(), error = %e, "publish failed");
+            }
+        }
+    }
+
+    fn finish_batch(&mut self) {
+        // The state (with seq) is saved before sinks are flushed: after a crash the next
+        // run never reuses a sequence number a subscriber may have seen.
+        if let Err(e) = self.store.save(&self.saved) {
+            tracing::error!(error = %e, "cannot save state");
+        }
+        for sink in &mut self.sinks {
+            if let Err(e) = sink.flush() {
+                tracing::error!(sink = %sink.name(), error = %e, "flush failed");
+            }
+        }
+    }
+}

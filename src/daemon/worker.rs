@@ -1,0 +1,342 @@
+//! One camera's inference and counting thread: newest frame -> detections -> zone
+//! counters -> updates for the publisher. Never touches the async runtime.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use image::{Rgb, RgbImage};
+
+use super::Update;
+use crate::capture::{CaptureHandle, Frame, SourceStatus, Take};
+use crate::counting::{CountingParams, EventKind, ZoneCounter, ZoneSpec, ZoneState};
+use crate::vision::{annotate, Detection, Detector, DetectorOptions};
+
+/// What a reload may change while the camera and model keep running.
+#[derive(Debug, Clone)]
+pub struct CameraRuntime {
+    /// Zone specs are built per frame size, so they are kept as config here.
+    pub zones: Vec<crate::config::ZoneConfig>,
+    pub counting: crate::config::CountingConfig,
+    pub params: CountingParams,
+    pub detector: DetectorOptions,
+}
+
+/// Shared between the control plane and the worker: the current runtime config and a
+/// generation counter the worker checks each frame.
+pub struct RuntimeCell {
+    generation: AtomicU64,
+    value: Mutex<Arc<CameraRuntime>>,
+}
+
+impl RuntimeCell {
+    pub fn new(rt: CameraRuntime) -> Self {
+        Self {
+            generation: AtomicU64::new(0),
+            value: Mutex::new(Arc::new(rt)),
+        }
+    }
+
+    pub fn replace(&self, rt: CameraRuntime) {
+        *self.value.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(rt);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    fn get(&self) -> (u64, Arc<CameraRuntime>) {
+        let g = self.generation.load(Ordering::Acquire);
+        (
+            g,
+            self.value.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        )
+    }
+}
+
+/// Counters the health report and the watchdog read.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub processed: AtomicU64,
+    pub inference_errors: AtomicU64,
+    /// The last 256 inference times, for p50/p99.
+    pub inference_ms: Mutex<VecDeque<f64>>,
+    pub finished: AtomicBool,
+}
+
+impl WorkerStats {
+    fn record(&self, ms: f64) {
+        let mut q = self.inference_ms.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() == 256 {
+            q.pop_front();
+        }
+        q.push_back(ms);
+    }
+
+    /// (p50, p99) of recent inference times in milliseconds.
+    pub fn percentiles(&self) -> (f64, f64) {
+        let mut v: Vec<f64> = self
+            .inference_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect();
+        if v.is_empty() {
+            return (0.0, 0.0);
+        }
+        v.sort_by(f64::total_cmp);
+        let at = |p: f64| v[(((p * v.len() as f64).ceil() as usize).max(1) - 1).min(v.len() - 1)];
+        (at(0.5), at(0.99))
+    }
+}
+
+/// Everything one worker needs.
+pub struct Worker {
+    pub camera: String,
+    pub detector: Detector,
+    pub capture: CaptureHandle,
+    pub status: Receiver<(String, SourceStatus)>,
+    pub runtime: Arc<RuntimeCell>,
+    pub restored: BTreeMap<String, ZoneState>,
+    pub updates: SyncSender<Update>,
+    pub stats: Arc<WorkerStats>,
+    pub stop: Arc<AtomicBool>,
+    pub snapshot_now: Arc<AtomicBool>,
+    pub snapshot_dir: Option<PathBuf>,
+    pub snapshot_every: Option<Duration>,
+}
+
+struct Zones {
+    size: (u32, u32),
+    counters: Vec<ZoneCounter>,
+}
+
+impl Worker {
+    /// Runs until stop is requested or the source ends.
+    pub fn run(mut self) {
+        let span = tracing::info_span!("worker", camera = %self.camera);
+        let _g = span.enter();
+        let (mut generation, mut rt) = self.runtime.get();
+        let mut zones: Option<Zones> = None;
+        let mut last_snapshot = Instant::now();
+        let mut latest: Option<(Frame, Vec<Detection>)> = None;
+        loop {
+            self.forward_status();
+            if self.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let frame = match self.capture.slot.take(Duration::from_millis(200)) {
+                Take::Item(f) => f,
+                Take::Empty => {
+                    self.maybe_snapshot(&latest, zones.as_ref(), &mut last_snapshot);
+                    continue;
+                }
+                Take::Closed => break,
+            };
+            let (g, current) = self.runtime.get();
+            if g != generation {
+                generation = g;
+                rt = current;
+                if let Err(e) = self.detector.set_options(&rt.detector) {
+                    tracing::error!(error = %e, "new thresholds rejected; keeping the old ones");
+                }
+                if let Some(z) = zones.as_mut() {
+                    rebuild(z, &rt);
+                }
+                tracing::info!("configuration reloaded");
+            }
+            let size = frame.image.dimensions();
+            let z = zones.get_or_insert_with(|| Zones {
+                size,
+                counters: rt
+                    .zones
+                    .iter()
+                    .map(|zc| {
+                        let spec = zc.spec(&rt.counting, size);
+                        match self.restored.get(&zc.name) {
+                            Some(state) => ZoneCounter::restored(spec, state),
+                            None => ZoneCounter::new(spec),
+                        }
+                    })
+                    .collect(),
+            });
+            if z.size != size {
+                // A camera renegotiated another size: zones in normalised coordinates
+                // follow it; counts are kept.
+                z.size = size;
+                rebuild(z, &rt);
+            }
+            let t = Instant::now();
+            let detections = match self.detector.detect(&frame.image) {
+                Ok((d, _)) => d,
+                Err(e) => {
+                    self.stats.inference_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(error = %e, "inference failed; frame skipped");
+                    continue;
+                }
+            };
+            self.stats.record(t.elapsed().as_secs_f64() * 1e3);
+            let now = Instant::now();
+            for counter in &mut z.counters {
+                let u = counter.observe(now, &detections, &rt.params);
+                let zone = counter.spec().name.clone();
+                for event in u.events {
+                    self.send(Update::Event {
+                        camera: self.camera.clone(),
+                        zone: Some(zone.clone()),
+                        event,
+                        at: frame.captured_at,
+                    });
+                }
+                if u.state_changed {
+                    if let Some(state) = counter.state() {
+                        self.send(Update::State {
+                            camera: self.camera.clone(),
+                            zone,
+                            state,
+                            at: frame.captured_at,
+                        });
+                    }
+                }
+            }
+            self.stats.processed.fetch_add(1, Ordering::Relaxed);
+            latest = Some((frame, detections));
+            self.maybe_snapshot(&latest, zones.as_ref(), &mut last_snapshot);
+        }
+        self.forward_status();
+        self.stats.finished.store(true, Ordering::Relaxed);
+        self.capture.stop();
+        tracing::info!("worker stopped");
+    }
+
+    fn send(&self, u: Update) {
+        // Blocking on a full channel is intended: it slows inference, and the capture
+        // slot then drops frames instead of anything growing without bound.
+        if self.updates.send(u).is_err() {
+            tracing::warn!("publisher gone; update lost");
+        }
+    }
+
+    fn forward_status(&self) {
+        for (camera, status) in self.status.try_iter() {
+            let event = match status {
+                SourceStatus::Online => EventKind::CameraOnline,
+                SourceStatus::Offline { reason } => EventKind::CameraOffline { reason },
+                SourceStatus::Ended => continue,
+            };
+            self.send(Update::Event {
+                camera,
+                zone: None,
+                event,
+                at: SystemTime::now(),
+            });
+        }
+    }
+
+    fn maybe_snapshot(
+        &self,
+        latest: &Option<(Frame, Vec<Detection>)>,
+        zones: Option<&Zones>,
+        last: &mut Instant,
+    ) {
+        let requested = self.snapshot_now.swap(false, Ordering::Relaxed);
+        let due = self
+            .snapshot_every
+            .is_some_and(|every| last.elapsed() >= every);
+        if !(requested || due) {
+            return;
+        }
+        *last = Instant::now();
+        let (Some((frame, detections)), Some(zones)) = (latest, zones) else {
+            return;
+        };
+        let jpeg = render_snapshot(&frame.image, detections, &zones.counters);
+        if let Some(dir) = &self.snapshot_dir {
+            let path = dir.join(format!("{}.jpg", self.camera));
+            let tmp = dir.join(format!(".{}.jpg.tmp", self.camera));
+            let written = std::fs::create_dir_all(dir)
+                .and_then(|_| std::fs::write(&tmp, &jpeg))
+                .and_then(|_| std::fs::rename(&tmp, &path));
+            match written {
+                Ok(()) => tracing::info!(path = %path.display(), "snapshot written"),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot write snapshot")
+                }
+            }
+        }
+        self.send(Update::Snapshot {
+            camera: self.camera.clone(),
+            jpeg,
+        });
+    }
+}
+
+fn rebuild(z: &mut Zones, rt: &CameraRuntime) {
+    let mut old: BTreeMap<String, ZoneCounter> = z
+        .counters
+        .drain(..)
+        .map(|c| (c.spec().name.clone(), c))
+        .collect();
+    z.counters = rt
+        .zones
+        .iter()
+        .map(|zc| {
+            let spec: ZoneSpec = zc.spec(&rt.counting, z.size);
+            match old.remove(&zc.name) {
+                Some(mut c) => {
+                    c.set_spec(spec);
+                    c
+                }
+                None => ZoneCounter::new(spec),
+            }
+        })
+        .collect();
+}
+
+/// An annotated JPEG: zones with their stable counts, boxes with labels.
+pub fn render_snapshot(
+    frame: &RgbImage,
+    detections: &[Detection],
+    zones: &[ZoneCounter],
+) -> Vec<u8> {
+    let mut img = frame.clone();
+    let scale = (img.width().max(img.height()) / 640).clamp(1, 4) + 1;
+    let zone_colour = Rgb([255, 255, 255]);
+    for z in zones {
+        let spec = z.spec();
+        annotate::draw_polygon(&mut img, spec.polygon.points(), zone_colour, scale);
+        let text = match z.state() {
+            Some(s) => {
+                let counts: Vec<String> =
+                    s.counts.iter().map(|(l, n)| format!("{l}: {n}")).collect();
+                format!(
+                    "{} [{}] {}",
+                    spec.name,
+                    counts.join(", "),
+                    serde_json::to_value(s.status)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                )
+            }
+            None => format!("{} [counting...]", spec.name),
+        };
+        let b = spec.polygon.bounds();
+        annotate::draw_tag(
+            &mut img,
+            b.x1 as i64,
+            b.y1 as i64 + 14 * scale as i64,
+            &text,
+            Rgb([40, 40, 40]),
+            scale,
+        );
+    }
+    annotate::draw_detections(&mut img, detections);
+    let mut out = std::io::Cursor::new(Vec::new());
+    let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85);
+    if let Err(e) = img.write_with_encoder(encoder) {
+        tracing::error!(error = %e, "cannot encode snapshot");
+    }
+    out.into_inner()
+}

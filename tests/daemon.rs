@@ -1,0 +1,287 @@
+//! The real `shelfwatch run` daemon over composed shelf scenes (tests/fixtures/scenes),
+//! with its signals, state file and config handling.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A config over the scene frames with a JSONL sink and state in `dir`.
+fn scene_config(dir: &Path, frames: &str, looping: bool) -> PathBuf {
+    let text = format!(
+        r#"
+[device]
+id = "test-device"
+
+[counting]
+window-frames = 5
+min-agreement = 0.6
+out-of-stock-after-s = 0.0
+
+[[cameras]]
+id = "shelf"
+[cameras.source]
+kind = "files"
+path = "{frames}"
+fps = 50.0
+loop = {looping}
+every-frame = true
+
+[[cameras.zones]]
+name = "top-shelf"
+polygon = [[0.0, 0.0], [1.0, 0.0], [1.0, 0.5], [0.0, 0.5]]
+labels = ["Coffee cup"]
+min = 2
+
+[[cameras.zones]]
+name = "bottom-shelf"
+polygon = [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 1.0]]
+labels = ["Coffee cup"]
+min = 2
+
+[[sinks]]
+kind = "jsonl"
+path = "out.jsonl"
+
+[state]
+dir = "state"
+
+[health]
+interval-s = 0
+"#,
+        frames = root()
+            .join("tests/fixtures/scenes/frames")
+            .join(frames)
+            .display(),
+    );
+    let path = dir.join("shelfwatch.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn spawn(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("SHELFWATCH_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn messages(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("out.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Published stable counts of one zone, in order.
+fn zone_counts(msgs: &[Value], zone: &str) -> Vec<u64> {
+    msgs.iter()
+        .filter(|m| m["type"] == "state" && m["zone"] == zone)
+        .map(|m| m["counts"]["Coffee cup"].as_u64().unwrap())
+        .collect()
+}
+
+fn events(msgs: &[Value], zone: &str) -> Vec<String> {
+    msgs.iter()
+        .filter(|m| m["type"] == "event" && m["zone"] == zone)
+        .map(|m| m["event"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn wait_for(dir: &Path, what: impl Fn(&[Value]) -> bool) {
+    let t = Instant::now();
+    while !what(&messages(dir)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "timed out; got {:?}",
+            messages(dir)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_daemon_over_the_composed_scenes_publishes_exactly_the_known_stable_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = scene_config(dir.path(), "*.jpg", false);
+    let mut child = spawn(&config);
+    let status =
+        wait_exit(&mut child, Duration::from_secs(120)).expect("daemon ends with its input");
+    assert!(status.success(), "{status:?}");
+    let msgs = messages(dir.path());
+
+    // expected.json: top 3 -> 2; bottom 2, held at 2 while a person hides it, 0, then 4.
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/scenes/expected.json")).unwrap(),
+    )
+    .unwrap();
+    for zone in ["top-shelf", "bottom-shelf"] {
+        let mut want: Vec<u64> = expected["stable"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["stable"][zone]["Coffee cup"].as_u64().unwrap())
+            .collect();
+        want.dedup();
+        assert_eq!(zone_counts(&msgs, zone), want, "{zone}");
+    }
+    assert_eq!(events(&msgs, "top-shelf"), ["count-changed"]);
+    assert_eq!(
+        events(&msgs, "bottom-shelf"),
+        [
+            "count-changed",
+            "low-stock",
+            "out-of-stock",
+            "count-changed",
+            "restocked"
+        ]
+    );
+    // One sequence, no gaps, from 1.
+    let seqs: Vec<u64> = msgs.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert!(msgs
+        .iter()
+        .all(|m| m["schema"] == 1 && m["device"] == "test-device"));
+
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("state/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["seq"].as_u64(), seqs.last().copied());
+    assert_eq!(
+        state["zones"]["shelf/bottom-shelf"]["counts"]["Coffee cup"],
+        4
+    );
+}
+
+#[test]
+fn after_a_restart_the_last_counts_are_published_at_once_and_seq_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    // First run: block A only (top 3, bottom 2).
+    let config = scene_config(dir.path(), "00[0-4].jpg", false);
+    let mut child = spawn(&config);
+    assert!(wait_exit(&mut child, Duration::from_secs(60))
+        .unwrap()
+        .success());
+    let first = messages(dir.path());
+    let last_seq = first.last().unwrap()["seq"].as_u64().unwrap();
+
+    // Second run: a frame where nothing is decided yet (one frame is no consensus).
+    let config = scene_config(dir.path(), "018.jpg", false);
+    let mut child = spawn(&config);
+    assert!(wait_exit(&mut child, Duration::from_secs(60))
+        .unwrap()
+        .success());
+    let all = messages(dir.path());
+    let second = &all[first.len()..];
+    assert_eq!(
+        second[0]["seq"].as_u64(),
+        Some(last_seq + 1),
+        "seq continues"
+    );
+    assert_eq!(zone_counts(second, "top-shelf"), [3], "restored, not zero");
+    assert_eq!(
+        zone_counts(second, "bottom-shelf"),
+        [2],
+        "restored, not zero"
+    );
+}
+
+#[test]
+fn sigterm_exits_zero_within_two_seconds_with_the_state_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = scene_config(dir.path(), "*.jpg", true);
+    let mut child = spawn(&config);
+    wait_for(dir.path(), |m| m.iter().any(|m| m["type"] == "state"));
+    let t = Instant::now();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = wait_exit(&mut child, Duration::from_secs(10)).expect("exits after SIGTERM");
+    let took = t.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("state/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        state["seq"].as_u64(),
+        messages(dir.path()).last().unwrap()["seq"].as_u64()
+    );
+}
+
+#[test]
+fn sighup_with_a_broken_config_keeps_running_and_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = scene_config(dir.path(), "*.jpg", true);
+    let mut child = spawn(&config);
+    wait_for(dir.path(), |m| m.iter().any(|m| m["type"] == "state"));
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        good.replace(
+            "min-agreement = 0.6",
+            "min-agreement = 0.6\nwindow-frame = 3",
+        ),
+    )
+    .unwrap();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the daemon must keep running"
+    );
+    let before = messages(dir.path()).len();
+    wait_for(dir.path(), |m| m.len() > before + 1);
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(wait_exit(&mut child, Duration::from_secs(10))
+        .unwrap()
+        .success());
+    let mut stderr = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        stderr.push_str(&line.unwrap());
+        stderr.push('\n');
+    }
+    assert!(stderr.contains("counting.window-frame"), "{stderr}");
+    assert!(stderr.contains("keeping the running one"), "{stderr}");
+}
+
+#[test]
+fn run_with_an_unknown_config_key_exits_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = scene_config(dir.path(), "*.jpg", false);
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("[state]", "[state]\ndirectory = \"x\""),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("state.directory"));
+}
