@@ -7,6 +7,9 @@ apt_packages=(
   libclang-dev   # bindgen, for the v4l crate's videodev2.h bindings
   pkg-config
   systemd        # systemd-analyze verify/security on the unit
+  mosquitto      # the real broker the MQTT tests start on loopback
+  mosquitto-clients
+  openssl
 )
 
 missing=()

@@ -640,6 +640,79 @@ impl LoadedConfig {
         if c.sinks.is_empty() {
             problems.push(("sinks".into(), "configure at least one sink".into()));
         }
+        // Zone names become MQTT topic levels of the device: unique across its cameras.
+        let mut seen = std::collections::BTreeMap::new();
+        for (i, cam) in c.cameras.iter().enumerate() {
+            for (j, z) in cam.zones.iter().enumerate() {
+                if let Some(other) = seen.insert(z.name.clone(), cam.id.clone()) {
+                    if other != cam.id {
+                        problems.push((
+                            format!("cameras[{i}].zones[{j}].name"),
+                            format!("zone {:?} also exists in camera {other:?}; zone names are unique per device", z.name),
+                        ));
+                    }
+                }
+            }
+        }
+        for (i, sink) in c.sinks.iter().enumerate() {
+            let SinkSettings::Mqtt(m) = sink else {
+                continue;
+            };
+            let key = format!("sinks[{i}]");
+            if m.prefix.is_empty() || m.prefix.split('/').any(|level| check_name(level).is_err()) {
+                problems.push((
+                    format!("{key}.prefix"),
+                    format!(
+                        "{:?}: topic levels of letters, digits, '-' and '_', separated by '/'",
+                        m.prefix
+                    ),
+                ));
+            }
+            if let Some(id) = &m.client_id {
+                if check_name(id).is_err() {
+                    problems.push((
+                        format!("{key}.client-id"),
+                        "letters, digits, '-' and '_' only".into(),
+                    ));
+                }
+            }
+            if m.broker != "embedded"
+                && m.broker
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .is_none()
+            {
+                problems.push((
+                    format!("{key}.broker"),
+                    format!("{:?}: expected \"embedded\" or host:port", m.broker),
+                ));
+            }
+            if m.password_file.is_some() && m.username.is_none() {
+                problems.push((format!("{key}.password-file"), "needs a username".into()));
+            }
+            if let Some(p) = &m.password_file {
+                if let Err(e) = std::fs::metadata(self.resolve(p)) {
+                    problems.push((
+                        format!("{key}.password-file"),
+                        format!("{}: {e}", self.resolve(p).display()),
+                    ));
+                }
+            }
+            if let Some(t) = &m.tls {
+                if let Err(e) = std::fs::metadata(self.resolve(&t.ca_file)) {
+                    problems.push((
+                        format!("{key}.tls.ca-file"),
+                        format!("{}: {e}", self.resolve(&t.ca_file).display()),
+                    ));
+                }
+            }
+            if m.keep_alive_s < 5 || m.keep_alive_s > 3600 {
+                problems.push((
+                    format!("{key}.keep-alive-s"),
+                    "must be between 5 and 3600".into(),
+                ));
+            }
+        }
         if c.snapshots.interval_s.is_some_and(|s| s > 0) && c.snapshots.dir.is_none() {
             problems.push((
                 "snapshots.interval-s".into(),

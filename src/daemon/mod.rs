@@ -38,6 +38,8 @@ pub enum DaemonError {
     #[error("no cameras configured: add a [[cameras]] section")]
     NoCameras,
     #[error("{0}")]
+    Mqtt(#[from] publish::mqtt::MqttError),
+    #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
@@ -99,11 +101,38 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     tracing::info!(state = %store.path().display(), seq = saved.seq, zones = saved.zones.len(), "state loaded");
 
     let detector = Detector::load(&loaded.manifest_path(), &loaded.detector_options())?;
-    let sinks = config
-        .sinks
-        .iter()
-        .map(|s| publish::open_sink(s, |p| loaded.resolve(p)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (command_tx, command_rx) = tokio::sync::mpsc::channel(8);
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    let mut mqtt_tasks = Vec::new();
+    let mut mqtt_stats = None;
+    for s in &config.sinks {
+        if let Some(sink) = publish::open_sink(s, |p| loaded.resolve(p))? {
+            sinks.push(sink);
+            continue;
+        }
+        let publish::SinkSettings::Mqtt(m) = s else {
+            continue;
+        };
+        if m.broker == "embedded" {
+            publish::mqtt::start_embedded_broker(&m.embedded_listen)?;
+        }
+        let spool_dir = store.path().with_file_name("spool");
+        let (sink, client, stats) = publish::mqtt::setup(
+            m,
+            &config.device.id,
+            &spool_dir,
+            |p| loaded.resolve(p),
+            command_tx.clone(),
+        )?;
+        sinks.push(Box::new(sink));
+        mqtt_stats = Some(stats);
+        mqtt_tasks.push(rt.spawn(client.run(shutdown_rx.clone(), Duration::from_millis(1500))));
+    }
+    drop(command_tx);
 
     let (tx, rx) = std::sync::mpsc::sync_channel::<Update>(UPDATE_QUEUE);
     let publisher = Publisher {
@@ -188,10 +217,15 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     }
     drop(detector);
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let result = rt.block_on(control(config_path, &loaded, &cameras, &tx, started));
+    let result = rt.block_on(control(
+        config_path,
+        &loaded,
+        &cameras,
+        &tx,
+        started,
+        command_rx,
+        mqtt_stats,
+    ));
     stop.store(true, Ordering::Relaxed);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     for c in cameras {
@@ -199,6 +233,14 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     }
     drop(tx);
     let _ = publisher_thread.join();
+    // The publisher has spooled everything: give the MQTT client a moment to deliver it
+    // and to say offline.
+    let _ = shutdown_tx.send(true);
+    rt.block_on(async {
+        for t in mqtt_tasks {
+            let _ = t.await;
+        }
+    });
     tracing::info!(uptime_s = started.elapsed().as_secs_f64(), "stopped");
     result
 }
@@ -210,6 +252,8 @@ async fn control(
     cameras: &[Camera],
     tx: &SyncSender<Update>,
     started: Instant,
+    mut commands: tokio::sync::mpsc::Receiver<publish::mqtt::Command>,
+    mqtt: Option<Arc<publish::mqtt::MqttStats>>,
 ) -> Result<(), DaemonError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -239,6 +283,14 @@ async fn control(
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => reload(config_path, initial, cameras),
+            Some(cmd) = commands.recv() => match cmd {
+                publish::mqtt::Command::Reload => reload(config_path, initial, cameras),
+                publish::mqtt::Command::Snapshot(which) => {
+                    for c in cameras.iter().filter(|c| which.as_ref().is_none_or(|w| *w == c.id)) {
+                        c.snapshot_now.store(true, Ordering::Relaxed);
+                    }
+                }
+            },
             _ = usr1.recv() => {
                 tracing::info!("SIGUSR1: snapshot requested");
                 for c in cameras { c.snapshot_now.store(true, Ordering::Relaxed); }
@@ -266,6 +318,12 @@ async fn control(
                             reconnects: c.capture.reconnects.load(Ordering::Relaxed),
                         }
                     }).collect(),
+                    mqtt: mqtt.as_ref().map(|m| publish::MqttHealth {
+                        connected: m.connected.load(Ordering::Relaxed),
+                        spooled: m.spooled.load(Ordering::Relaxed),
+                        dropped: m.dropped.load(Ordering::Relaxed),
+                        connect_attempts: m.connect_attempts.load(Ordering::Relaxed),
+                    }),
                 };
                 let _ = tx.try_send(Update::Health(report));
             }
@@ -409,7 +467,9 @@ impl Publisher {
             ),
             Update::Health(h) => (Body::Health(h), SystemTime::now()),
             Update::Snapshot { camera, jpeg } => {
-                tracing::debug!(camera = %camera, bytes = jpeg.len(), "snapshot ready");
+                for sink in &mut self.sinks {
+                    sink.snapshot(&camera, &jpeg);
+                }
                 return;
             }
         };

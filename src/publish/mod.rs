@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::counting::{EventKind, ZoneState};
 
+pub mod mqtt;
+pub mod spool;
+
 /// Version of the JSON payloads; bumped on any incompatible change.
 pub const SCHEMA: u32 = 1;
 
@@ -24,6 +27,8 @@ pub enum SinkSettings {
     Stdout(StdoutSettings),
     /// An append-only JSON lines file.
     Jsonl(JsonlSettings),
+    /// An MQTT broker (or the embedded one), through a durable spool.
+    Mqtt(Box<mqtt::MqttSettings>),
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
@@ -81,6 +86,19 @@ pub enum Body {
 pub struct Health {
     pub uptime_s: f64,
     pub cameras: Vec<CameraHealth>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<MqttHealth>,
+}
+
+/// The MQTT link and its spool.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MqttHealth {
+    pub connected: bool,
+    /// Messages waiting for the broker's acknowledgement.
+    pub spooled: u64,
+    /// Messages dropped because the spool reached its size limit.
+    pub dropped: u64,
+    pub connect_attempts: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -119,6 +137,9 @@ pub trait Sink: Send {
     fn publish(&mut self, msg: &Envelope, json: &str) -> Result<(), SinkError>;
     /// Makes what was published durable (end of a batch, shutdown).
     fn flush(&mut self) -> Result<(), SinkError>;
+    /// An annotated JPEG of a camera, taken on request; sinks without a use for it
+    /// ignore it.
+    fn snapshot(&mut self, _camera: &str, _jpeg: &[u8]) {}
 }
 
 /// JSON lines on stdout.
@@ -204,14 +225,16 @@ impl Sink for JsonlSink {
     }
 }
 
-/// Builds a sink; `resolve` makes config-relative paths usable.
+/// Builds a file or stdout sink; `resolve` makes config-relative paths usable. (MQTT
+/// needs the daemon's runtime and is set up by the daemon.)
 pub fn open_sink(
     s: &SinkSettings,
     resolve: impl Fn(&Path) -> PathBuf,
-) -> Result<Box<dyn Sink>, SinkError> {
+) -> Result<Option<Box<dyn Sink>>, SinkError> {
     Ok(match s {
-        SinkSettings::Stdout(s) => Box::new(StdoutSink::new(s.clone())),
-        SinkSettings::Jsonl(j) => Box::new(JsonlSink::open(&resolve(&j.path))?),
+        SinkSettings::Stdout(s) => Some(Box::new(StdoutSink::new(s.clone()))),
+        SinkSettings::Jsonl(j) => Some(Box::new(JsonlSink::open(&resolve(&j.path))?)),
+        SinkSettings::Mqtt(_) => None,
     })
 }
 
@@ -279,6 +302,7 @@ mod tests {
                 &envelope(Body::Health(Health {
                     uptime_s: run as f64,
                     cameras: vec![],
+                    mqtt: None,
                 })),
                 &format!("{{\"run\":{run}}}"),
             )

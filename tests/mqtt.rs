@@ -1,0 +1,549 @@
+//! MQTT against a real mosquitto broker (started here on a free loopback port, stopped by
+//! pid): retained state, outage with no loss, SIGKILL with a spooled backlog, wrong
+//! credentials, last will, and the embedded broker.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn signal(child: &Child, sig: Signal) {
+    let _ = kill(Pid::from_raw(child.id() as i32), sig);
+}
+
+/// A mosquitto process on 127.0.0.1:`port` with its own config and persistence.
+struct Broker {
+    child: Option<Child>,
+    conf: PathBuf,
+    port: u16,
+}
+
+impl Broker {
+    fn start(dir: &Path, extra: &str) -> Self {
+        let port = free_port();
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\npersistence true\npersistence_location {}/\n{extra}\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let mut b = Broker {
+            child: None,
+            conf,
+            port,
+        };
+        b.restart();
+        b
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed by scripts/setup.sh");
+        self.child = Some(child);
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "mosquitto did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(&c, Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A `mosquitto_sub` with a persistent session, collecting `retained|topic|payload` lines.
+struct Subscriber {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Subscriber {
+    fn start(port: u16, id: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-q",
+                "1",
+                "-c",
+                "-i",
+                id,
+            ])
+            .args(["-t", "shelfwatch/#", "-F", "%r|%t|%p"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = child.stdout.take().unwrap();
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                l.lock().unwrap().push(line);
+            }
+        });
+        // Let the subscription be in place before anything is published.
+        std::thread::sleep(Duration::from_millis(500));
+        Subscriber { child, lines }
+    }
+
+    /// (retained, topic, payload)
+    fn messages(&self) -> Vec<(bool, String, String)> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| {
+                let mut p = l.splitn(3, '|');
+                Some((p.next()? == "1", p.next()?.to_owned(), p.next()?.to_owned()))
+            })
+            .collect()
+    }
+
+    fn json(&self) -> Vec<Value> {
+        self.messages()
+            .into_iter()
+            .filter_map(|(_, _, p)| serde_json::from_str(&p).ok())
+            .collect()
+    }
+
+    fn wait_for(&self, what: impl Fn(&[(bool, String, String)]) -> bool, limit: Duration) {
+        let t = Instant::now();
+        while !what(&self.messages()) {
+            assert!(t.elapsed() < limit, "timed out; got {:#?}", self.messages());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        signal(&self.child, Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+fn config(dir: &Path, mqtt: &str, frames: &str, looping: bool, fps: f64) -> PathBuf {
+    let text = format!(
+        r#"
+[device]
+id = "dev-1"
+
+[counting]
+window-frames = 3
+min-agreement = 0.6
+out-of-stock-after-s = 0.0
+
+[[cameras]]
+id = "shelf"
+[cameras.source]
+kind = "files"
+path = "{frames}"
+fps = {fps}
+loop = {looping}
+every-frame = true
+
+[[cameras.zones]]
+name = "top-shelf"
+polygon = [[0.0, 0.0], [1.0, 0.0], [1.0, 0.5], [0.0, 0.5]]
+labels = ["Coffee cup"]
+min = 2
+
+[[cameras.zones]]
+name = "bottom-shelf"
+polygon = [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 1.0]]
+labels = ["Coffee cup"]
+min = 2
+
+[[sinks]]
+kind = "mqtt"
+{mqtt}
+
+[state]
+dir = "state"
+
+[health]
+interval-s = 1
+"#,
+        frames = root()
+            .join("tests/fixtures/scenes/frames")
+            .join(frames)
+            .display(),
+    );
+    let path = dir.join("shelfwatch.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn daemon(config: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("SHELFWATCH_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn stderr_of(mut child: Child) -> String {
+    let mut s = String::new();
+    if let Some(e) = child.stderr.take() {
+        for l in BufReader::new(e).lines().map_while(Result::ok) {
+            s.push_str(&l);
+            s.push('\n');
+        }
+    }
+    s
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t.elapsed() < limit, "process did not exit in {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sequence numbers of the device's JSON messages, deduplicated.
+fn seqs(msgs: &[Value]) -> BTreeSet<u64> {
+    msgs.iter().filter_map(|m| m["seq"].as_u64()).collect()
+}
+
+fn assert_no_gaps(seqs: &BTreeSet<u64>, from: u64, to: u64) {
+    let missing: Vec<u64> = (from..=to).filter(|s| !seqs.contains(s)).collect();
+    assert!(
+        missing.is_empty(),
+        "missing seq {missing:?} of {from}..={to}"
+    );
+}
+
+#[test]
+fn a_subscriber_receives_retained_state_events_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let live = Subscriber::start(broker.port, "live", &[]);
+    let cfg = config(
+        dir.path(),
+        &format!("broker = \"127.0.0.1:{}\"", broker.port),
+        "*.jpg",
+        false,
+        50.0,
+    );
+    let mut d = daemon(&cfg);
+    assert!(
+        wait_exit(&mut d, Duration::from_secs(120)).success(),
+        "{}",
+        stderr_of(d)
+    );
+
+    let msgs = live.json();
+    let events: Vec<&Value> = msgs.iter().filter(|m| m["type"] == "event").collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "out-of-stock" && e["zone"] == "bottom-shelf"),
+        "{msgs:#?}"
+    );
+    let topics: BTreeSet<String> = live.messages().into_iter().map(|(_, t, _)| t).collect();
+    for t in [
+        "shelfwatch/dev-1/status",
+        "shelfwatch/dev-1/events",
+        "shelfwatch/dev-1/zones/top-shelf/state",
+        "shelfwatch/dev-1/zones/bottom-shelf/state",
+    ] {
+        assert!(topics.contains(t), "{t} missing from {topics:?}");
+    }
+    let all = seqs(&msgs);
+    assert_no_gaps(&all, 1, *all.last().unwrap());
+
+    // A subscriber arriving later gets the retained final counts and the status.
+    let late = Subscriber::start(broker.port, "late", &["-W", "3"]);
+    late.wait_for(|m| m.len() >= 3, Duration::from_secs(10));
+    let retained = late.messages();
+    assert!(retained.iter().all(|(r, _, _)| *r), "{retained:?}");
+    let bottom = retained
+        .iter()
+        .find(|(_, t, _)| t.ends_with("bottom-shelf/state"))
+        .unwrap();
+    let v: Value = serde_json::from_str(&bottom.2).unwrap();
+    assert_eq!(v["counts"]["Coffee cup"], 4);
+    let status = retained
+        .iter()
+        .find(|(_, t, _)| t.ends_with("/status"))
+        .unwrap();
+    assert_eq!(status.2, "offline", "a clean exit says offline");
+}
+
+#[test]
+fn a_broker_outage_of_20_seconds_loses_no_message_and_keeps_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(dir.path(), "allow_anonymous true");
+    let sub = Subscriber::start(broker.port, "outage-sub", &[]);
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "broker = \"127.0.0.1:{}\"\nreconnect-min-ms = 200\nreconnect-max-s = 2",
+            broker.port
+        ),
+        "*.jpg",
+        true,
+        10.0,
+    );
+    let mut d = daemon(&cfg);
+    sub.wait_for(
+        |m| m.iter().any(|(_, t, _)| t.ends_with("/events")),
+        Duration::from_secs(60),
+    );
+    broker.stop();
+    // Counts keep changing while the broker is away (the scenes loop).
+    std::thread::sleep(Duration::from_secs(20));
+    broker.restart();
+    std::thread::sleep(Duration::from_secs(8));
+    signal(&d, Signal::SIGTERM);
+    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("state/state.json")).unwrap(),
+    )
+    .unwrap();
+    let last = state["seq"].as_u64().unwrap();
+    sub.wait_for(
+        |_| seqs(&sub.json()).contains(&last),
+        Duration::from_secs(20),
+    );
+    let msgs = sub.json();
+    assert_no_gaps(&seqs(&msgs), 1, last);
+    // In order: deduplicated, the events arrive with rising seq.
+    let mut seen = BTreeSet::new();
+    let order: Vec<u64> = msgs
+        .iter()
+        .filter_map(|m| m["seq"].as_u64())
+        .filter(|s| seen.insert(*s))
+        .collect();
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "out of order: {order:?}"
+    );
+    let changes = msgs
+        .iter()
+        .filter(|m| m["event"] == "count-changed")
+        .count();
+    assert!(changes >= 10, "only {changes} count changes over the run");
+}
+
+#[test]
+fn a_backlog_spooled_while_the_broker_is_down_survives_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(dir.path(), "allow_anonymous true");
+    broker.stop();
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "broker = \"127.0.0.1:{}\"\nreconnect-min-ms = 200\nreconnect-max-s = 1",
+            broker.port
+        ),
+        "*.jpg",
+        false,
+        50.0,
+    );
+    let mut d = daemon(&cfg);
+    // The whole scene set is counted (and spooled) with no broker to send to.
+    let t = Instant::now();
+    while !stderr_hint_done(dir.path()) {
+        assert!(t.elapsed() < Duration::from_secs(60), "no spooled state");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    signal(&d, Signal::SIGKILL);
+    let _ = d.wait();
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("state/state.json")).unwrap(),
+    )
+    .unwrap();
+    let spooled_up_to = state["seq"].as_u64().unwrap();
+    assert!(spooled_up_to >= 5);
+
+    broker.restart();
+    // A subscriber that is there before the replay; the backlog was published nowhere yet.
+    let sub = Subscriber::start(broker.port, "kill-sub", &[]);
+    // The next run (over one frame) replays the backlog first.
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "broker = \"127.0.0.1:{}\"\nreconnect-min-ms = 200",
+            broker.port
+        ),
+        "000.jpg",
+        false,
+        50.0,
+    );
+    let mut d = daemon(&cfg);
+    assert!(wait_exit(&mut d, Duration::from_secs(60)).success());
+    sub.wait_for(
+        |_| seqs(&sub.json()).contains(&spooled_up_to),
+        Duration::from_secs(20),
+    );
+    assert_no_gaps(&seqs(&sub.json()), 1, spooled_up_to);
+}
+
+/// The state file records zone states once counted; with the broker down that means the
+/// messages sit in the spool.
+fn stderr_hint_done(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("state/state.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+        .is_some_and(|v| v["zones"]["shelf/bottom-shelf"]["counts"]["Coffee cup"] == 4)
+}
+
+#[test]
+fn wrong_credentials_are_reported_and_retries_are_spaced_by_the_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("passwd");
+    let status = Command::new("mosquitto_passwd")
+        .args(["-b", "-c", pw.to_str().unwrap(), "shelf", "right-password"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let broker = Broker::start(
+        dir.path(),
+        &format!("allow_anonymous false\npassword_file {}", pw.display()),
+    );
+    std::fs::write(dir.path().join("mqtt-password"), "wrong-password\n").unwrap();
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "broker = \"127.0.0.1:{}\"\nusername = \"shelf\"\npassword-file = \"mqtt-password\"\nreconnect-min-ms = 400\nreconnect-max-s = 60",
+            broker.port
+        ),
+        "*.jpg",
+        true,
+        5.0,
+    );
+    let d = daemon(&cfg);
+    std::thread::sleep(Duration::from_secs(8));
+    signal(&d, Signal::SIGTERM);
+    let log = stderr_of(d);
+    let failures: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("mqtt connection failed"))
+        .collect();
+    assert!(
+        failures
+            .iter()
+            .all(|l| l.contains("refused the credentials")),
+        "{log}"
+    );
+    // 0.4 s doubling (with jitter down to half): 0.2+0.4+0.8+1.6+3.2 s already exceeds 8 s
+    // at the low end, so at most 6 attempts; a reconnect storm would make hundreds.
+    assert!(
+        (2..=7).contains(&failures.len()),
+        "{} attempts:\n{log}",
+        failures.len()
+    );
+}
+
+#[test]
+fn killing_the_daemon_makes_the_broker_publish_the_last_will() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let sub = Subscriber::start(broker.port, "will-sub", &["-t", "shelfwatch/dev-1/status"]);
+    let cfg = config(
+        dir.path(),
+        &format!("broker = \"127.0.0.1:{}\"", broker.port),
+        "*.jpg",
+        true,
+        5.0,
+    );
+    let mut d = daemon(&cfg);
+    sub.wait_for(
+        |m| {
+            m.iter()
+                .any(|(_, t, p)| t.ends_with("/status") && p == "online")
+        },
+        Duration::from_secs(60),
+    );
+    signal(&d, Signal::SIGKILL);
+    let _ = d.wait();
+    sub.wait_for(
+        |m| {
+            m.iter()
+                .rev()
+                .find(|(_, t, _)| t.ends_with("/status"))
+                .is_some_and(|(_, _, p)| p == "offline")
+        },
+        Duration::from_secs(20),
+    );
+}
+
+#[test]
+fn the_embedded_broker_serves_the_demo_with_nothing_else_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = config(
+        dir.path(),
+        &format!("broker = \"embedded\"\nembedded-listen = \"127.0.0.1:{port}\""),
+        "*.jpg",
+        true,
+        5.0,
+    );
+    let mut d = daemon(&cfg);
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "embedded broker not listening"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let sub = Subscriber::start(port, "embedded-sub", &[]);
+    sub.wait_for(
+        |m| m.iter().any(|(_, t, _)| t.ends_with("/state")),
+        Duration::from_secs(60),
+    );
+    signal(&d, Signal::SIGTERM);
+    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+}
