@@ -1,0 +1,135 @@
+//! Every published payload, and every example in docs/mqtt.md, is valid against the JSON
+//! Schemas in docs/schemas.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn validator(kind: &str) -> jsonschema::Validator {
+    let path = root().join(format!("docs/schemas/{kind}.schema.json"));
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    jsonschema::validator_for(&schema).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn check(v: &Value) {
+    let kind = v["type"].as_str().unwrap_or_else(|| panic!("no type: {v}"));
+    let validator = validator(kind);
+    let errors: Vec<String> = validator.iter_errors(v).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{v}\n{errors:#?}");
+}
+
+#[test]
+fn every_example_in_the_mqtt_doc_is_valid_against_its_schema() {
+    let doc = std::fs::read_to_string(root().join("docs/mqtt.md")).unwrap();
+    let mut n = 0;
+    let mut rest = doc.as_str();
+    while let Some(i) = rest.find("<!-- example: ") {
+        rest = &rest[i..];
+        let kind = &rest["<!-- example: ".len()..rest.find(" -->").unwrap()];
+        let start = rest.find("```json\n").unwrap() + "```json\n".len();
+        let end = start + rest[start..].find("```").unwrap();
+        let v: Value = serde_json::from_str(rest[start..end].trim()).unwrap();
+        assert_eq!(v["type"], kind, "example marker and payload type differ");
+        check(&v);
+        n += 1;
+        rest = &rest[end..];
+    }
+    // state, eight event kinds, health
+    assert_eq!(n, 10, "examples found");
+}
+
+#[test]
+fn a_schema_rejects_a_payload_that_breaks_it() {
+    let bad = serde_json::json!({
+        "schema": 1, "device": "a/b", "seq": 0, "ts": "yesterday", "type": "state",
+        "camera": "c", "zone": "z", "counts": {"Cup": -1}, "total": 0, "status": "fine"
+    });
+    assert!(!validator("state").is_valid(&bad));
+    let missing = serde_json::json!({
+        "schema": 1, "device": "d", "seq": 3, "ts": "2026-11-27T08:00:00.000Z", "type": "event",
+        "camera": "c", "zone": "z", "event": "count-changed", "label": "Cup"
+    });
+    assert!(!validator("event").is_valid(&missing), "count-changed needs from and to");
+}
+
+fn run_until(dir: &Path, config: &Path, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let read = || -> Vec<Value> {
+        std::fs::read_to_string(dir.join("out.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let t = Instant::now();
+    while !done(&read()) {
+        assert!(t.elapsed() < Duration::from_secs(90), "timed out: {:?}", read());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+    read()
+}
+
+#[test]
+fn every_message_of_a_real_run_is_valid_against_its_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("shelfwatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[device]
+id = "schema-test"
+[counting]
+window-frames = 3
+out-of-stock-after-s = 0.0
+[[cameras]]
+id = "shelf"
+[cameras.source]
+kind = "files"
+path = "{frames}"
+fps = 20.0
+every-frame = true
+[[cameras.zones]]
+name = "top-shelf"
+polygon = [[0.0, 0.0], [1.0, 0.0], [1.0, 0.5], [0.0, 0.5]]
+labels = ["Coffee cup"]
+min = 3
+max = 3
+[[cameras.zones]]
+name = "bottom-shelf"
+polygon = [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 1.0]]
+[[sinks]]
+kind = "jsonl"
+path = "out.jsonl"
+[state]
+dir = "state"
+[health]
+interval-s = 1
+"#,
+            frames = root().join("tests/fixtures/scenes/frames/*.jpg").display()
+        ),
+    )
+    .unwrap();
+    let msgs = run_until(dir.path(), &config, |m| {
+        let has = |t: &str, e: &str| m.iter().any(|v| v["type"] == t && (e.is_empty() || v["event"] == e));
+        has("health", "") && has("event", "out-of-stock") && has("event", "restocked") && has("state", "")
+    });
+    for m in &msgs {
+        check(m);
+    }
+}
