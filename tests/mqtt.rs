@@ -43,8 +43,11 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\npersistence true\npersistence_location {}/\n{extra}\n",
-                dir.display()
+                "listener {port} 127.0.0.1\npersistence true\npersistence_location {}/\n{user}{extra}\n",
+                dir.display(),
+                // As root, mosquitto drops to its own user, which cannot read the
+                // test's private temp dir (certificates, persistence).
+                user = if nix::unistd::geteuid().is_root() { "user root\n" } else { "" },
             ),
         )
         .unwrap();
@@ -546,4 +549,141 @@ fn the_embedded_broker_serves_the_demo_with_nothing_else_running() {
     );
     signal(&d, Signal::SIGTERM);
     assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+}
+
+/// A CA and a server certificate for 127.0.0.1, made with the openssl CLI.
+fn make_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let ca_key = dir.join(format!("{name}.key"));
+    let ca = dir.join(format!("{name}.pem"));
+    let ok = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+        ])
+        .arg(format!("/CN={name}"))
+        .arg("-keyout")
+        .arg(&ca_key)
+        .arg("-out")
+        .arg(&ca)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    (ca, ca_key)
+}
+
+fn make_server_cert(dir: &Path, ca: &Path, ca_key: &Path) -> (PathBuf, PathBuf) {
+    let key = dir.join("server.key");
+    let csr = dir.join("server.csr");
+    let cert = dir.join("server.pem");
+    let ext = dir.join("server.ext");
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n").unwrap();
+    let run = |args: &[&std::ffi::OsStr]| {
+        let ok = Command::new("openssl")
+            .args(args)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "openssl {args:?}");
+    };
+    run(&[
+        "req".as_ref(),
+        "-newkey".as_ref(),
+        "rsa:2048".as_ref(),
+        "-nodes".as_ref(),
+        "-subj".as_ref(),
+        "/CN=127.0.0.1".as_ref(),
+        "-keyout".as_ref(),
+        key.as_os_str(),
+        "-out".as_ref(),
+        csr.as_os_str(),
+    ]);
+    run(&[
+        "x509".as_ref(),
+        "-req".as_ref(),
+        "-days".as_ref(),
+        "2".as_ref(),
+        "-in".as_ref(),
+        csr.as_os_str(),
+        "-CA".as_ref(),
+        ca.as_os_str(),
+        "-CAkey".as_ref(),
+        ca_key.as_os_str(),
+        "-CAcreateserial".as_ref(),
+        "-extfile".as_ref(),
+        ext.as_os_str(),
+        "-out".as_ref(),
+        cert.as_os_str(),
+    ]);
+    (cert, key)
+}
+
+#[test]
+fn tls_connects_with_the_right_ca_and_fails_clearly_with_a_wrong_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, ca_key) = make_ca(dir.path(), "test-ca");
+    let (other_ca, _) = make_ca(dir.path(), "other-ca");
+    let (cert, key) = make_server_cert(dir.path(), &ca, &ca_key);
+    let broker = Broker::start(
+        dir.path(),
+        &format!(
+            "allow_anonymous true\ncafile {}\ncertfile {}\nkeyfile {}",
+            ca.display(),
+            cert.display(),
+            key.display()
+        ),
+    );
+    let sub = Subscriber::start(broker.port, "tls-sub", &["--cafile", ca.to_str().unwrap()]);
+
+    let good = config(
+        dir.path(),
+        &format!(
+            "broker = \"127.0.0.1:{}\"\n[sinks.tls]\nca-file = \"{}\"",
+            broker.port,
+            ca.display()
+        ),
+        "*.jpg",
+        true,
+        5.0,
+    );
+    let mut d = daemon(&good);
+    sub.wait_for(
+        |m| {
+            m.iter()
+                .any(|(_, t, p)| t.ends_with("/status") && p == "online")
+        },
+        Duration::from_secs(60),
+    );
+    sub.wait_for(
+        |m| m.iter().any(|(_, t, _)| t.ends_with("/state")),
+        Duration::from_secs(60),
+    );
+    signal(&d, Signal::SIGTERM);
+    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+
+    let bad = config(
+        dir.path(),
+        &format!(
+            "broker = \"127.0.0.1:{}\"\nreconnect-min-ms = 400\n[sinks.tls]\nca-file = \"{}\"",
+            broker.port,
+            other_ca.display()
+        ),
+        "*.jpg",
+        true,
+        5.0,
+    );
+    let d = daemon(&bad);
+    std::thread::sleep(Duration::from_secs(5));
+    signal(&d, Signal::SIGTERM);
+    let log = stderr_of(d);
+    let failures: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("mqtt connection failed"))
+        .collect();
+    assert!(!failures.is_empty(), "{log}");
+    assert!(failures.iter().all(|l| l.contains("TLS failed")), "{log}");
+    assert!(
+        failures.len() <= 6,
+        "a reconnect storm: {} attempts",
+        failures.len()
+    );
 }

@@ -57,7 +57,10 @@ fn a_schema_rejects_a_payload_that_breaks_it() {
         "schema": 1, "device": "d", "seq": 3, "ts": "2026-11-27T08:00:00.000Z", "type": "event",
         "camera": "c", "zone": "z", "event": "count-changed", "label": "Cup"
     });
-    assert!(!validator("event").is_valid(&missing), "count-changed needs from and to");
+    assert!(
+        !validator("event").is_valid(&missing),
+        "count-changed needs from and to"
+    );
 }
 
 fn run_until(dir: &Path, config: &Path, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
@@ -76,7 +79,11 @@ fn run_until(dir: &Path, config: &Path, done: impl Fn(&[Value]) -> bool) -> Vec<
     };
     let t = Instant::now();
     while !done(&read()) {
-        assert!(t.elapsed() < Duration::from_secs(90), "timed out: {:?}", read());
+        assert!(
+            t.elapsed() < Duration::from_secs(90),
+            "timed out: {:?}",
+            read()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
@@ -126,8 +133,14 @@ interval-s = 1
     )
     .unwrap();
     let msgs = run_until(dir.path(), &config, |m| {
-        let has = |t: &str, e: &str| m.iter().any(|v| v["type"] == t && (e.is_empty() || v["event"] == e));
-        has("health", "") && has("event", "out-of-stock") && has("event", "restocked") && has("state", "")
+        let has = |t: &str, e: &str| {
+            m.iter()
+                .any(|v| v["type"] == t && (e.is_empty() || v["event"] == e))
+        };
+        has("health", "")
+            && has("event", "out-of-stock")
+            && has("event", "restocked")
+            && has("state", "")
     });
     for m in &msgs {
         check(m);

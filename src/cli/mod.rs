@@ -17,7 +17,12 @@ use crate::config::{Config, LoadedConfig, DEFAULT_CONFIG, EX_CONFIG};
 #[command(name = "shelfwatch", version, about, max_term_width = 100)]
 pub struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `shelfwatch=debug`.
-    #[arg(long, global = true, env = "SHELFWATCH_LOG", default_value = "info,rumqttd=warn")]
+    #[arg(
+        long,
+        global = true,
+        env = "SHELFWATCH_LOG",
+        default_value = "info,rumqttd=warn"
+    )]
     pub log: String,
     /// Log line format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
