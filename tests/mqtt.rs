@@ -687,3 +687,78 @@ fn tls_connects_with_the_right_ca_and_fails_clearly_with_a_wrong_one() {
         failures.len()
     );
 }
+
+#[test]
+fn home_assistant_discovery_is_published_refreshed_and_removed_with_its_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let sub = Subscriber::start(broker.port, "ha-sub", &["-t", "homeassistant/#"]);
+    let mqtt = format!(
+        "broker = \"127.0.0.1:{}\"\nhome-assistant = {{ discovery-prefix = \"homeassistant\" }}",
+        broker.port
+    );
+    let cfg = config(dir.path(), &mqtt, "*.jpg", true, 5.0);
+    let configs = |m: &[(bool, String, String)]| -> Vec<(String, String)> {
+        m.iter()
+            .filter(|(_, t, _)| t.starts_with("homeassistant/") && t.ends_with("/config"))
+            .map(|(_, t, p)| (t.clone(), p.clone()))
+            .collect()
+    };
+    let mut d = daemon(&cfg);
+    // Per zone: a total, one per planogram label, and an out-of-stock binary sensor.
+    sub.wait_for(|m| configs(m).len() >= 6, Duration::from_secs(60));
+    let first = configs(&sub.messages());
+    let (_, oos) = first
+        .iter()
+        .find(|(t, _)| {
+            t == "homeassistant/binary_sensor/dev_1/dev_1_bottom_shelf_out_of_stock/config"
+        })
+        .unwrap_or_else(|| panic!("{first:#?}"));
+    let oos: Value = serde_json::from_str(oos).unwrap();
+    assert_eq!(oos["availability_topic"], "shelfwatch/dev-1/status");
+    assert_eq!(
+        oos["state_topic"],
+        "shelfwatch/dev-1/zones/bottom-shelf/state"
+    );
+    assert_eq!(oos["device"]["identifiers"][0], "shelfwatch-dev-1");
+
+    // Home Assistant restarting asks for discovery again.
+    let ok = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port.to_string(),
+            "-t",
+            "homeassistant/status",
+            "-m",
+            "online",
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    sub.wait_for(|m| configs(m).len() >= 12, Duration::from_secs(30));
+    signal(&d, Signal::SIGTERM);
+    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+
+    // The bottom shelf leaves the config: its entities are removed (empty retained payload).
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let start = text
+        .find("[[cameras.zones]]\nname = \"bottom-shelf\"")
+        .unwrap();
+    let end = text[start..].find("[[sinks]]").unwrap() + start;
+    std::fs::write(&cfg, format!("{}{}", &text[..start], &text[end..])).unwrap();
+    let mut d = daemon(&cfg);
+    sub.wait_for(
+        |m| {
+            let removed: Vec<_> = configs(m)
+                .into_iter()
+                .filter(|(t, p)| t.contains("bottom") && p.is_empty())
+                .collect();
+            removed.len() == 3
+        },
+        Duration::from_secs(60),
+    );
+    signal(&d, Signal::SIGTERM);
+    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+}

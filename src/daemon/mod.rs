@@ -121,12 +121,24 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
             publish::mqtt::start_embedded_broker(&m.embedded_listen)?;
         }
         let spool_dir = store.path().with_file_name("spool");
+        let zones = config
+            .cameras
+            .iter()
+            .flat_map(|c| {
+                c.zones.iter().map(|z| publish::mqtt::ZoneInfo {
+                    camera: c.id.clone(),
+                    zone: z.name.clone(),
+                    labels: z.labels.clone(),
+                })
+            })
+            .collect();
         let (sink, client, stats) = publish::mqtt::setup(
             m,
             &config.device.id,
             &spool_dir,
             |p| loaded.resolve(p),
             command_tx.clone(),
+            zones,
         )?;
         sinks.push(Box::new(sink));
         mqtt_stats = Some(stats);

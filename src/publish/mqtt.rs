@@ -57,6 +57,30 @@ pub struct MqttSettings {
     pub reconnect_min_ms: u64,
     #[serde(default = "default_reconnect_max_s")]
     pub reconnect_max_s: u64,
+    /// Home Assistant MQTT discovery (opt-in): a sensor per zone and label, a binary
+    /// sensor per zone for out-of-stock.
+    #[serde(default)]
+    pub home_assistant: Option<HomeAssistantSettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HomeAssistantSettings {
+    #[serde(default = "default_discovery_prefix")]
+    pub discovery_prefix: String,
+}
+
+fn default_discovery_prefix() -> String {
+    "homeassistant".into()
+}
+
+/// A zone as Home Assistant discovery describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ZoneInfo {
+    pub camera: String,
+    pub zone: String,
+    /// Planogram labels: one count sensor each (plus the zone total).
+    pub labels: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -229,6 +253,8 @@ pub struct MqttClient {
     commands: mpsc::Sender<Command>,
     stats: Arc<MqttStats>,
     options: MqttOptions,
+    zones: Vec<ZoneInfo>,
+    discovery_record: PathBuf,
 }
 
 /// Sets up the spool, the sink and the client for `device`. `resolve` makes
@@ -239,6 +265,7 @@ pub fn setup(
     spool_dir: &Path,
     resolve: impl Fn(&Path) -> PathBuf,
     commands: mpsc::Sender<Command>,
+    zones: Vec<ZoneInfo>,
 ) -> Result<(MqttSink, MqttClient, Arc<MqttStats>), MqttError> {
     let topics = Topics::new(&settings.prefix, device);
     let (host, port) = broker_address(settings)?;
@@ -300,6 +327,8 @@ pub fn setup(
         commands,
         stats: stats.clone(),
         options,
+        zones,
+        discovery_record: spool_dir.join("ha-discovery.json"),
     };
     Ok((sink, client, stats))
 }
@@ -498,6 +527,11 @@ impl MqttClient {
                 tracing::info!(replaying = pending, "connected to the broker");
                 let _ = client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, "online");
                 let _ = client.try_subscribe(self.topics.commands(), QoS::AtLeastOnce);
+                if let Some(ha) = &self.settings.home_assistant {
+                    let _ = client
+                        .try_subscribe(format!("{}/status", ha.discovery_prefix), QoS::AtLeastOnce);
+                    self.publish_discovery(client);
+                }
                 return true;
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => {
@@ -519,7 +553,15 @@ impl MqttClient {
                 }
             }
             Event::Incoming(Packet::Publish(p)) => {
-                if let Some(cmd) = self.topics.command(&p.topic) {
+                let ha_status = self
+                    .settings
+                    .home_assistant
+                    .as_ref()
+                    .is_some_and(|ha| p.topic == format!("{}/status", ha.discovery_prefix));
+                if ha_status && &p.payload[..] == b"online" {
+                    // Home Assistant restarted: it forgot non-retained discovery state.
+                    self.publish_discovery(client);
+                } else if let Some(cmd) = self.topics.command(&p.topic) {
                     let payload = String::from_utf8_lossy(&p.payload).trim().to_owned();
                     let command = match cmd.as_str() {
                         "snapshot" => {
@@ -541,6 +583,123 @@ impl MqttClient {
         }
         false
     }
+}
+
+impl MqttClient {
+    /// Publishes Home Assistant discovery for the configured zones (retained), and an
+    /// empty retained payload for entities of zones that left the config.
+    fn publish_discovery(&mut self, client: &AsyncClient) {
+        let Some(ha) = &self.settings.home_assistant else {
+            return;
+        };
+        let configs = discovery_configs(
+            &ha.discovery_prefix,
+            &self.device,
+            &self.topics,
+            &self.zones,
+        );
+        let before: Vec<String> = std::fs::read_to_string(&self.discovery_record)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or_default();
+        for old in before
+            .iter()
+            .filter(|t| !configs.iter().any(|(n, _)| n == *t))
+        {
+            tracing::info!(topic = %old, "removing Home Assistant entity of a zone no longer configured");
+            let _ = client.try_publish(old.clone(), QoS::AtLeastOnce, true, Vec::new());
+        }
+        for (topic, payload) in &configs {
+            let _ = client.try_publish(topic.clone(), QoS::AtLeastOnce, true, payload.to_string());
+        }
+        let names: Vec<&String> = configs.iter().map(|(t, _)| t).collect();
+        if let Err(e) = std::fs::write(
+            &self.discovery_record,
+            serde_json::to_vec(&names).expect("strings"),
+        ) {
+            tracing::warn!(path = %self.discovery_record.display(), error = %e, "cannot record discovery topics");
+        }
+    }
+}
+
+/// Home Assistant discovery topics and payloads: per zone a total sensor, a sensor per
+/// planogram label, and an out-of-stock binary sensor; availability follows the status.
+pub fn discovery_configs(
+    prefix: &str,
+    device: &str,
+    topics: &Topics,
+    zones: &[ZoneInfo],
+) -> Vec<(String, serde_json::Value)> {
+    let dev = serde_json::json!({
+        "identifiers": [format!("shelfwatch-{device}")],
+        "name": format!("shelfwatch {device}"),
+        "manufacturer": "shelfwatch",
+        "model": "shelf stock counter",
+        "sw_version": env!("CARGO_PKG_VERSION"),
+    });
+    let slug = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let mut out = Vec::new();
+    for z in zones {
+        let state = topics.zone_state(&z.zone);
+        let common = |name: String, id: String| {
+            serde_json::json!({
+                "name": name,
+                "unique_id": id,
+                "object_id": id,
+                "state_topic": state,
+                "availability_topic": topics.status(),
+                "payload_available": "online",
+                "payload_not_available": "offline",
+                "device": dev,
+            })
+        };
+        let id = format!("{}_{}", slug(device), slug(&z.zone));
+        let mut total = common(format!("{} total", z.zone), format!("{id}_total"));
+        total["value_template"] = "{{ value_json.total }}".into();
+        total["state_class"] = "measurement".into();
+        total["unit_of_measurement"] = "items".into();
+        out.push((
+            format!("{prefix}/sensor/{}/{id}_total/config", slug(device)),
+            total,
+        ));
+        for label in &z.labels {
+            let lid = format!("{id}_{}", slug(label));
+            let mut s = common(format!("{} {label}", z.zone), lid.clone());
+            s["value_template"] = format!(
+                "{{{{ value_json.counts[{}] | default(0) }}}}",
+                serde_json::Value::from(label.as_str())
+            )
+            .into();
+            s["state_class"] = "measurement".into();
+            s["unit_of_measurement"] = "items".into();
+            out.push((format!("{prefix}/sensor/{}/{lid}/config", slug(device)), s));
+        }
+        let mut oos = common(
+            format!("{} out of stock", z.zone),
+            format!("{id}_out_of_stock"),
+        );
+        oos["value_template"] =
+            "{{ 'ON' if value_json.status == 'out-of-stock' else 'OFF' }}".into();
+        oos["device_class"] = "problem".into();
+        out.push((
+            format!(
+                "{prefix}/binary_sensor/{}/{id}_out_of_stock/config",
+                slug(device)
+            ),
+            oos,
+        ));
+    }
+    out
 }
 
 /// What is in flight on the current connection.
