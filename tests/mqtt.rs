@@ -123,8 +123,11 @@ impl Subscriber {
         let out = child.stdout.take().unwrap();
         let l = lines.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line);
+            // Snapshots are binary JPEG: read bytes, not UTF-8 lines.
+            for line in BufReader::new(out).split(b'\n').map_while(Result::ok) {
+                l.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&line).into_owned());
             }
         });
         // Let the subscription be in place before anything is published.
@@ -761,4 +764,60 @@ fn home_assistant_discovery_is_published_refreshed_and_removed_with_its_zone() {
     );
     signal(&d, Signal::SIGTERM);
     assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+}
+
+#[test]
+fn mqtt5_delivers_every_message_commands_and_the_last_will_like_3_1_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    // The subscriber may speak 3.1.1; what is tested is the daemon's MQTT 5.
+    let sub = Subscriber::start(broker.port, "v5-sub", &[]);
+    let cfg = config(
+        dir.path(),
+        &format!("broker = \"127.0.0.1:{}\"\nprotocol = \"5\"", broker.port),
+        "*.jpg",
+        true,
+        20.0,
+    );
+    let mut d = daemon(&cfg);
+    sub.wait_for(
+        |m| m.iter().filter(|(_, t, _)| t.ends_with("/events")).count() >= 4,
+        Duration::from_secs(60),
+    );
+    let ok = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port.to_string(),
+            "-V",
+            "mqttv5",
+        ])
+        .args(["-t", "shelfwatch/dev-1/cmd/snapshot", "-n"])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    sub.wait_for(
+        |m| {
+            m.iter()
+                .any(|(_, t, _)| t == "shelfwatch/dev-1/snapshot/shelf")
+        },
+        Duration::from_secs(30),
+    );
+    // Keep going long enough to wrap the broker's packet ids several times.
+    let before = sub.json().len();
+    sub.wait_for(|_| sub.json().len() > before + 60, Duration::from_secs(60));
+    signal(&d, Signal::SIGKILL);
+    let _ = d.wait();
+    sub.wait_for(
+        |m| {
+            m.iter()
+                .rev()
+                .find(|(_, t, _)| t.ends_with("/status"))
+                .is_some_and(|(_, _, p)| p == "offline")
+        },
+        Duration::from_secs(20),
+    );
+    let all = seqs(&sub.json());
+    assert_no_gaps(&all, *all.first().unwrap(), *all.last().unwrap());
 }

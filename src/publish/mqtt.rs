@@ -14,10 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, LastWill, MqttOptions, Outgoing,
-    Packet, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::{Outgoing, QoS, TlsConfiguration, Transport};
 use serde::Deserialize;
 use tokio::sync::{mpsc, Notify};
 
@@ -34,6 +31,9 @@ pub struct MqttSettings {
     /// Where the embedded broker listens; keep it on loopback unless the LAN needs it.
     #[serde(default = "default_embedded_listen")]
     pub embedded_listen: String,
+    /// MQTT protocol version: "3.1.1" or "5".
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Topic prefix.
     #[serde(default = "default_prefix")]
     pub prefix: String,
@@ -81,6 +81,16 @@ pub struct ZoneInfo {
     pub zone: String,
     /// Planogram labels: one count sensor each (plus the zone total).
     pub labels: Vec<String>,
+}
+
+/// The MQTT protocol version spoken to the broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[serde(rename = "5")]
+    V5,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -252,7 +262,7 @@ pub struct MqttClient {
     snapshots: mpsc::Receiver<(String, Vec<u8>)>,
     commands: mpsc::Sender<Command>,
     stats: Arc<MqttStats>,
-    options: MqttOptions,
+    options: LinkOptions,
     zones: Vec<ZoneInfo>,
     discovery_record: PathBuf,
 }
@@ -273,36 +283,40 @@ pub fn setup(
         .client_id
         .clone()
         .unwrap_or_else(|| format!("shelfwatch-{device}"));
-    let mut options = MqttOptions::new(client_id, host, port);
-    options.set_keep_alive(Duration::from_secs(settings.keep_alive_s.max(5)));
-    options.set_clean_session(true);
-    options.set_max_packet_size(16 << 20, 16 << 20);
-    options.set_last_will(LastWill::new(
-        topics.status(),
-        "offline",
-        QoS::AtLeastOnce,
-        true,
-    ));
-    if let Some(user) = &settings.username {
-        let password = match &settings.password_file {
-            Some(p) => {
-                let p = resolve(p);
-                std::fs::read_to_string(&p)
-                    .map_err(|error| MqttError::Io { path: p, error })?
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned()
-            }
-            None => String::new(),
-        };
-        options.set_credentials(user.clone(), password);
-    }
-    if let Some(tls) = &settings.tls {
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+    let credentials = match &settings.username {
+        Some(user) => {
+            let password = match &settings.password_file {
+                Some(p) => {
+                    let p = resolve(p);
+                    std::fs::read_to_string(&p)
+                        .map_err(|error| MqttError::Io { path: p, error })?
+                        .lines()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned()
+                }
+                None => String::new(),
+            };
+            Some((user.clone(), password))
+        }
+        None => None,
+    };
+    let transport = match &settings.tls {
+        Some(tls) => Some(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(rustls_config(tls, &resolve)?),
-        )));
-    }
+        ))),
+        None => None,
+    };
+    let options = LinkOptions {
+        protocol: settings.protocol,
+        client_id,
+        host,
+        port,
+        keep_alive: Duration::from_secs(settings.keep_alive_s.max(5)),
+        will_topic: topics.status(),
+        credentials,
+        transport,
+    };
     let spool = Arc::new(Mutex::new(Spool::open(
         spool_dir,
         settings.spool_max_bytes,
@@ -410,7 +424,7 @@ impl MqttClient {
         let span =
             tracing::info_span!("mqtt", device = %self.device, broker = %self.settings.broker);
         let _g = span.enter();
-        let (client, mut eventloop) = AsyncClient::new(self.options.clone(), 64);
+        let (client, mut eventloop) = self.options.connect();
         let mut link = Link::default();
         let mut attempt: u32 = 0;
         let mut rng = Jitter::seeded();
@@ -459,7 +473,7 @@ impl MqttClient {
                 _ = self.wake.notified() => {}
                 Some((camera, jpeg)) = self.snapshots.recv() => {
                     if link.connected {
-                        let _ = client.try_publish(self.topics.snapshot(&camera), QoS::AtMostOnce, false, jpeg);
+                        link.untracked(client.try_publish(self.topics.snapshot(&camera), QoS::AtMostOnce, false, jpeg));
                     }
                 }
                 r = shutdown.changed(), if stopping.is_none() => {
@@ -472,12 +486,17 @@ impl MqttClient {
         if link.connected {
             // A clean goodbye: the retained status says offline without waiting for the
             // broker to fire the last will.
-            let _ = client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, "offline");
+            link.untracked(client.try_publish(
+                self.topics.status(),
+                QoS::AtLeastOnce,
+                true,
+                b"offline".to_vec(),
+            ));
             let _ = client.try_disconnect();
             let until = tokio::time::Instant::now() + Duration::from_millis(500);
             while tokio::time::Instant::now() < until {
                 match tokio::time::timeout_at(until, eventloop.poll()).await {
-                    Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) | Ok(Err(_)) | Err(_) => break,
+                    Ok(Ok(Ev::Disconnected)) | Ok(Err(_)) | Err(_) => break,
                     Ok(Ok(ev)) => {
                         self.on_event(ev, &client, &mut link);
                     }
@@ -491,12 +510,12 @@ impl MqttClient {
     }
 
     /// Hands spooled messages to rumqttc, in order, while there is room in the window.
-    fn feed(&mut self, client: &AsyncClient, link: &mut Link) {
+    fn feed(&mut self, client: &Client, link: &mut Link) {
         if !link.connected {
             return;
         }
         let spool = self.spool.lock().unwrap_or_else(|p| p.into_inner());
-        while link.sent.len() + link.inflight.len() < WINDOW {
+        while link.sent.len() + link.inflight.len() < link.window {
             let Some(e) = spool.next_from(link.cursor) else {
                 break;
             };
@@ -504,10 +523,10 @@ impl MqttClient {
                 e.topic.clone(),
                 QoS::AtLeastOnce,
                 e.retain,
-                e.payload.clone(),
+                e.payload.clone().into_bytes(),
             ) {
                 Ok(()) => {
-                    link.sent.push_back(e.id);
+                    link.sent.push_back(Some(e.id));
                     link.cursor = e.id + 1;
                 }
                 Err(_) => break,
@@ -516,33 +535,44 @@ impl MqttClient {
     }
 
     /// Returns true when a connection was (re)established.
-    fn on_event(&mut self, ev: Event, client: &AsyncClient, link: &mut Link) -> bool {
+    fn on_event(&mut self, ev: Ev, client: &Client, link: &mut Link) -> bool {
         match ev {
-            Event::Incoming(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => {
+            Ev::Connected(receive_max) => {
                 link.reset();
                 link.connected = true;
+                // Half the broker's receive maximum: status and discovery publishes travel
+                // outside the window, and rumqttc stalls on a packet id collision when
+                // more is in flight than the broker allows.
+                link.window = receive_max.map_or(WINDOW, |r| (r as usize / 2).clamp(1, WINDOW));
                 link.cursor = 0;
                 self.stats.connected.store(true, Ordering::Relaxed);
                 let pending = self.spool.lock().unwrap_or_else(|p| p.into_inner()).len();
                 tracing::info!(replaying = pending, "connected to the broker");
-                let _ = client.try_publish(self.topics.status(), QoS::AtLeastOnce, true, "online");
+                link.untracked(client.try_publish(
+                    self.topics.status(),
+                    QoS::AtLeastOnce,
+                    true,
+                    b"online".to_vec(),
+                ));
                 let _ = client.try_subscribe(self.topics.commands(), QoS::AtLeastOnce);
                 if let Some(ha) = &self.settings.home_assistant {
                     let _ = client
                         .try_subscribe(format!("{}/status", ha.discovery_prefix), QoS::AtLeastOnce);
-                    self.publish_discovery(client);
+                    self.publish_discovery(client, link);
                 }
                 return true;
             }
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
+            Ev::Sent(pkid) => {
                 // Outgoing publishes of our status/snapshots are not in `sent`; only the
                 // spool's (QoS 1, in order) are, and they are reported in order.
-                if let Some(id) = link.sent.pop_front() {
+                // Every publish we hand over is reported here, in order: spool entries
+                // carry their id, status/discovery/snapshot publishes do not.
+                if let Some(Some(id)) = link.sent.pop_front() {
                     link.inflight.insert(pkid, id);
                 }
             }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(id) = link.inflight.remove(&ack.pkid) {
+            Ev::Acked(pkid) => {
+                if let Some(id) = link.inflight.remove(&pkid) {
                     let mut spool = self.spool.lock().unwrap_or_else(|p| p.into_inner());
                     if let Err(e) = spool.ack(id) {
                         tracing::error!(error = %e, "cannot record the acknowledgement");
@@ -552,17 +582,17 @@ impl MqttClient {
                         .store(spool.len() as u64, Ordering::Relaxed);
                 }
             }
-            Event::Incoming(Packet::Publish(p)) => {
+            Ev::Message { topic, payload } => {
                 let ha_status = self
                     .settings
                     .home_assistant
                     .as_ref()
-                    .is_some_and(|ha| p.topic == format!("{}/status", ha.discovery_prefix));
-                if ha_status && &p.payload[..] == b"online" {
+                    .is_some_and(|ha| topic == format!("{}/status", ha.discovery_prefix));
+                if ha_status && &payload[..] == b"online" {
                     // Home Assistant restarted: it forgot non-retained discovery state.
-                    self.publish_discovery(client);
-                } else if let Some(cmd) = self.topics.command(&p.topic) {
-                    let payload = String::from_utf8_lossy(&p.payload).trim().to_owned();
+                    self.publish_discovery(client, link);
+                } else if let Some(cmd) = self.topics.command(&topic) {
+                    let payload = String::from_utf8_lossy(&payload).trim().to_owned();
                     let command = match cmd.as_str() {
                         "snapshot" => {
                             Some(Command::Snapshot((!payload.is_empty()).then_some(payload)))
@@ -588,7 +618,7 @@ impl MqttClient {
 impl MqttClient {
     /// Publishes Home Assistant discovery for the configured zones (retained), and an
     /// empty retained payload for entities of zones that left the config.
-    fn publish_discovery(&mut self, client: &AsyncClient) {
+    fn publish_discovery(&mut self, client: &Client, link: &mut Link) {
         let Some(ha) = &self.settings.home_assistant else {
             return;
         };
@@ -607,10 +637,15 @@ impl MqttClient {
             .filter(|t| !configs.iter().any(|(n, _)| n == *t))
         {
             tracing::info!(topic = %old, "removing Home Assistant entity of a zone no longer configured");
-            let _ = client.try_publish(old.clone(), QoS::AtLeastOnce, true, Vec::new());
+            link.untracked(client.try_publish(old.clone(), QoS::AtLeastOnce, true, Vec::new()));
         }
         for (topic, payload) in &configs {
-            let _ = client.try_publish(topic.clone(), QoS::AtLeastOnce, true, payload.to_string());
+            link.untracked(client.try_publish(
+                topic.clone(),
+                QoS::AtLeastOnce,
+                true,
+                payload.to_string().into_bytes(),
+            ));
         }
         let names: Vec<&String> = configs.iter().map(|(t, _)| t).collect();
         if let Err(e) = std::fs::write(
@@ -702,19 +737,233 @@ pub fn discovery_configs(
     out
 }
 
+/// How to reach the broker, for either protocol version.
+#[derive(Clone)]
+struct LinkOptions {
+    protocol: Protocol,
+    client_id: String,
+    host: String,
+    port: u16,
+    keep_alive: Duration,
+    will_topic: String,
+    credentials: Option<(String, String)>,
+    transport: Option<Transport>,
+}
+
+impl LinkOptions {
+    /// A client and its event loop. Clean sessions: the spool, not the broker, keeps
+    /// what was not delivered.
+    fn connect(&self) -> (Client, EventLoop) {
+        match self.protocol {
+            Protocol::V311 => {
+                let mut o = rumqttc::MqttOptions::new(&self.client_id, &self.host, self.port);
+                o.set_keep_alive(self.keep_alive);
+                o.set_clean_session(true);
+                o.set_max_packet_size(16 << 20, 16 << 20);
+                o.set_last_will(rumqttc::LastWill::new(
+                    &self.will_topic,
+                    "offline",
+                    QoS::AtLeastOnce,
+                    true,
+                ));
+                if let Some((u, p)) = &self.credentials {
+                    o.set_credentials(u, p);
+                }
+                if let Some(t) = &self.transport {
+                    o.set_transport(t.clone());
+                }
+                let (c, e) = rumqttc::AsyncClient::new(o, 64);
+                (Client::V311(c), EventLoop::V311(Box::new(e)))
+            }
+            Protocol::V5 => {
+                let mut o = rumqttc::v5::MqttOptions::new(&self.client_id, &self.host, self.port);
+                o.set_keep_alive(self.keep_alive);
+                o.set_clean_start(true);
+                o.set_max_packet_size(Some(16 << 20));
+                o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                    &self.will_topic,
+                    "offline",
+                    qos5(QoS::AtLeastOnce),
+                    true,
+                    None,
+                ));
+                if let Some((u, p)) = &self.credentials {
+                    o.set_credentials(u, p);
+                }
+                if let Some(t) = &self.transport {
+                    o.set_transport(t.clone());
+                }
+                let (c, e) = rumqttc::v5::AsyncClient::new(o, 64);
+                (Client::V5(c), EventLoop::V5(Box::new(e)))
+            }
+        }
+    }
+}
+
+/// The same QoS in the v5 module's type.
+fn qos5(q: QoS) -> rumqttc::v5::mqttbytes::QoS {
+    match q {
+        QoS::AtMostOnce => rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+        QoS::AtLeastOnce => rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        QoS::ExactlyOnce => rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+    }
+}
+
+/// A client of either protocol version.
+enum Client {
+    V311(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+impl Client {
+    fn try_publish(
+        &self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<(), String> {
+        match self {
+            Client::V311(c) => c
+                .try_publish(topic, qos, retain, payload)
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .try_publish(topic, qos5(qos), retain, payload)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn try_subscribe(&self, topic: String, qos: QoS) -> Result<(), String> {
+        match self {
+            Client::V311(c) => c.try_subscribe(topic, qos).map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_subscribe(topic, qos5(qos)).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn try_disconnect(&self) -> Result<(), String> {
+        match self {
+            Client::V311(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// What the event loop reported, in the terms the client task needs.
+enum Ev {
+    /// Connected; MQTT 5 brokers say how many QoS 1 messages they take in flight.
+    Connected(Option<u16>),
+    /// A publish left with this packet id.
+    Sent(u16),
+    /// The broker acknowledged this packet id.
+    Acked(u16),
+    Message {
+        topic: String,
+        payload: Vec<u8>,
+    },
+    Disconnected,
+    Other,
+}
+
+enum EventLoop {
+    V311(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+impl EventLoop {
+    /// The next event, or why the connection failed (worded for the log).
+    async fn poll(&mut self) -> Result<Ev, String> {
+        const CREDENTIALS: &str =
+            "the broker refused the credentials: check username and password-file";
+        let tls = |t: &dyn std::fmt::Display| {
+            format!("TLS failed: {t} (check tls.ca-file and the broker's certificate)")
+        };
+        match self {
+            EventLoop::V311(e) => {
+                use rumqttc::{ConnectReturnCode as C, ConnectionError as E, Event, Packet};
+                match e.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(a))) if a.code == C::Success => {
+                        Ok(Ev::Connected(None))
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(a))) => Ok(Ev::Acked(a.pkid)),
+                    Ok(Event::Incoming(Packet::Publish(p))) => Ok(Ev::Message {
+                        topic: p.topic,
+                        payload: p.payload.to_vec(),
+                    }),
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Ev::Sent(pkid)),
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => Ok(Ev::Disconnected),
+                    Ok(_) => Ok(Ev::Other),
+                    Err(E::ConnectionRefused(C::BadUserNamePassword | C::NotAuthorized)) => {
+                        Err(CREDENTIALS.into())
+                    }
+                    Err(E::ConnectionRefused(code)) => {
+                        Err(format!("the broker refused the connection: {code:?}"))
+                    }
+                    Err(E::Tls(t)) => Err(tls(&t)),
+                    Err(other) => Err(other.to_string()),
+                }
+            }
+            EventLoop::V5(e) => {
+                use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as C, Packet, PubAckReason};
+                use rumqttc::v5::{ConnectionError as E, Event};
+                match e.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(a))) if a.code == C::Success => {
+                        Ok(Ev::Connected(a.properties.and_then(|p| p.receive_max)))
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(a))) => {
+                        if !matches!(
+                            a.reason,
+                            PubAckReason::Success | PubAckReason::NoMatchingSubscribers
+                        ) {
+                            // Refused by the broker (not lost): sending it again would be
+                            // refused again, so it leaves the spool with a warning.
+                            tracing::warn!(reason = ?a.reason, "the broker refused a message");
+                        }
+                        Ok(Ev::Acked(a.pkid))
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => Ok(Ev::Message {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.to_vec(),
+                    }),
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Ev::Sent(pkid)),
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => Ok(Ev::Disconnected),
+                    Ok(_) => Ok(Ev::Other),
+                    Err(E::ConnectionRefused(C::BadUserNamePassword | C::NotAuthorized)) => {
+                        Err(CREDENTIALS.into())
+                    }
+                    Err(E::ConnectionRefused(code)) => {
+                        Err(format!("the broker refused the connection: {code:?}"))
+                    }
+                    Err(E::Tls(t)) => Err(tls(&t)),
+                    Err(other) => Err(other.to_string()),
+                }
+            }
+        }
+    }
+}
+
 /// What is in flight on the current connection.
 #[derive(Default)]
 struct Link {
     connected: bool,
-    /// Spool ids handed to rumqttc, waiting for their packet id.
-    sent: VecDeque<u64>,
+    /// Publishes handed to rumqttc, waiting for their packet id: the spool id, or None
+    /// for publishes outside the spool.
+    sent: VecDeque<Option<u64>>,
     /// Packet id -> spool id, waiting for PUBACK.
     inflight: HashMap<u16, u64>,
     /// The next spool id to send.
     cursor: u64,
+    /// Messages allowed in flight on this connection.
+    window: usize,
 }
 
 impl Link {
+    /// Records a publish that is not from the spool, so packet ids stay matched.
+    fn untracked(&mut self, handed_over: Result<(), String>) {
+        if handed_over.is_ok() {
+            self.sent.push_back(None);
+        }
+    }
+
     /// A lost connection: whatever was in flight is resent from the spool on the next one
     /// (a clean session, so the broker keeps nothing of ours).
     fn reset(&mut self) {
@@ -725,19 +974,7 @@ impl Link {
     }
 }
 
-fn log_connection_error(e: &ConnectionError, attempt: u32, delay: Duration) {
-    let why = match e {
-        ConnectionError::ConnectionRefused(
-            ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized,
-        ) => "the broker refused the credentials: check username and password-file".to_owned(),
-        ConnectionError::ConnectionRefused(code) => {
-            format!("the broker refused the connection: {code:?}")
-        }
-        ConnectionError::Tls(t) => {
-            format!("TLS failed: {t} (check tls.ca-file and the broker's certificate)")
-        }
-        other => other.to_string(),
-    };
+fn log_connection_error(why: &str, attempt: u32, delay: Duration) {
     tracing::warn!(attempt, retry_in_ms = delay.as_millis() as u64, reason = %why, "mqtt connection failed");
 }
 
