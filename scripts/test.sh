@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README): installs what the tests need, then runs every test.
 # Nothing is skipped for lack of a tool: a missing tool is installed or the run fails.
+#
+# One release build per target (x86_64, aarch64, armv7) serves its tests, the vivid VM
+# runs and the .deb packages, which keeps the whole run within CI's time on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,20 +15,41 @@ stage() {
   echo "<== $name: $((SECONDS - t0)) s"
 }
 
-stage "setup" bash scripts/setup.sh
-stage "unit and integration tests" cargo test --locked --all-targets
+stage "setup" bash scripts/setup.sh --test
+export PATH=$PWD/target/tools/zig/bin:$PWD/target/tools/bin:$PATH
+
+# Plain `cargo test` (not --all-targets, which would build the examples as test
+# harnesses): the vivid-guest example is built as the program the x86_64 VM runs.
+stage "x86_64: unit and integration tests" cargo test --release --locked
 stage "shipped configs" bash -c '
   for f in examples/*.toml; do
-    target/debug/shelfwatch check-config "$f"
+    target/release/shelfwatch check-config "$f"
   done'
-stage "vivid VM: capture from the real V4L2 driver (x86_64)" bash -c '
-  cargo build --locked --example vivid-guest
-  tests/vivid/run-vm.sh --arch x86_64 --binary target/debug/examples/vivid-guest -- /dev/video0'
+stage "vivid VM: capture from the real V4L2 driver (x86_64)" \
+  tests/vivid/run-vm.sh --arch x86_64 --binary target/release/examples/vivid-guest -- /dev/video0
+
+stage "aarch64: build and tests under qemu" scripts/test-arm.sh aarch64-unknown-linux-gnu
+stage "armv7: build and tests under qemu" scripts/test-arm.sh armv7-unknown-linux-gnueabihf
+
+a64=target/aarch64-unknown-linux-gnu/release
+stage "vivid VM: capture from the real V4L2 driver (arm64, cortex-a72)" \
+  tests/vivid/run-vm.sh --arch aarch64 --binary $a64/examples/vivid-guest -- /dev/video0
+models=()
+for f in models/ssd_mobilenetv2_oidv4.{onnx,labels,toml}; do models+=(--file "$f:/$f"); done
+stage "vivid VM: the daemon end to end on arm64 (capture, model, counts, events)" \
+  tests/vivid/run-vm.sh --arch aarch64 --timeout 400 --binary $a64/shelfwatch \
+  --script tests/vivid/e2e.sh --file tests/vivid/e2e.toml:/e2e.toml "${models[@]}"
+
+stage "packages: build the .debs" scripts/package.sh --target x86_64-unknown-linux-gnu \
+  --target aarch64-unknown-linux-gnu --target armv7-unknown-linux-gnueabihf
+stage "packages: lintian, and the amd64 one installed in a throwaway root" bash -c '
+  for deb in target/debian/*.deb; do scripts/check-deb.sh "$deb"; done'
+
 stage "systemd unit: verify and security rating" bash -c '
   tmp=$(mktemp -d)
   trap "rm -rf $tmp" EXIT
   # verify resolves ExecStart on this machine: point it at the binary just built.
-  sed "s#/usr/bin/shelfwatch#$PWD/target/debug/shelfwatch#" systemd/shelfwatch.service > "$tmp/shelfwatch.service"
+  sed "s#/usr/bin/shelfwatch#$PWD/target/release/shelfwatch#" systemd/shelfwatch.service > "$tmp/shelfwatch.service"
   out=$(systemd-analyze verify --man=no "$tmp/shelfwatch.service" 2>&1)
   if [ -n "$out" ]; then echo "$out"; exit 1; fi
   # Fails above an exposure of 2.0.

@@ -63,6 +63,17 @@ fn a_schema_rejects_a_payload_that_breaks_it() {
     );
 }
 
+/// How much longer than natively things may take: scripts/test-arm.sh sets
+/// SHELFWATCH_TEST_SLOWDOWN under qemu, where inference is ~100x slower. It stretches
+/// how long a test waits, never what it checks.
+fn patience(d: Duration) -> Duration {
+    let factor: u32 = std::env::var("SHELFWATCH_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    d * factor.max(1)
+}
+
 fn run_until(dir: &Path, config: &Path, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
         .args(["run", "--config", config.to_str().unwrap()])
@@ -80,7 +91,7 @@ fn run_until(dir: &Path, config: &Path, done: impl Fn(&[Value]) -> bool) -> Vec<
     let t = Instant::now();
     while !done(&read()) {
         assert!(
-            t.elapsed() < Duration::from_secs(90),
+            t.elapsed() < patience(Duration::from_secs(90)),
             "timed out: {:?}",
             read()
         );

@@ -71,6 +71,8 @@ struct Report {
     warmup: usize,
     runs: usize,
     load_ms: f64,
+    /// tract's matmul kernels for this CPU: shows whether SIMD (NEON, FMA) is in use.
+    kernels: Vec<String>,
     stages_ms: Stages,
     frames_per_second: f64,
 }
@@ -142,6 +144,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         warmup: args.warmup,
         runs: args.runs,
         load_ms,
+        kernels: detector.kernels(),
         frames_per_second: 1e3 / stages.total.mean,
         stages_ms: stages,
     };
@@ -152,6 +155,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             "model {} at {}x{}, {} images, {} runs after {} warm-up; load {:.1} ms",
             report.model, w, h, report.images, report.runs, report.warmup, report.load_ms
         );
+        println!("kernels {}", report.kernels.join(", "));
         println!(
             "{:<12} {:>9} {:>9} {:>9} {:>9}",
             "stage (ms)", "p50", "p90", "p99", "mean"

@@ -251,6 +251,25 @@ impl Detector {
         &self.manifest.labels
     }
 
+    /// The matrix-multiplication kernels tract chose for this model on this CPU (sorted,
+    /// each once), e.g. `arm64simd_mmm_f32_8x8_a55` on a Cortex-A72 or
+    /// `fma_mmm_f32_16x6` on x86_64 with FMA. Convolutions run through these, so they are
+    /// where inference time goes; a `generic_*` name means no SIMD kernel was found for
+    /// the CPU (`shelfwatch bench` prints them; docs/arm.md lists them per board).
+    pub fn kernels(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .plan
+            .model()
+            .nodes()
+            .iter()
+            .filter_map(|n| n.op_as::<tract_onnx::tract_core::ops::matmul::optimized::OptMatMul>())
+            .flat_map(|op| op.mmm.iter().map(|k| k.name().to_string()))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Model input size (width, height) in use.
     pub fn input_size(&self) -> (u32, u32) {
         self.preprocessor.size()

@@ -2,7 +2,13 @@
 # Runs a test binary (static, or dynamic with its libraries bundled) inside a QEMU guest booting Debian's stock kernel with the
 # real vivid V4L2 driver loaded, and exits with the test's exit status.
 #
-#   tests/vivid/run-vm.sh --arch x86_64|aarch64 --binary PATH [--timeout SECONDS] -- ARGS...
+#   tests/vivid/run-vm.sh --arch x86_64|aarch64 --binary PATH [--timeout SECONDS]
+#                         [--file SRC:DEST]... [--script FILE] -- ARGS...
+#
+# The binary becomes /test in the guest and runs as `/test ARGS`. With --script, the
+# guest runs `sh /script ARGS` instead (the script calls /test itself), so a test can
+# drive a long-running program such as the daemon. --file puts more files (a model, a
+# config) into the guest at DEST.
 #
 # Why a VM: neither the dev machines nor CI have /dev/video*, and a container cannot
 # load kernel modules. Background and measurements: shared notes "v4l2-vivid.md".
@@ -49,13 +55,15 @@ stage_end() {
 }
 
 # ---------------------------------------------------------------- arguments
-arch="" binary="" timeout_s=240
-guest_args=()
+arch="" binary="" timeout_s=240 script=""
+guest_args=() extra_files=()
 while (($#)); do
   case $1 in
     --arch) arch=${2:-}; shift 2 || usage ;;
     --binary) binary=${2:-}; shift 2 || usage ;;
     --timeout) timeout_s=${2:-}; shift 2 || usage ;;
+    --file) extra_files+=("${2:-}"); shift 2 || usage ;;
+    --script) script=${2:-}; shift 2 || usage ;;
     --) shift; guest_args=("$@"); break ;;
     -h | --help) usage ;;
     *) log "unknown argument: $1"; usage ;;
@@ -63,6 +71,10 @@ while (($#)); do
 done
 [[ -n $arch && -n $binary ]] || usage
 [[ $timeout_s =~ ^[1-9][0-9]*$ ]] || { log "--timeout must be a positive integer"; exit 2; }
+for f in "${extra_files[@]}"; do
+  [[ $f == *:/* && -f ${f%%:*} ]] || { log "--file $f: want SRC:/DEST with SRC a readable file"; exit 2; }
+done
+[[ -z $script || -f $script ]] || { log "--script $script: no such file"; exit 2; }
 
 case $arch in
   x86_64)
@@ -370,10 +382,19 @@ if [[ -n $interp ]]; then
   cp -L -- "$interp_path" "$root$interp"
 fi
 chmod 755 "$root/bin/busybox" "$root/test"
+for f in "${extra_files[@]}"; do
+  dest=$root${f#*:}
+  mkdir -p "$(dirname "$dest")"
+  cp -L -- "${f%%:*}" "$dest"
+done
 
 # Quote for the guest's POSIX sh: wrap in '' and turn each ' into '\''.
 sq() { local s=${1//\'/\'\\\'\'}; printf "'%s'" "$s"; }
 test_cmd=/test
+if [[ -n $script ]]; then
+  cp -- "$script" "$root/script"
+  test_cmd="/bin/sh /script"
+fi
 for a in "${guest_args[@]}"; do test_cmd+=" $(sq "$a")"; done
 
 {
