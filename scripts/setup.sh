@@ -68,7 +68,15 @@ if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
   $sudo mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
 fi
 for q in qemu-aarch64 qemu-arm; do
-  [ -e /proc/sys/fs/binfmt_misc/$q ] || $sudo update-binfmts --import $q
+  [ -e /proc/sys/fs/binfmt_misc/$q ] && continue
+  # The package's postinst imports the format into binfmt-support's database but cannot
+  # enable it while binfmt_misc is unmounted; --import is a no-op once imported.
+  $sudo update-binfmts --import $q 2>/dev/null || true
+  [ -e /proc/sys/fs/binfmt_misc/$q ] || $sudo update-binfmts --enable $q
+  [ -e /proc/sys/fs/binfmt_misc/$q ] || {
+    echo "setup: could not register $q with binfmt_misc" >&2
+    exit 1
+  }
 done
 
 # cargo-zigbuild links against a chosen glibc version (2.31) with zig's libc stubs.

@@ -347,11 +347,17 @@ pub fn default_model_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("SHELFWATCH_MODEL_DIR") {
         return PathBuf::from(dir);
     }
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    if source.is_dir() {
+    // A binary built in a checkout and run from its target directory (cargo run, the
+    // tests) uses the checkout's models; an installed one uses the packaged models even
+    // if a checkout happens to sit at the path it was built from.
+    let tree = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let source = tree.join("models");
+    let packaged = PathBuf::from("/usr/share/shelfwatch/models");
+    let in_tree = std::env::current_exe().is_ok_and(|exe| exe.starts_with(tree));
+    if source.is_dir() && (in_tree || !packaged.is_dir()) {
         return source;
     }
-    PathBuf::from("/usr/share/shelfwatch/models")
+    packaged
 }
 
 /// A configuration problem, located as precisely as the input allows.

@@ -150,6 +150,28 @@ fn check_config_with_an_unknown_key_exits_78_and_names_the_key_and_line() {
 }
 
 #[test]
+fn detect_and_bench_with_a_broken_config_exit_78_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[model]\nscore-threshold = 1.5\n").unwrap();
+    let photo = root().join("tests/fixtures/photos/coffee.png");
+    for command in ["detect", "bench"] {
+        let out = shelfwatch(&[
+            command,
+            "--config",
+            file.to_str().unwrap(),
+            photo.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{command}: {stderr}");
+        assert!(
+            stderr.contains("model.score-threshold"),
+            "{command}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn print_default_config_prints_a_config_that_check_config_accepts() {
     let out = shelfwatch(&["print-default-config"]);
     assert!(out.status.success());

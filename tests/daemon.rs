@@ -299,3 +299,27 @@ fn run_with_an_unknown_config_key_exits_78() {
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("state.directory"));
 }
+
+#[test]
+fn run_without_any_camera_exits_78_so_systemd_does_not_restart_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("shelfwatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[state]\ndir = \"{}\"\n\n[[sinks]]\nkind = \"stdout\"\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("shelfwatch.toml") && stderr.contains("no cameras"),
+        "{stderr}"
+    );
+}

@@ -86,7 +86,12 @@ struct Stages {
 }
 
 pub fn run(args: BenchArgs) -> ExitCode {
-    match bench(&args) {
+    // A config error has been reported already and exits 78, as for every command.
+    let (manifest, options) = match args.model.load() {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    match bench(&args, &manifest, &options) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             report(&e);
@@ -95,11 +100,11 @@ pub fn run(args: BenchArgs) -> ExitCode {
     }
 }
 
-fn bench(args: &BenchArgs) -> anyhow::Result<()> {
-    let (manifest, options) = match args.model.load() {
-        Ok(v) => v,
-        Err(_) => anyhow::bail!("invalid configuration"),
-    };
+fn bench(
+    args: &BenchArgs,
+    manifest: &std::path::Path,
+    options: &crate::vision::DetectorOptions,
+) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
     let frames = args
         .images
@@ -107,7 +112,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         .map(|p| load_image(p))
         .collect::<Result<Vec<_>, _>>()?;
     let t = Instant::now();
-    let mut detector = Detector::load(&manifest, &options)?;
+    let mut detector = Detector::load(manifest, options)?;
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
 
     let bar = ProgressBar::new((args.warmup + args.runs) as u64).with_style(

@@ -143,6 +143,12 @@ pub fn run(cli: Cli) -> ExitCode {
                 eprintln!("{e}");
                 ExitCode::from(EX_CONFIG)
             }
+            // A config error too: systemd must not restart into the same refusal
+            // (RestartPreventExitStatus=78).
+            Err(e @ crate::daemon::DaemonError::NoCameras) => {
+                eprintln!("{}: {e}", config.display());
+                ExitCode::from(EX_CONFIG)
+            }
             Err(e) => {
                 report(&e.into());
                 ExitCode::FAILURE
