@@ -39,7 +39,7 @@ stage() {
   echo "<== $target: $name: $((SECONDS - t0)) s"
 }
 
-export PATH=$PWD/target/tools/zig/bin:$PATH
+export PATH=$(bash scripts/zig-venv.sh)/bin:$PATH
 # Options go before the subcommand's own arguments (and any `-- test-binary args`).
 cargo_zig() {
   local sub=$1

@@ -16,7 +16,7 @@ stage() {
 }
 
 stage "setup" bash scripts/setup.sh --test
-export PATH=$PWD/target/tools/zig/bin:$PWD/target/tools/bin:$PATH
+export PATH=$(bash scripts/zig-venv.sh)/bin:$PWD/target/tools/bin:$PATH
 
 # Plain `cargo test` (not --all-targets, which would build the examples as test
 # harnesses): the vivid-guest example is built as the program the x86_64 VM runs.
