@@ -68,7 +68,7 @@ stage "glibc symbol versions" check_glibc
 # ARM executables to qemu, which takes its CPU and library root from these variables.
 export QEMU_CPU=$cpu QEMU_LD_PREFIX=/usr/$gnu TRACT_CPU_ARM32_NEON=true
 [[ -e /proc/sys/fs/binfmt_misc/qemu-$qemu ]] || {
-  echo "error: binfmt_misc has no qemu-$qemu entry (scripts/setup.sh --arm registers it)" >&2
+  echo "error: binfmt_misc has no qemu-$qemu entry (scripts/setup.sh --test registers it)" >&2
   exit 1
 }
 # Inference under qemu is ~100x slower than on a board; tests stretch their waiting
