@@ -10,6 +10,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
+mod common;
+use common::patience;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -98,17 +101,6 @@ fn events(msgs: &[Value], zone: &str) -> Vec<String> {
         .filter(|m| m["type"] == "event" && m["zone"] == zone)
         .map(|m| m["event"].as_str().unwrap().to_owned())
         .collect()
-}
-
-/// How much longer than natively things may take: scripts/test-arm.sh sets
-/// SHELFWATCH_TEST_SLOWDOWN under qemu, where inference is ~100x slower. It stretches
-/// how long a test waits, never what it checks.
-fn patience(d: Duration) -> Duration {
-    let factor: u32 = std::env::var("SHELFWATCH_TEST_SLOWDOWN")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    d * factor.max(1)
 }
 
 fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {

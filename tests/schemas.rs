@@ -9,6 +9,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
+mod common;
+use common::patience;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -61,17 +64,6 @@ fn a_schema_rejects_a_payload_that_breaks_it() {
         !validator("event").is_valid(&missing),
         "count-changed needs from and to"
     );
-}
-
-/// How much longer than natively things may take: scripts/test-arm.sh sets
-/// SHELFWATCH_TEST_SLOWDOWN under qemu, where inference is ~100x slower. It stretches
-/// how long a test waits, never what it checks.
-fn patience(d: Duration) -> Duration {
-    let factor: u32 = std::env::var("SHELFWATCH_TEST_SLOWDOWN")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    d * factor.max(1)
 }
 
 fn run_until(dir: &Path, config: &Path, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
