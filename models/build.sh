@@ -29,12 +29,16 @@ PYTHONHASHSEED=0 "$venv/bin/python" "$here/convert_ssd.py" \
   --packed "$work/package/objectron_solution_packed_assets.data" \
   --loader "$work/package/objectron_solution_packed_assets_loader.js" \
   --out "$out"
+# The int8 form, calibrated on the committed photos and shelf scenes.
+PYTHONHASHSEED=0 "$venv/bin/python" "$here/quantize_ssd.py" \
+  --models "$out" --out "$out" --root "$here/.." 2> >(grep -v '^WARNING:root:' >&2)
 
 if [ $check = 1 ]; then
   status=0
-  for f in ssd_mobilenetv2_oidv4.onnx ssd_mobilenetv2_oidv4.labels ssd_mobilenetv2_oidv4.toml; do
+  for f in ssd_mobilenetv2_oidv4.onnx ssd_mobilenetv2_oidv4.labels ssd_mobilenetv2_oidv4.toml \
+           ssd_mobilenetv2_oidv4_int8.onnx ssd_mobilenetv2_oidv4_int8.toml; do
     if cmp -s "$out/$f" "$here/$f"; then echo "identical: $f"; else echo "DIFFERS: $f"; status=1; fi
   done
   exit $status
 fi
-sha256sum "$here/ssd_mobilenetv2_oidv4.onnx"
+sha256sum "$here/ssd_mobilenetv2_oidv4.onnx" "$here/ssd_mobilenetv2_oidv4_int8.onnx"

@@ -79,7 +79,10 @@ export SHELFWATCH_TEST_SLOWDOWN=20
 # over a real run, and the daemon's signal and config handling. Skipped here: the two
 # daemon tests that replay all 28 scene frames, twice, which take over 3 minutes each
 # under emulation; their logic is target-independent, they run on x86_64, and the
-# daemon runs end to end on arm64 in the vivid VM.
+# daemon runs end to end on arm64 in the vivid VM. Likewise the two evaluations over all
+# 28 scenes (up to three models each, ~80 inferences): the platform test shows this
+# target's detections equal x86_64's, and the COCO evaluation runs here on 6 frames.
 stage "tests under qemu-$qemu ($cpu)" cargo_zig test --lib --bins \
   --test platform --test fidelity --test cli --test schemas --test daemon -- \
-  --skip the_daemon_over_the_composed_scenes --skip after_a_restart
+  --skip the_daemon_over_the_composed_scenes --skip after_a_restart \
+  --skip eval_finds_every_labelled_cup --skip the_int8_model_keeps

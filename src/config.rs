@@ -320,7 +320,20 @@ pub struct ModelConfig {
     /// Upper bound on detections per frame.
     #[serde(default)]
     pub max_detections: Option<usize>,
+    /// Threads for one inference (per camera). More threads cut a frame's latency; on a
+    /// board with several cameras, one thread per camera uses the cores as well.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
 }
+
+/// One inference thread: the daemon already runs one inference worker per camera.
+pub fn default_threads() -> usize {
+    1
+}
+
+/// More threads than this per inference only add scheduling overhead on the boards
+/// shelfwatch targets (4 to 12 cores).
+pub const MAX_THREADS: usize = 64;
 
 /// The bundled counting model.
 pub fn default_manifest() -> PathBuf {
@@ -336,6 +349,7 @@ impl Default for ModelConfig {
             label_thresholds: BTreeMap::new(),
             iou_threshold: None,
             max_detections: None,
+            threads: default_threads(),
         }
     }
 }
@@ -510,6 +524,7 @@ impl LoadedConfig {
             max_detections: m.max_detections,
             label_thresholds: m.label_thresholds.clone(),
             input_size: None,
+            threads: m.threads,
         }
     }
 
@@ -740,6 +755,12 @@ impl LoadedConfig {
         for (label, &t) in &m.label_thresholds {
             unit(format!("model.label-thresholds.{label}"), t);
         }
+        if !(1..=MAX_THREADS).contains(&m.threads) {
+            problems.push((
+                "model.threads".into(),
+                format!("must be between 1 and {MAX_THREADS}, got {}", m.threads),
+            ));
+        }
         if m.max_detections == Some(0) {
             problems.push(("model.max-detections".into(), "must be at least 1".into()));
         }
@@ -868,6 +889,14 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("model.label-thresholds.Botle"), "{text}");
         assert!(text.contains("no label \"Botle\""), "{text}");
+    }
+
+    #[test]
+    fn zero_inference_threads_are_rejected_naming_the_key_and_line() {
+        let e = load("[model]\nthreads = 0\n").unwrap_err();
+        assert_eq!(e.0[0].key, "model.threads");
+        assert_eq!(e.0[0].line, Some(2));
+        assert!(e.to_string().contains("between 1 and 64"), "{e}");
     }
 
     #[test]

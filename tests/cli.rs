@@ -236,7 +236,15 @@ fn bench_json_reports_percentiles_per_stage() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["runs"], 3);
-    for stage in ["preprocess", "inference", "postprocess", "total"] {
+    for stage in [
+        "convert",
+        "preprocess",
+        "inference",
+        "postprocess",
+        "counting",
+        "publish",
+        "total",
+    ] {
         let s = &v["stages_ms"][stage];
         assert!(
             s["p50"].as_f64().unwrap() <= s["p99"].as_f64().unwrap(),
@@ -244,4 +252,193 @@ fn bench_json_reports_percentiles_per_stage() {
         );
     }
     assert!(v["frames_per_second"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["camera_frame"], serde_json::json!([1280, 720]));
+    assert!(v["peak_rss_mb"].as_f64().unwrap() > 1.0, "{v}");
+}
+
+#[test]
+fn bench_compare_sets_a_run_beside_a_saved_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.json");
+    let args = ["bench", "--warmup", "0", "--runs", "1"];
+    let photo = "tests/fixtures/photos/coffee.png";
+    let out = shelfwatch(&[&args[..], &["--json", photo]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&base, &out.stdout).unwrap();
+    let out = shelfwatch(&[&args[..], &["--compare", base.to_str().unwrap(), photo]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    for row in ["inference", "total", "load (ms)", "peak RSS", "frames/s"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(row)),
+            "no {row} row: {text}"
+        );
+    }
+    // A file that is not bench output is refused by name.
+    let out = shelfwatch(&["bench", "--runs", "1", "--compare", photo, photo]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("coffee.png: not the JSON of"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn two_inference_threads_find_the_same_boxes_as_one() {
+    let photo = "tests/fixtures/photos/coffee.png";
+    let one = stdout_json(&shelfwatch(&["detect", "--threads", "1", photo]));
+    let two = stdout_json(&shelfwatch(&["detect", "--threads", "2", photo]));
+    assert!(!one[0]["detections"].as_array().unwrap().is_empty());
+    let boxes = |v: &serde_json::Value| {
+        v["detections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| (d["label"].clone(), d["box"].clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(boxes(&one[0]), boxes(&two[0]));
+}
+
+fn eval_json(args: &[&str]) -> serde_json::Value {
+    let out = shelfwatch(&[&["eval", "--json"], args].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn label<'a>(v: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    v["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["label"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {v}"))
+}
+
+const SCENES: &str = "tests/fixtures/scenes/frames";
+const INT8: &str = "models/ssd_mobilenetv2_oidv4_int8.toml";
+
+#[test]
+fn eval_finds_every_labelled_cup_and_person_in_the_shelf_scenes() {
+    let v = eval_json(&[SCENES]);
+    assert_eq!(
+        (v["images"].as_u64(), v["format"].as_str()),
+        (Some(28), Some("yolo"))
+    );
+    let cups = label(&v, "Coffee cup");
+    assert_eq!(cups["truth"], 107);
+    assert_eq!(
+        (
+            cups["true_positives"].as_u64(),
+            cups["false_positives"].as_u64()
+        ),
+        (Some(107), Some(0))
+    );
+    assert_eq!(cups["count_mae"], 0.0);
+    assert_eq!(label(&v, "Person")["truth"], 5);
+    assert!(v["map"].as_f64().unwrap() > 0.99, "{v}");
+}
+
+#[test]
+fn the_int8_model_keeps_the_float_models_quality_on_the_shelf_scenes() {
+    let fp32 = eval_json(&[SCENES]);
+    let int8 = eval_json(&["--model", INT8, SCENES]);
+    for key in ["map", "f1", "count_mae"] {
+        let (a, b) = (fp32[key].as_f64().unwrap(), int8[key].as_f64().unwrap());
+        assert!((a - b).abs() <= 0.01, "{key}: fp32 {a}, int8 {b}");
+    }
+    // Box for box: the float model's detections as the truth.
+    let agree = eval_json(&[
+        "--model",
+        INT8,
+        "--reference-model",
+        "models/ssd_mobilenetv2_oidv4.toml",
+        SCENES,
+    ]);
+    assert_eq!(agree["truth"], "ssd_mobilenetv2_oidv4");
+    assert!(agree["f1"].as_f64().unwrap() >= 0.99, "{agree}");
+}
+
+#[test]
+fn eval_reads_coco_json_with_the_same_result_as_yolo_labels() {
+    // The scenes' expected.json as a COCO file: same objects, pixel boxes.
+    let expected: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root().join("tests/fixtures/scenes/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let frames = &expected["frames"].as_array().unwrap()[..6];
+    let (mut images, mut annotations) = (vec![], vec![]);
+    for (id, f) in frames.iter().enumerate() {
+        // An absolute file_name: the JSON lives elsewhere than the frames.
+        let file = root()
+            .join("tests/fixtures/scenes")
+            .join(f["file"].as_str().unwrap());
+        images.push(serde_json::json!({"id": id, "file_name": file, "width": 640, "height": 480}));
+        for o in f["objects"].as_array().unwrap() {
+            let b: Vec<f64> = o["box"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            annotations.push(serde_json::json!({
+                "image_id": id, "category_id": o["class"],
+                "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+            }));
+        }
+    }
+    let coco = serde_json::json!({
+        "images": images, "annotations": annotations,
+        "categories": [{"id": 13, "name": "Coffee cup"}, {"id": 4, "name": "Person"},
+                       {"id": 99, "name": "pallet"}],
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("instances.json");
+    std::fs::write(&path, coco.to_string()).unwrap();
+    let v = eval_json(&[path.to_str().unwrap()]);
+    assert_eq!(
+        (v["images"].as_u64(), v["format"].as_str()),
+        (Some(6), Some("coco"))
+    );
+    assert_eq!(v["ignored_categories"], serde_json::json!(["pallet"]));
+    let cups = label(&v, "Coffee cup");
+    assert_eq!(
+        (cups["truth"].as_u64(), cups["true_positives"].as_u64()),
+        (Some(29), Some(29))
+    );
+}
+
+#[test]
+fn eval_names_the_label_file_and_line_it_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        root().join("tests/fixtures/scenes/frames/000.jpg"),
+        dir.path().join("a.jpg"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("a.txt"),
+        "13 0.5 0.5 0.2 0.2\n13 0.5 0.5 0.2\n",
+    )
+    .unwrap();
+    let out = shelfwatch(&["eval", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("a.txt:2: expected `class cx cy w h`, found 4 fields"),
+        "{stderr}"
+    );
 }

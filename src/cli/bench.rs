@@ -1,14 +1,22 @@
-//! `shelfwatch bench IMAGE...`: per-stage latency percentiles and frames/s.
+//! `shelfwatch bench IMAGE...`: the daemon's per-frame work stage by stage (camera frame
+//! conversion to published payload), latency percentiles, frames/s and peak memory.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
+
+use anyhow::Context;
+use image::RgbImage;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use super::{report, ModelArgs};
+use crate::capture::convert::{to_rgb, PixelFormat, RawLayout, YuvEncoding};
 use crate::capture::load_image;
+use crate::config::LoadedConfig;
+use crate::counting::{Polygon, ZoneCounter, ZoneSpec};
+use crate::publish::{rfc3339, Body, Envelope};
 use crate::vision::Detector;
 
 #[derive(Debug, clap::Args)]
@@ -24,13 +32,23 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also time every operation of the model once (after the timed runs) and list the
+    /// time per kind of operation: where inference time goes on this CPU.
+    #[arg(long)]
+    pub profile: bool,
+    /// Size of the YUYV frames the pipeline starts from (the photos are scaled to it).
+    #[arg(long, value_parser = super::parse_size, default_value = "1280x720")]
+    pub camera_size: (u32, u32),
+    /// A previous `bench --json` output: print this run's figures beside it.
+    #[arg(long, value_name = "BENCH.json")]
+    pub compare: Option<PathBuf>,
     /// Images to run on.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
 }
 
 /// Percentiles of one stage, in milliseconds.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 pub struct StageStats {
     pub p50: f64,
     pub p90: f64,
@@ -63,26 +81,58 @@ impl StageStats {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, serde::Deserialize)]
 struct Report {
     model: String,
     input_size: [u32; 2],
+    /// The raw frame the pipeline starts from: YUYV at this size, as a camera delivers.
+    camera_frame: [u32; 2],
     images: usize,
     warmup: usize,
     runs: usize,
     load_ms: f64,
     /// tract's matmul kernels for this CPU: shows whether SIMD (NEON, FMA) is in use.
     kernels: Vec<String>,
+    threads: usize,
+    /// Peak resident memory of this process (VmHWM): model, buffers and all.
+    peak_rss_mb: Option<f64>,
     stages_ms: Stages,
+    /// Frames per second through the whole pipeline on one thread of work (1000 / mean
+    /// of `total`).
     frames_per_second: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    profile: Option<Vec<crate::vision::OpTime>>,
 }
 
-#[derive(Debug, Serialize)]
+/// The daemon's per-frame work, stage by stage.
+#[derive(Debug, Serialize, serde::Deserialize)]
 struct Stages {
+    /// YUYV camera frame -> RGB.
+    convert: StageStats,
+    /// RGB frame -> model input tensor (resize, normalise, layout).
     preprocess: StageStats,
     inference: StageStats,
+    /// Model outputs -> boxes (decoder, thresholds, NMS).
     postprocess: StageStats,
+    /// Boxes -> zone counts and events (the configured zones, or two halves).
+    counting: StageStats,
+    /// Zone states -> the JSON payloads every sink sends (network excluded).
+    publish: StageStats,
     total: StageStats,
+}
+
+impl Stages {
+    fn rows(&self) -> [(&'static str, &StageStats); 7] {
+        [
+            ("convert", &self.convert),
+            ("preprocess", &self.preprocess),
+            ("inference", &self.inference),
+            ("postprocess", &self.postprocess),
+            ("counting", &self.counting),
+            ("publish", &self.publish),
+            ("total", &self.total),
+        ]
+    }
 }
 
 pub fn run(args: BenchArgs) -> ExitCode {
@@ -91,7 +141,11 @@ pub fn run(args: BenchArgs) -> ExitCode {
         Ok(v) => v,
         Err(code) => return code,
     };
-    match bench(&args, &manifest, &options) {
+    let config = match args.model.config() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match bench(&args, &manifest, &options, &config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             report(&e);
@@ -100,85 +154,289 @@ pub fn run(args: BenchArgs) -> ExitCode {
     }
 }
 
+/// A frame as a YUYV camera delivers it (BT.601, limited range), made from a photo
+/// outside the timed loop.
+fn yuyv_frame(img: &RgbImage, (w, h): (u32, u32)) -> Vec<u8> {
+    let img = image::imageops::resize(img, w, h, image::imageops::FilterType::Triangle);
+    let mut out = Vec::with_capacity((w * h * 2) as usize);
+    let luma = |p: &image::Rgb<u8>| {
+        let [r, g, b] = p.0.map(f32::from);
+        (16.0 + 0.257 * r + 0.504 * g + 0.098 * b, r, g, b)
+    };
+    for y in 0..h {
+        for x in (0..w).step_by(2) {
+            let (y0, r0, g0, b0) = luma(img.get_pixel(x, y));
+            let (y1, r1, g1, b1) = luma(img.get_pixel((x + 1).min(w - 1), y));
+            let (r, g, b) = ((r0 + r1) / 2.0, (g0 + g1) / 2.0, (b0 + b1) / 2.0);
+            let u = 128.0 - 0.148 * r - 0.291 * g + 0.439 * b;
+            let v = 128.0 + 0.439 * r - 0.368 * g - 0.071 * b;
+            out.extend([y0, u, y1, v].map(|c| c.round().clamp(0.0, 255.0) as u8));
+        }
+    }
+    out
+}
+
+/// Peak resident set size of this process in MB, from /proc (Linux).
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
 fn bench(
     args: &BenchArgs,
     manifest: &std::path::Path,
     options: &crate::vision::DetectorOptions,
+    config: &LoadedConfig,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    let baseline: Option<Report> = match &args.compare {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("{}: cannot read the baseline", path.display()))?;
+            Some(serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "{}: not the JSON of `shelfwatch bench --json`",
+                    path.display()
+                )
+            })?)
+        }
+        None => None,
+    };
+    let (cw, ch) = args.camera_size;
     let frames = args
         .images
         .iter()
-        .map(|p| load_image(p))
+        .map(|p| load_image(p).map(|img| yuyv_frame(&img, (cw, ch))))
         .collect::<Result<Vec<_>, _>>()?;
+    let layout = RawLayout {
+        format: PixelFormat::Yuyv,
+        width: cw,
+        height: ch,
+        stride: cw * 2,
+        encoding: YuvEncoding::default(),
+    };
     let t = Instant::now();
     let mut detector = Detector::load(manifest, options)?;
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
+
+    // The first camera's zones and counting rules, or the frame's two halves.
+    let counting = &config.config.counting;
+    let params = counting.params();
+    let specs: Vec<ZoneSpec> = match config.config.cameras.iter().find(|c| !c.zones.is_empty()) {
+        Some(camera) => camera
+            .zones
+            .iter()
+            .map(|z| z.spec(counting, (cw, ch)))
+            .collect(),
+        None => [("top", 0.0), ("bottom", 0.5)]
+            .into_iter()
+            .map(|(name, y)| {
+                let (w, h) = (cw as f32, ch as f32);
+                ZoneSpec {
+                    name: name.into(),
+                    polygon: Polygon::new(vec![
+                        (0.0, y * h),
+                        (w, y * h),
+                        (w, (y + 0.5) * h),
+                        (0.0, (y + 0.5) * h),
+                    ]),
+                    membership: counting.membership,
+                    overlap_fraction: counting.overlap_fraction,
+                    expected: Vec::new(),
+                    min: None,
+                    max: None,
+                }
+            })
+            .collect(),
+    };
+    let mut counters: Vec<ZoneCounter> = specs.into_iter().map(ZoneCounter::new).collect();
+    let device = config.config.device.id.clone();
 
     let bar = ProgressBar::new((args.warmup + args.runs) as u64).with_style(
         ProgressStyle::with_template("{msg:>8} {bar:40} {pos}/{len} [{elapsed}<{eta}]")
             .expect("static template"),
     );
+    let mut rgb = RgbImage::new(cw, ch);
+    let mut samples: [Vec<f64>; 7] = Default::default();
+    let mut payload = Vec::new();
     bar.set_message("warm-up");
-    for i in 0..args.warmup {
-        detector.detect(&frames[i % frames.len()])?;
-        bar.inc(1);
-    }
-    bar.set_message("measure");
-    let (mut pre, mut inf, mut post, mut total) = (vec![], vec![], vec![], vec![]);
-    for i in 0..args.runs {
-        let (_, s) = detector.detect(&frames[i % frames.len()])?;
-        pre.push(s.preprocess_ms);
-        inf.push(s.inference_ms);
-        post.push(s.postprocess_ms);
-        total.push(s.preprocess_ms + s.inference_ms + s.postprocess_ms);
+    for i in 0..args.warmup + args.runs {
+        if i == args.warmup {
+            bar.set_message("measure");
+        }
+        let t0 = Instant::now();
+        to_rgb(&layout, &frames[i % frames.len()], &mut rgb)?;
+        let t1 = Instant::now();
+        let (detections, s) = detector.detect(&rgb)?;
+        let t2 = Instant::now();
+        let now = Instant::now();
+        let states: Vec<_> = counters
+            .iter_mut()
+            .map(|c| {
+                c.observe(now, &detections, &params);
+                (c.spec().name.clone(), c.state())
+            })
+            .collect();
+        let t3 = Instant::now();
+        for (zone, state) in states {
+            let Some(state) = state else { continue };
+            let message = Envelope {
+                schema: 1,
+                device: device.clone(),
+                seq: i as u64,
+                ts: rfc3339(SystemTime::now()),
+                body: Body::State {
+                    camera: "bench".into(),
+                    zone,
+                    state,
+                },
+            };
+            payload.clear();
+            serde_json::to_writer(&mut payload, &message)?;
+        }
+        let t4 = Instant::now();
+        if i >= args.warmup {
+            let convert = ms(t1 - t0);
+            let counting = ms(t3 - t2);
+            let publish = ms(t4 - t3);
+            for (v, x) in samples.iter_mut().zip([
+                convert,
+                s.preprocess_ms,
+                s.inference_ms,
+                s.postprocess_ms,
+                counting,
+                publish,
+                ms(t4 - t0),
+            ]) {
+                v.push(x);
+            }
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let profile = if args.profile {
+        Some(detector.profile(&rgb)?)
+    } else {
+        None
+    };
+    let [convert, preprocess, inference, postprocess, counting, publish, total] =
+        samples.map(|mut v| StageStats::of(&mut v));
     let stages = Stages {
-        preprocess: StageStats::of(&mut pre),
-        inference: StageStats::of(&mut inf),
-        postprocess: StageStats::of(&mut post),
-        total: StageStats::of(&mut total),
+        convert,
+        preprocess,
+        inference,
+        postprocess,
+        counting,
+        publish,
+        total,
     };
     let (w, h) = detector.input_size();
     let report = Report {
         model: detector.manifest().manifest.name.clone(),
         input_size: [w, h],
+        camera_frame: [cw, ch],
         images: frames.len(),
         warmup: args.warmup,
         runs: args.runs,
         load_ms,
         kernels: detector.kernels(),
+        threads: options.threads.max(1),
+        peak_rss_mb: peak_rss_mb(),
         frames_per_second: 1e3 / stages.total.mean,
         stages_ms: stages,
+        profile,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!(
-            "model {} at {}x{}, {} images, {} runs after {} warm-up; load {:.1} ms",
-            report.model, w, h, report.images, report.runs, report.warmup, report.load_ms
-        );
-        println!("kernels {}", report.kernels.join(", "));
-        println!(
-            "{:<12} {:>9} {:>9} {:>9} {:>9}",
-            "stage (ms)", "p50", "p90", "p99", "mean"
-        );
-        for (name, s) in [
-            ("preprocess", &report.stages_ms.preprocess),
-            ("inference", &report.stages_ms.inference),
-            ("postprocess", &report.stages_ms.postprocess),
-            ("total", &report.stages_ms.total),
-        ] {
+        return Ok(());
+    }
+    println!(
+        "model {} at {}x{} from {}x{} YUYV frames, {} threads, {} images, {} runs after {} warm-up",
+        report.model, w, h, cw, ch, report.threads, report.images, report.runs, report.warmup
+    );
+    println!("kernels {}", report.kernels.join(", "));
+    let rss = |r: &Report| r.peak_rss_mb.map_or("-".into(), |v| format!("{v:.1} MB"));
+    match &baseline {
+        None => {
+            println!("load {:.1} ms, peak RSS {}", report.load_ms, rss(&report));
             println!(
-                "{name:<12} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
-                s.p50, s.p90, s.p99, s.mean
+                "{:<12} {:>9} {:>9} {:>9} {:>9}",
+                "stage (ms)", "p50", "p90", "p99", "mean"
+            );
+            for (name, s) in report.stages_ms.rows() {
+                println!(
+                    "{name:<12} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+                    s.p50, s.p90, s.p99, s.mean
+                );
+            }
+            println!("{:.1} frames/s", report.frames_per_second);
+        }
+        Some(base) => {
+            let path = args.compare.as_deref().unwrap_or(std::path::Path::new("-"));
+            println!("compared with {} ({}):", path.display(), base.model);
+            println!(
+                "{:<12} {:>10} {:>10} {:>9}",
+                "p50 (ms)", "baseline", "this", "speed-up"
+            );
+            for ((name, s), (_, b)) in report
+                .stages_ms
+                .rows()
+                .into_iter()
+                .zip(base.stages_ms.rows())
+            {
+                println!(
+                    "{name:<12} {:>10.3} {:>10.3} {:>8.2}x",
+                    b.p50,
+                    s.p50,
+                    b.p50 / s.p50.max(f64::EPSILON)
+                );
+            }
+            println!(
+                "{:<12} {:>10.1} {:>10.1} {:>8.2}x",
+                "load (ms)",
+                base.load_ms,
+                report.load_ms,
+                base.load_ms / report.load_ms.max(f64::EPSILON)
+            );
+            println!("{:<12} {:>10} {:>10}", "peak RSS", rss(base), rss(&report));
+            println!(
+                "{:<12} {:>10.1} {:>10.1} {:>8.2}x",
+                "frames/s",
+                base.frames_per_second,
+                report.frames_per_second,
+                report.frames_per_second / base.frames_per_second.max(f64::EPSILON)
             );
         }
-        println!("{:.1} frames/s", report.frames_per_second);
+    }
+    if let Some(ops) = &report.profile {
+        let sum: f64 = ops.iter().map(|o| o.ms).sum();
+        println!(
+            "{:<28} {:>6} {:>9} {:>6}",
+            "operation", "nodes", "ms", "share"
+        );
+        for o in ops {
+            println!(
+                "{:<28} {:>6} {:>9.2} {:>5.1}%",
+                o.op,
+                o.nodes,
+                o.ms,
+                100.0 * o.ms / sum.max(f64::EPSILON)
+            );
+        }
     }
     Ok(())
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 mod bench;
 mod camera;
 mod detect;
+mod eval;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,6 +50,9 @@ pub enum Command {
     Detect(detect::DetectArgs),
     /// Measure preprocessing, inference and decoding on images.
     Bench(bench::BenchArgs),
+    /// Detection quality on labelled images (YOLO txt or COCO JSON): precision, recall,
+    /// F1, AP and count error per label.
+    Eval(eval::EvalArgs),
     /// List V4L2 cameras with their formats, sizes, frame rates and controls.
     Devices(camera::DevicesArgs),
     /// Save frames from a camera (to build datasets).
@@ -77,6 +81,9 @@ pub struct ModelArgs {
     /// Model input size WIDTHxHEIGHT, for fully convolutional models.
     #[arg(long, value_parser = parse_size)]
     pub input_size: Option<(u32, u32)>,
+    /// Threads for one inference, instead of the configured `[model] threads`.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=crate::config::MAX_THREADS as i64))]
+    pub threads: Option<u16>,
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
@@ -92,16 +99,22 @@ fn parse_size(s: &str) -> Result<(u32, u32), String> {
 }
 
 impl ModelArgs {
-    /// The config (or defaults) with command-line overrides applied. A config error is
-    /// reported and becomes exit status 78.
-    fn load(&self) -> Result<(PathBuf, crate::vision::DetectorOptions), ExitCode> {
-        let loaded = match &self.config {
+    /// The config file, or the built-in defaults; a config error is reported and becomes
+    /// exit status 78.
+    fn config(&self) -> Result<LoadedConfig, ExitCode> {
+        match &self.config {
             Some(path) => Config::load(path).map_err(|e| {
                 eprintln!("{e}");
                 ExitCode::from(EX_CONFIG)
-            })?,
-            None => LoadedConfig::defaults(),
-        };
+            }),
+            None => Ok(LoadedConfig::defaults()),
+        }
+    }
+
+    /// The config (or defaults) with command-line overrides applied. A config error is
+    /// reported and becomes exit status 78.
+    fn load(&self) -> Result<(PathBuf, crate::vision::DetectorOptions), ExitCode> {
+        let loaded = self.config()?;
         let manifest = self.model.clone().unwrap_or_else(|| loaded.manifest_path());
         let mut options = loaded.detector_options();
         if let Some(t) = self.threshold {
@@ -113,6 +126,9 @@ impl ModelArgs {
             options.label_thresholds.clear();
         }
         options.input_size = self.input_size;
+        if let Some(t) = self.threads {
+            options.threads = usize::from(t);
+        }
         Ok((manifest, options))
     }
 }
@@ -136,6 +152,7 @@ pub fn init_logging(filter: &str, format: LogFormat) {
 
 /// Runs a parsed command line and returns the process exit status.
 pub fn run(cli: Cli) -> ExitCode {
+    crate::daemon::memory::limit_heap_arenas();
     match cli.command {
         Command::Run { config } => match crate::daemon::run(&config) {
             Ok(()) => ExitCode::SUCCESS,
@@ -156,6 +173,7 @@ pub fn run(cli: Cli) -> ExitCode {
         },
         Command::Detect(args) => detect::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Devices(args) => camera::devices(args),
         Command::Capture(args) => camera::capture(args),
         Command::CheckConfig { file } => match Config::load(&file) {

@@ -5,6 +5,7 @@
 //! loaded model); one publisher thread that stamps sequence numbers, persists state and
 //! writes to the sinks. The async runtime only waits for signals and timers.
 
+pub mod memory;
 pub mod state;
 pub mod worker;
 

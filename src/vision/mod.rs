@@ -6,6 +6,7 @@
 
 pub mod annotate;
 pub mod decode;
+pub mod eval;
 pub mod manifest;
 pub mod nms;
 pub mod preprocess;
@@ -119,6 +120,19 @@ pub struct DetectorOptions {
     pub label_thresholds: BTreeMap<String, f32>,
     /// Model input size override (width, height) for fully convolutional models.
     pub input_size: Option<(u32, u32)>,
+    /// Threads for one inference (tract's matrix products); 0 or 1: the calling thread
+    /// only.
+    pub threads: usize,
+}
+
+/// Time spent in one kind of operation during one inference, from [`Detector::profile`].
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct OpTime {
+    /// tract's operation name, e.g. `OptMatMul`, `DepthWise`, `QuantizeLinearU8`.
+    pub op: String,
+    /// How many nodes of this kind the optimised plan has.
+    pub nodes: usize,
+    pub ms: f64,
 }
 
 /// A loaded, optimised model with its pre- and post-processing.
@@ -167,10 +181,21 @@ impl Detector {
         model
             .select_outputs_by_name(decoder.output_names())
             .map_err(model_err)?;
+        // The pool belongs to this plan and its forks: several cameras each with their own
+        // detector do not share (and fight over) one global pool.
+        let run_options = RunOptions {
+            executor: (options.threads > 1).then(|| {
+                tract_linalg::multithread::Executor::multithread_with_name(
+                    options.threads,
+                    "shelfwatch-mm",
+                )
+            }),
+            ..RunOptions::default()
+        };
         let plan = model
             .into_optimized()
             .map_err(model_err)?
-            .into_runnable()
+            .into_runnable_with_options(&run_options)
             .map_err(model_err)?;
         let state = plan.spawn().map_err(model_err)?;
 
@@ -189,6 +214,7 @@ impl Detector {
             width,
             height,
             labels = manifest.labels.len(),
+            threads = options.threads.max(1),
             "model loaded"
         );
         Ok(Self {
@@ -273,6 +299,32 @@ impl Detector {
     /// Model input size (width, height) in use.
     pub fn input_size(&self) -> (u32, u32) {
         self.preprocessor.size()
+    }
+
+    /// Runs inference once on `frame`, timing every node of the plan; the times are
+    /// summed per kind of operation, largest first. For `shelfwatch bench --profile`:
+    /// it shows where a model spends its time (float vs int8 kernels, layout changes,
+    /// (de)quantisation) on this CPU.
+    pub fn profile(&mut self, frame: &RgbImage) -> Result<Vec<OpTime>, VisionError> {
+        let mut input = self.preprocessor.new_tensor();
+        self.preprocessor.run(frame, &mut input);
+        let mut by_op: BTreeMap<String, (usize, f64)> = BTreeMap::new();
+        self.state
+            .run_plan_with_eval(tvec!(input.into_tvalue()), |ctx, state, node, inputs| {
+                let t = Instant::now();
+                let result = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
+                let entry = by_op.entry(node.op().name().to_string()).or_default();
+                entry.0 += 1;
+                entry.1 += ms(t.elapsed());
+                result
+            })
+            .map_err(|e| VisionError::Inference(format!("{e:#}")))?;
+        let mut times: Vec<OpTime> = by_op
+            .into_iter()
+            .map(|(op, (nodes, ms))| OpTime { op, nodes, ms })
+            .collect();
+        times.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        Ok(times)
     }
 
     /// Runs the whole detector on one RGB frame.

@@ -1,0 +1,303 @@
+"""Renders bench/run.sh's results as docs/performance.md and docs/performance.svg.
+
+    report.py [--results target/bench/results.json] [--arm target/bench/arm-insns.json]
+              [--md docs/performance.md] [--svg docs/performance.svg]
+
+Everything shown comes from the results file (and the ARM instruction counts when that
+file exists), so rendering the same results again writes the same bytes. The text
+between `<!-- notes -->` and `<!-- /notes -->` of an existing performance.md is kept.
+"""
+import argparse
+import json
+import os
+import re
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ENGINES = {"shelfwatch": "shelfwatch (tract)", "onnxruntime": "onnxruntime"}
+NOTES_START, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
+NOTES_DEFAULT = "_No analysis yet._"
+
+
+def ms(v):
+    return "n/a" if v is None else f"{v:.2f}" if v < 10 else f"{v:.1f}"
+
+
+def ratio(v):
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+def div(a, b):
+    return None if a is None or not b else a / b
+
+
+def table(header, rows):
+    """A Markdown table; columns of numbers (and ratios, n/a) right-aligned."""
+    rows = [[str(c) for c in r] for r in rows]
+    number = re.compile(r"[-+]?[\d.,]+x?|n/a|")
+    align = ["---:" if rows and all(number.fullmatch(r[i]) for r in rows) else "---" for i in range(len(header))]
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+class Results:
+    def __init__(self, data):
+        self.d = data
+        self.threads = data["settings"]["inference_threads"]
+
+    def run(self, engine, model, threads):
+        for r in self.d["inference"]:
+            if (r["engine"], r["model"], r["threads"]) == (engine, model, threads):
+                return r["result"]
+        return None
+
+    def p(self, engine, model, threads, q="p50"):
+        r = self.run(engine, model, threads)
+        try:
+            return r["stages_ms"]["inference"][q]
+        except (TypeError, KeyError):
+            return None
+
+
+def targets(res):
+    """[(target, measured, needed, met)] for the issue's targets."""
+    e2e = res.d["e2e"]
+    sw, py = e2e["shelfwatch"], e2e["python"]
+    speedup = div(res.p("shelfwatch", "fp32", 1), res.p("shelfwatch", "int8", 1))
+    vs_ort = div(res.p("shelfwatch", "fp32", 1), res.p("onnxruntime", "fp32", 1))
+    fps = div(sw["frames_per_second"], py["frames_per_second"])
+    mem = div(sw["peak_rss_mb"], py["peak_rss_mb"])
+    ok = lambda v, good: "n/a" if v is None else ("**met**" if good(v) else "**missed**")
+    return [
+        ("int8 at least 1.5x faster than fp32 (shelfwatch, inference p50, 1 thread)",
+         f"fp32 / int8 = {ratio(speedup)}", ">= 1.50x", ok(speedup, lambda v: v >= 1.5)),
+        ("shelfwatch fp32 no slower than onnxruntime fp32 (inference p50, 1 thread)",
+         f"shelfwatch / onnxruntime = {ratio(vs_ort)}", "<= 1.00x", ok(vs_ort, lambda v: v <= 1.0)),
+        ("end to end: frames/s at least the Python pipeline's",
+         f"shelfwatch / Python = {ratio(fps)}", ">= 1.00x", ok(fps, lambda v: v >= 1.0)),
+        ("end to end: peak memory at most 1/3 of the Python pipeline's",
+         f"shelfwatch / Python = {ratio(mem)}", "<= 0.33x", ok(mem, lambda v: v <= 1 / 3)),
+    ]
+
+
+def inference_tables(res):
+    header = ["engine", "model"]
+    for n in res.threads:
+        t = f"{n} thread{'s' if n > 1 else ''}"
+        header += [f"{t}: p50 ms", f"{t}: p90 ms"]
+    header += ["load ms (1 thread)"]
+    rows = []
+    for engine in ENGINES:
+        for model in ("fp32", "int8"):
+            row = [ENGINES[engine], model]
+            for n in res.threads:
+                row += [ms(res.p(engine, model, n)), ms(res.p(engine, model, n, "p90"))]
+            r = res.run(engine, model, res.threads[0]) or {}
+            row.append(ms(r.get("load_ms", r.get("session_ms"))))
+            rows.append(row)
+    main = table(header, rows)
+
+    # shelfwatch's own stages, whatever its bench reports.
+    stage_names = []
+    for r in res.d["inference"]:
+        if r["engine"] == "shelfwatch":
+            for s in r["result"].get("stages_ms", {}):
+                if s not in stage_names:
+                    stage_names.append(s)
+    rows = []
+    for n in res.threads:
+        for model in ("fp32", "int8"):
+            r = res.run("shelfwatch", model, n) or {}
+            st = r.get("stages_ms", {})
+            rss = r.get("peak_rss_mb")
+            rows.append([model, n] + [ms(st.get(s, {}).get("p50")) for s in stage_names]
+                        + [ms(r.get("frames_per_second")), "n/a" if rss is None else f"{rss:.0f}"])
+    stages = table(["model", "threads"] + [f"{s} p50 ms" for s in stage_names] + ["frames/s", "peak RSS MB"], rows)
+
+    rows = []
+    for n in res.threads:
+        rows.append([n,
+                     ratio(div(res.p("shelfwatch", "fp32", n), res.p("shelfwatch", "int8", n))),
+                     ratio(div(res.p("onnxruntime", "fp32", n), res.p("onnxruntime", "int8", n))),
+                     ratio(div(res.p("shelfwatch", "fp32", n), res.p("onnxruntime", "fp32", n))),
+                     ratio(div(res.p("shelfwatch", "int8", n), res.p("onnxruntime", "int8", n)))])
+    ratios = table(["threads", "int8 speed-up, shelfwatch (fp32/int8)", "int8 speed-up, onnxruntime (fp32/int8)",
+                    "shelfwatch / onnxruntime, fp32", "shelfwatch / onnxruntime, int8"], rows)
+    return main, stages, ratios
+
+
+def e2e_table(res):
+    sw, py = res.d["e2e"]["shelfwatch"], res.d["e2e"]["python"]
+    rows = [
+        ["frames", sw["frames"], py["frames"], ""],
+        ["wall time s (launch to exit)", f"{sw['wall_s']:.2f}", f"{py['wall_s']:.2f}", ratio(div(sw["wall_s"], py["wall_s"]))],
+        ["frames/s", f"{sw['frames_per_second']:.1f}", f"{py['frames_per_second']:.1f}",
+         ratio(div(sw["frames_per_second"], py["frames_per_second"]))],
+        ["peak RSS MB", f"{sw['peak_rss_mb']:.0f}", f"{py['peak_rss_mb']:.0f}", ratio(div(sw["peak_rss_mb"], py["peak_rss_mb"]))],
+    ]
+    return table(["", "shelfwatch daemon", "Python pipeline", "shelfwatch / Python"], rows)
+
+
+def cold_table(res):
+    c = res.d["cold_start"]
+    fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)
+    rows = [
+        ["shelfwatch run: launch to the first frame's counts", f"{c['shelfwatch']['median_first_counts_s']:.3f}",
+         fmt(c["shelfwatch"]["first_counts_s"])],
+        ["py_pipeline.py: launch to the first frame's counts", f"{c['python']['median_first_counts_s']:.3f}",
+         fmt(c["python"]["first_counts_s"])],
+        ["shelfwatch detect, one frame: launch to exit", f"{c['shelfwatch_detect_one_frame']['median_exit_s']:.3f}",
+         fmt(c["shelfwatch_detect_one_frame"]["exit_s"])],
+    ]
+    return table(["", "median s", "runs s"], rows)
+
+
+def parity_lines(res):
+    out = []
+    for model, p in res.d.get("parity", {}).items():
+        if p.get("same_zone_counts"):
+            out.append(f"- {model}: the same counts per zone on all {p['frames']} frames (largest box difference "
+                       f"{p['max_box_difference_px']:.1f} px, score difference {p['max_score_difference']:.4f}).")
+        else:
+            out.append(f"- {model}: counts **differ** on {len(p.get('problems', []))} frame(s); first: "
+                       f"`{(p.get('problems') or ['?'])[0]}`.")
+    return "\n".join(out)
+
+
+def arm_table(path):
+    if not os.path.exists(path):
+        return None
+    rows = json.load(open(path, encoding="utf-8"))
+    rows = sorted(rows, key=lambda r: (r["target"], r["cpu"], r["model"]))
+    header = ["target", "CPU", "model", "instructions per inference"]
+    body = [[r["target"], r["cpu"], r["model"], f"{int(r['insns_per_inference']):,}"] for r in rows]
+    if any("kernels" in r for r in rows):  # tract's matmul kernels, when the script lists them
+        header.append("kernels")
+        for row, r in zip(body, rows):
+            k = r.get("kernels", [])
+            row.append(", ".join(k) if isinstance(k, list) else str(k))
+    return table(header, body)
+
+
+def chart(res, path):
+    plt.rcParams["svg.hashsalt"] = "shelfwatch-performance"
+    plt.rcParams["svg.fonttype"] = "path"
+    groups = [(m, n) for m in ("fp32", "int8") for n in res.threads]
+    fig, ax = plt.subplots(figsize=(7.5, 4.0))
+    width = 0.38
+    colours = {"shelfwatch": "#3b6ea8", "onnxruntime": "#c8742a"}
+    for k, engine in enumerate(ENGINES):
+        xs = [i + (k - 0.5) * width for i in range(len(groups))]
+        vals = [res.p(engine, m, n) or 0.0 for m, n in groups]
+        bars = ax.bar(xs, vals, width, label=ENGINES[engine], color=colours[engine])
+        ax.bar_label(bars, labels=[ms(v) if v else "n/a" for v in vals], padding=2, fontsize=8)
+    ax.set_xticks(range(len(groups)), [f"{m}, {n} thread{'s' if n > 1 else ''}" for m, n in groups])
+    ax.set_ylabel("inference p50 (ms), lower is better")
+    ax.set_title("SSD-MobileNetV2 300x300, one inference", fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.margins(y=0.15)
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, format="svg", metadata={"Date": None, "Creator": None})
+    plt.close(fig)
+
+
+def load(mach, key):
+    return " ".join(mach.get(key, "?").split()[:3])
+
+
+def kept_notes(md_path):
+    try:
+        text = open(md_path, encoding="utf-8").read()
+    except FileNotFoundError:
+        return NOTES_DEFAULT
+    m = re.search(re.escape(NOTES_START) + r"\n(.*?)\n?" + re.escape(NOTES_END), text, re.S)
+    return m.group(1).strip("\n") if m and m.group(1).strip() else NOTES_DEFAULT
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--results", default="target/bench/results.json")
+    ap.add_argument("--arm", default="target/bench/arm-insns.json")
+    ap.add_argument("--md", default="docs/performance.md")
+    ap.add_argument("--svg", default="docs/performance.svg")
+    a = ap.parse_args()
+    res = Results(json.load(open(a.results, encoding="utf-8")))
+    d = res.d
+    s, mach = d["settings"], d["machine"]
+    main_t, stages_t, ratios_t = inference_tables(res)
+    arm = arm_table(a.arm)
+    py = d["e2e"]["python"].get("self_reported", {})
+    ort_version = next((r["result"].get("onnxruntime") for r in d["inference"] if r["engine"] == "onnxruntime"), "?")
+
+    md = ["# Performance", ""]
+    md.append(f"Measured by `bench/run.sh{' --quick' if d['quick'] else ''}` on {d['date'][:10]} (machine below); "
+              "written by `bench/report.py` from `target/bench/results.json`.")
+    if d["quick"]:
+        md += ["", "**Quick run** (smoke check): few runs; these numbers are not a measurement."]
+    md += ["", "## Targets", "", table(["target", "measured", "needed", "status"], targets(res)), ""]
+    md += ["## Inference", "",
+           f"One inference of the same model, {s['images']} scene frames (640x480, stretched to 300x300), "
+           f"{s['warmup']} warm-up and {s['runs']} timed runs per cell. shelfwatch: `shelfwatch bench --threads N` "
+           f"(its inference stage); onnxruntime {ort_version}: `bench/ort_bench.py` (only `session.run` timed; "
+           "intra-op threads N, inter-op 1, all graph optimisations, sequential).", "",
+           main_t, "", "![inference p50 per engine and model](performance.svg)", "",
+           "Ratios of p50 times (above 1.00x: the first is slower).", "", ratios_t, "",
+           "shelfwatch's stages (p50):", "", stages_t, ""]
+    md += ["## End to end", "",
+           f"The same {s['e2e_frames']} frames (the scene frames repeated), {s['e2e_threads']} inference thread, "
+           f"the {s['e2e_model']} model, the same mosquitto on 127.0.0.1. The daemon: `shelfwatch run` with a files "
+           "source (`every-frame`, not looping: it exits when done), examples/demo.toml's zones and counting, an MQTT sink. "
+           "The Python pipeline (`bench/py_pipeline.py`): decode (Pillow), resize, normalise, onnxruntime, SSD decoding, "
+           "NMS, counts per zone, each frame's counts published with QoS 1, one frame after the other. "
+           "Wall time is launch to exit for both (model loading and waiting for the broker's acknowledgements included); "
+           "peak RSS from `/usr/bin/time` (or VmHWM).", "",
+           e2e_table(res), ""]
+    if py:
+        md += [f"The Python pipeline's own account: frame loop {py['loop_s']:.2f} s ({py['loop_frames_per_second']:.1f} frames/s), "
+               f"model load {py['model_load_ms']:.0f} ms, {py['messages']} messages.", ""]
+    md += ["Detections: the Python pipeline against `shelfwatch detect`, per scene frame:", "", parity_lines(res), ""]
+    md += ["## Cold start", "",
+           "From launch to the first frame's zone counts: for the daemon the first `state` record on stdout "
+           "(a one-frame window, fresh state directory), for the Python pipeline when its first frame is counted.", "",
+           cold_table(res), ""]
+    if arm:
+        md += ["## ARM instruction counts", "", "Instructions per inference, from `target/bench/arm-insns.json`.", "", arm, ""]
+    md += ["## Notes", "", NOTES_START, kept_notes(a.md), NOTES_END, ""]
+    md += ["## Machine", "", table(["", ""], [
+        ["CPU", mach["cpu"]],
+        ["cores", mach["cores"]],
+        ["architecture", mach.get("arch", "?")],
+        ["kernel", mach["kernel"]],
+        ["OS", mach.get("os", "?")],
+        ["rustc", mach["rustc"]],
+        ["shelfwatch", d.get("shelfwatch", "?")],
+        ["Python, onnxruntime", f"{mach.get('python', '?')}, {ort_version}"],
+        ["date (UTC)", d["date"]],
+        ["load average (1, 5, 15 min) at start; at end", f"{load(mach, 'loadavg_start')}; {load(mach, 'loadavg_end')}"],
+    ]), ""]
+    stages = ", ".join(f"{k} {v} s" for k, v in d.get("stages_s", {}).items())
+    md += ["## How to reproduce", "", "From the repository root:", "", "```sh", "bench/run.sh            # or --quick for a smoke check",
+           "```", "",
+           "It creates the Python venv (`bench/requirements.txt`, pinned) in "
+           "`${SHELFWATCH_BENCH_VENV:-$HOME/.cache/shelfwatch/bench-venv}` if missing, runs `cargo build --release --locked`, "
+           "starts its own mosquitto on a free loopback port, runs every stage, writes `target/bench/results.json` "
+           "(raw outputs in `target/bench/raw/`) and renders this page and `performance.svg` with `bench/report.py`. "
+           "It needs python3 (3.11 or later) and mosquitto (`scripts/setup.sh --test` installs it). "
+           "Close other work first: every number here is a wall-clock time on a shared machine.", ""]
+    if stages:
+        md += [f"Stage times of this run: {stages}.", ""]
+
+    os.makedirs(os.path.dirname(os.path.abspath(a.md)), exist_ok=True)
+    with open(a.md, "w", encoding="utf-8") as f:
+        f.write("\n".join(md))
+    chart(res, a.svg)
+    print(f"wrote {a.md} and {a.svg}")
+
+
+if __name__ == "__main__":
+    main()
