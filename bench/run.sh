@@ -7,7 +7,7 @@
 #
 # Writes the raw results to target/bench/results.json (per measurement also
 # target/bench/raw/) and renders docs/performance.md and docs/performance.svg with
-# bench/report.py. Needs python3 (3.11 or later, with venv) and mosquitto
+# bench/report.py (a --quick run renders into target/bench/ instead). Needs python3 (3.11 or later, with venv) and mosquitto
 # (scripts/setup.sh --test installs it); the Python packages (bench/requirements.txt,
 # pinned) go into ${SHELFWATCH_BENCH_VENV:-$HOME/.cache/shelfwatch/bench-venv}.
 #
@@ -18,7 +18,8 @@
 #               scene frames (fp32 must agree, or the comparison below is not like for like)
 #   end to end  the daemon (files source, every frame, MQTT sink) vs py_pipeline.py on
 #               the same ~200 frames, the same broker, 1 thread: wall time, peak RSS
-#   cold start  launch to the first zone counts, both (median of 3)
+#   cold start  launch to the first zone counts, both (median of 3); for the daemon a
+#               first start (no model cache) and a restart (model cache filled)
 # Everything talks to a mosquitto this script starts on 127.0.0.1 (a free port) and
 # stops on exit.
 set -euo pipefail
@@ -286,6 +287,10 @@ end_to_end() {
   # The demo's counting (3 of the last 5 frames), zones and planogram; the MQTT sink only.
   daemon_config "$tmp/e2e.toml" "$tmp/state-e2e" "$tmp/e2e-frames/*.jpg" 5 0.6 false
   cp "$tmp/e2e.toml" "$raw/e2e.toml"
+  # A daemon that has run before restarts from its model cache (in its state directory):
+  # fill it as the first start would, so that the run below is the steady state.
+  "$bin" detect --model "$fp32_manifest" --model-cache "$tmp/state-e2e/model-cache" "${frames[0]}" >/dev/null 2>&1 ||
+    die "end to end: warming the model cache failed"
   echo "  shelfwatch run: ${#e2e[@]} frames, $e2e_threads thread(s)"
   measured e2e-shelfwatch "$bin" run --config "$tmp/e2e.toml"
   echo "  py_pipeline.py: ${#e2e[@]} frames, $e2e_threads thread(s)"
@@ -307,6 +312,15 @@ cold_start() {
       status=$?
     echo "$t0" >"$raw/cold-shelfwatch-$i.t0"
     [ "$status" = 0 ] || { tail -n 20 "$raw/cold-shelfwatch-$i.err" >&2; die "cold start: shelfwatch run failed"; }
+    # A restart: saved counts gone again, the model cache the first start wrote kept.
+    rm -f "$tmp/state-cold/state.json"
+    t0=$EPOCHREALTIME
+    status=0
+    "$bin" run --config "$tmp/cold.toml" 2>"$raw/cold-restart-$i.err" |
+      while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done >"$raw/cold-restart-$i.out" ||
+      status=$?
+    echo "$t0" >"$raw/cold-restart-$i.t0"
+    [ "$status" = 0 ] || { tail -n 20 "$raw/cold-restart-$i.err" >&2; die "cold start: shelfwatch restart failed"; }
     measured "cold-python-$i" "$py" bench/py_pipeline.py --model "$fp32_onnx" --threads "$e2e_threads" --port "$port" "${frames[0]}"
     measured "cold-detect-$i" "$bin" detect --model "$fp32_manifest" "${frames[0]}"
   done
@@ -368,15 +382,19 @@ for engine in ("shelfwatch", "python"):
     e2e[engine] = {"frames": frames, **m, "frames_per_second": frames / m["wall_s"]}
 e2e["python"]["self_reported"] = rd("e2e-python.out")
 
-cold = {"shelfwatch": {"first_counts_s": [], "exit_s": []}, "python": {"first_counts_s": [], "exit_s": [], "peak_rss_mb": []},
+cold = {"shelfwatch": {"first_counts_s": [], "exit_s": []}, "shelfwatch_restart": {"first_counts_s": []},
+        "python": {"first_counts_s": [], "exit_s": [], "peak_rss_mb": []},
         "shelfwatch_detect_one_frame": {"exit_s": [], "peak_rss_mb": []}}
-for i in range(1, int(env["BENCH_COLD_REPEATS"]) + 1):
-    t0 = float(open(os.path.join(raw, f"cold-shelfwatch-{i}.t0")).read())
-    lines = [l.split(" ", 1) for l in open(os.path.join(raw, f"cold-shelfwatch-{i}.out")).read().splitlines()]
+def first_counts(run):
+    t0 = float(open(os.path.join(raw, f"{run}.t0")).read())
+    lines = [l.split(" ", 1) for l in open(os.path.join(raw, f"{run}.out")).read().splitlines()]
     first = next((float(t) for t, rec in lines if json.loads(rec).get("type") == "state"), None)
     if first is None:
-        sys.exit(f"bench: the cold-start daemon run {i} printed no state record")
-    cold["shelfwatch"]["first_counts_s"].append(first - t0)
+        sys.exit(f"bench: the daemon run {run} printed no state record")
+    return first - t0
+for i in range(1, int(env["BENCH_COLD_REPEATS"]) + 1):
+    cold["shelfwatch"]["first_counts_s"].append(first_counts(f"cold-shelfwatch-{i}"))
+    cold["shelfwatch_restart"]["first_counts_s"].append(first_counts(f"cold-restart-{i}"))
     p = timed(f"cold-python-{i}")
     cold["python"]["first_counts_s"].append(rd(f"cold-python-{i}.out")["first_detection_s"])
     cold["python"]["exit_s"].append(p["wall_s"])
@@ -384,7 +402,7 @@ for i in range(1, int(env["BENCH_COLD_REPEATS"]) + 1):
     d = timed(f"cold-detect-{i}")
     cold["shelfwatch_detect_one_frame"]["exit_s"].append(d["wall_s"])
     cold["shelfwatch_detect_one_frame"]["peak_rss_mb"].append(d["peak_rss_mb"])
-for k in ("shelfwatch", "python"):
+for k in ("shelfwatch", "shelfwatch_restart", "python"):
     cold[k]["median_first_counts_s"] = statistics.median(cold[k]["first_counts_s"])
 cold["shelfwatch_detect_one_frame"]["median_exit_s"] = statistics.median(cold["shelfwatch_detect_one_frame"]["exit_s"])
 del cold["shelfwatch"]["exit_s"]
@@ -453,5 +471,11 @@ stage "end to end: shelfwatch run vs py_pipeline.py ($e2e_frames frames)" end_to
 stage "cold start: launch to first counts (x$cold_repeats)" cold_start
 cp "$tmp/stages.tsv" "$raw/stages.tsv"
 stage "results: $out/results.json" collect
-stage "report: docs/performance.md, docs/performance.svg" "$py" bench/report.py --results "$out/results.json"
+# A quick run's figures are too few to publish: its report stays in target/bench/.
+if $quick; then
+  stage "report: $out/performance.md" "$py" bench/report.py --results "$out/results.json" \
+    --md "$out/performance.md" --svg "$out/performance.svg"
+else
+  stage "report: docs/performance.md, docs/performance.svg" "$py" bench/report.py --results "$out/results.json"
+fi
 echo "bench: done in $((SECONDS - t_all)) s"

@@ -324,6 +324,15 @@ pub struct ModelConfig {
     /// board with several cameras, one thread per camera uses the cores as well.
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// Keep the decluttered model under `<state.dir>/model-cache` so that restarts skip
+    /// the ONNX parse and graph simplification (vision::cache).
+    #[serde(default = "default_model_cache")]
+    pub cache: bool,
+}
+
+/// On: a restart of a board on a slow SD card is where load time shows.
+pub fn default_model_cache() -> bool {
+    true
 }
 
 /// One inference thread: the daemon already runs one inference worker per camera.
@@ -350,6 +359,7 @@ impl Default for ModelConfig {
             iou_threshold: None,
             max_detections: None,
             threads: default_threads(),
+            cache: default_model_cache(),
         }
     }
 }
@@ -525,6 +535,9 @@ impl LoadedConfig {
             label_thresholds: m.label_thresholds.clone(),
             input_size: None,
             threads: m.threads,
+            cache_dir: m
+                .cache
+                .then(|| self.resolve(&self.config.state.dir).join("model-cache")),
         }
     }
 

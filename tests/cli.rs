@@ -442,3 +442,57 @@ fn eval_names_the_label_file_and_line_it_cannot_read() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_cached_model_finds_the_same_boxes_and_a_damaged_entry_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().to_str().unwrap();
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+            .args([
+                "detect",
+                "--model-cache",
+                cache,
+                "tests/fixtures/photos/coffee.png",
+            ])
+            .current_dir(root())
+            .env("SHELFWATCH_LOG", "info")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            stdout_json(&out)[0]["detections"].clone(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (first, log) = run();
+    assert!(log.contains("cached=false"), "{log}");
+    let entries: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".nnef.tar"))
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let (second, log) = run();
+    assert!(log.contains("cached=true"), "{log}");
+    assert_eq!(first, second);
+
+    // A flipped byte in the middle of the entry: noticed, rebuilt from the ONNX file.
+    let mut bytes = std::fs::read(&entries[0]).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x55;
+    std::fs::write(&entries[0], bytes).unwrap();
+    let (third, log) = run();
+    assert!(
+        log.contains("model cache entry damaged; rebuilding"),
+        "{log}"
+    );
+    assert!(log.contains("cached=false"), "{log}");
+    assert_eq!(first, third);
+    let (_, log) = run();
+    assert!(log.contains("cached=true"), "{log}");
+}

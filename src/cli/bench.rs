@@ -32,8 +32,9 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// Also time every operation of the model once (after the timed runs) and list the
-    /// time per kind of operation: where inference time goes on this CPU.
+    /// Also time every operation of the model (after the timed runs, averaged over up to
+    /// 10 runs) and list the time per kind of operation: where inference time goes on
+    /// this CPU.
     #[arg(long)]
     pub profile: bool,
     /// Size of the YUYV frames the pipeline starts from (the photos are scaled to it).
@@ -322,8 +323,23 @@ fn bench(
         bar.inc(1);
     }
     bar.finish_and_clear();
+    // Averaged over up to 10 runs: one run's per-operation times are noisy.
     let profile = if args.profile {
-        Some(detector.profile(&rgb)?)
+        let n = args.runs.min(10);
+        let mut total: Vec<crate::vision::OpTime> = Vec::new();
+        for _ in 0..n {
+            for op in detector.profile(&rgb)? {
+                match total.iter_mut().find(|t| t.op == op.op) {
+                    Some(t) => t.ms += op.ms,
+                    None => total.push(op),
+                }
+            }
+        }
+        for t in &mut total {
+            t.ms /= n as f64;
+        }
+        total.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        Some(total)
     } else {
         None
     };

@@ -84,6 +84,10 @@ pub struct ModelArgs {
     /// Threads for one inference, instead of the configured `[model] threads`.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=crate::config::MAX_THREADS as i64))]
     pub threads: Option<u16>,
+    /// Cache the decluttered model in this directory, as the daemon does in its state
+    /// directory (`[model] cache`); without it, these commands read the ONNX file.
+    #[arg(long, value_name = "DIR")]
+    pub model_cache: Option<PathBuf>,
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
@@ -129,6 +133,8 @@ impl ModelArgs {
         if let Some(t) = self.threads {
             options.threads = usize::from(t);
         }
+        // One-off commands do not write into the daemon's state directory.
+        options.cache_dir = self.model_cache.clone();
         Ok((manifest, options))
     }
 }

@@ -5,6 +5,7 @@
 //! anything. How to feed the model and how to read its outputs comes from its manifest.
 
 pub mod annotate;
+pub mod cache;
 pub mod decode;
 pub mod eval;
 pub mod manifest;
@@ -123,6 +124,9 @@ pub struct DetectorOptions {
     /// Threads for one inference (tract's matrix products); 0 or 1: the calling thread
     /// only.
     pub threads: usize,
+    /// Where to keep decluttered models between starts (see [`cache`]); none: every
+    /// start reads the ONNX file.
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Time spent in one kind of operation during one inference, from [`Detector::profile`].
@@ -153,11 +157,10 @@ pub struct Detector {
 }
 
 impl Detector {
-    /// Loads the model a manifest describes: verifies its sha256, pins the input shape and
-    /// optimises the graph once.
+    /// Loads the model a manifest describes: verifies its sha256 (or takes the verified
+    /// cache entry made from it), pins the input shape and optimises the graph once.
     pub fn load(manifest_path: &Path, options: &DetectorOptions) -> Result<Self, VisionError> {
         let manifest = Manifest::load(manifest_path)?;
-        let bytes = manifest.verify_model()?;
         let spec = &manifest.manifest;
         let (width, height) = options
             .input_size
@@ -170,17 +173,39 @@ impl Detector {
             path: manifest.model_path.clone(),
             message: format!("{e:#}"),
         };
-        let mut model = tract_onnx::onnx()
-            .model_for_read(&mut std::io::Cursor::new(bytes))
-            .map_err(model_err)?
-            .with_input_fact(0, f32::fact(shape).into())
-            .map_err(model_err)?;
-        let output_names = output_names(&model);
-        let decoder = Decoder::new(&manifest, &output_names, (width, height))?;
-        // Only the outputs the decoder reads are kept, so the optimiser can drop the rest.
-        model
-            .select_outputs_by_name(decoder.output_names())
-            .map_err(model_err)?;
+        let t0 = Instant::now();
+        let cache = options.cache_dir.as_ref().map(cache::ModelCache::new);
+        let key = cache::ModelCache::key(&spec.sha256, &shape, &format!("{:?}", spec.decoder));
+        let (model, decoder, cached) = match cache.as_ref().and_then(|c| c.load(&key)) {
+            Some((model, outputs)) => {
+                let decoder = Decoder::new(&manifest, &outputs, (width, height))?;
+                (model, decoder, true)
+            }
+            None => {
+                let bytes = manifest.verify_model()?;
+                let mut model = tract_onnx::onnx()
+                    .model_for_read(&mut std::io::Cursor::new(bytes))
+                    .map_err(model_err)?
+                    .with_input_fact(0, f32::fact(shape).into())
+                    .map_err(model_err)?;
+                let output_names = output_names(&model);
+                let decoder = Decoder::new(&manifest, &output_names, (width, height))?;
+                // Only the outputs the decoder reads are kept, so the optimiser can drop
+                // the rest.
+                model
+                    .select_outputs_by_name(decoder.output_names())
+                    .map_err(model_err)?;
+                let model = model
+                    .into_typed()
+                    .and_then(|m| m.into_decluttered())
+                    .map_err(model_err)?;
+                if let Some(c) = &cache {
+                    c.store(&key, &model, &decoder.output_names());
+                }
+                (model, decoder, false)
+            }
+        };
+        let t1 = Instant::now();
         // The pool belongs to this plan and its forks: several cameras each with their own
         // detector do not share (and fight over) one global pool.
         let run_options = RunOptions {
@@ -198,6 +223,7 @@ impl Detector {
             .into_runnable_with_options(&run_options)
             .map_err(model_err)?;
         let state = plan.spawn().map_err(model_err)?;
+        let t2 = Instant::now();
 
         let thresholds = Thresholds::new(
             &manifest,
@@ -215,6 +241,9 @@ impl Detector {
             height,
             labels = manifest.labels.len(),
             threads = options.threads.max(1),
+            cached,
+            read_ms = ms(t1 - t0),
+            optimise_ms = ms(t2 - t1),
             "model loaded"
         );
         Ok(Self {
