@@ -117,6 +117,15 @@ def inference_tables(res):
             rows.append([model, n] + [ms(st.get(s, {}).get("p50")) for s in stage_names]
                         + [ms(r.get("frames_per_second")), "n/a" if rss is None else f"{rss:.0f}"])
     stages = table(["model", "threads"] + [f"{s} p50 ms" for s in stage_names] + ["frames/s", "peak RSS MB"], rows)
+    # Heap allocations per frame and stage (the binary counts them), 1 thread.
+    rows = []
+    for model in ("fp32", "int8"):
+        st = (res.run("shelfwatch", model, res.threads[0]) or {}).get("stages_ms", {})
+        if any("allocations" in st.get(s, {}) for s in stage_names):
+            rows.append([model] + [f"{st.get(s, {}).get('allocations', 0):.1f}" for s in stage_names])
+    if rows:
+        stages += "\n\nHeap allocations per frame, by stage (" + str(res.threads[0]) + " thread):\n\n" + table(
+            ["model"] + stage_names, rows)
 
     rows = []
     for n in res.threads:

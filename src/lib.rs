@@ -4,6 +4,7 @@
 //! Data flows `capture -> vision -> counting -> publish`; the daemon wires them. This
 //! crate is the whole program; `main.rs` only parses arguments and calls [`cli::run`].
 
+pub mod alloc;
 pub mod capture;
 pub mod cli;
 pub mod config;

@@ -2,6 +2,10 @@
 
 use clap::Parser;
 
+/// Counts allocations for `shelfwatch bench` (one atomic add each).
+#[global_allocator]
+static ALLOCATOR: shelfwatch::alloc::CountingAllocator = shelfwatch::alloc::CountingAllocator;
+
 fn main() -> std::process::ExitCode {
     abort_on_panic();
     let cli = shelfwatch::cli::Cli::parse();

@@ -55,6 +55,9 @@ pub struct StageStats {
     pub p90: f64,
     pub p99: f64,
     pub mean: f64,
+    /// Heap allocations per frame in this stage (mean over the timed runs).
+    #[serde(default)]
+    pub allocations: f64,
 }
 
 impl StageStats {
@@ -78,6 +81,14 @@ impl StageStats {
             p90: pct(90.0),
             p99: pct(99.0),
             mean,
+            allocations: 0.0,
+        }
+    }
+
+    fn with_allocations(self, allocations: f64) -> Self {
+        Self {
+            allocations,
+            ..self
         }
     }
 }
@@ -267,6 +278,7 @@ fn bench(
     );
     let mut rgb = RgbImage::new(cw, ch);
     let mut samples: [Vec<f64>; 7] = Default::default();
+    let mut allocations = [0u64; 7];
     let mut payload = Vec::new();
     bar.set_message("warm-up");
     for i in 0..args.warmup + args.runs {
@@ -274,10 +286,13 @@ fn bench(
             bar.set_message("measure");
         }
         let t0 = Instant::now();
+        let a0 = crate::alloc::allocations();
         to_rgb(&layout, &frames[i % frames.len()], &mut rgb)?;
         let t1 = Instant::now();
+        let a1 = crate::alloc::allocations();
         let (detections, s) = detector.detect(&rgb)?;
         let t2 = Instant::now();
+        let a2 = crate::alloc::allocations();
         let now = Instant::now();
         let states: Vec<_> = counters
             .iter_mut()
@@ -287,6 +302,7 @@ fn bench(
             })
             .collect();
         let t3 = Instant::now();
+        let a3 = crate::alloc::allocations();
         for (zone, state) in states {
             let Some(state) = state else { continue };
             let message = Envelope {
@@ -304,7 +320,16 @@ fn bench(
             serde_json::to_writer(&mut payload, &message)?;
         }
         let t4 = Instant::now();
+        let a4 = crate::alloc::allocations();
         if i >= args.warmup {
+            let [pre, inf, post] = s.allocations;
+            for (sum, n) in
+                allocations
+                    .iter_mut()
+                    .zip([a1 - a0, pre, inf, post, a3 - a2, a4 - a3, a4 - a0])
+            {
+                *sum += n;
+            }
             let convert = ms(t1 - t0);
             let counting = ms(t3 - t2);
             let publish = ms(t4 - t3);
@@ -343,8 +368,13 @@ fn bench(
     } else {
         None
     };
-    let [convert, preprocess, inference, postprocess, counting, publish, total] =
-        samples.map(|mut v| StageStats::of(&mut v));
+    let [convert, preprocess, inference, postprocess, counting, publish, total] = samples
+        .into_iter()
+        .zip(allocations)
+        .map(|(mut v, n)| StageStats::of(&mut v).with_allocations(n as f64 / args.runs as f64))
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("seven stages");
     let stages = Stages {
         convert,
         preprocess,
@@ -384,13 +414,13 @@ fn bench(
         None => {
             println!("load {:.1} ms, peak RSS {}", report.load_ms, rss(&report));
             println!(
-                "{:<12} {:>9} {:>9} {:>9} {:>9}",
-                "stage (ms)", "p50", "p90", "p99", "mean"
+                "{:<12} {:>9} {:>9} {:>9} {:>9} {:>11}",
+                "stage (ms)", "p50", "p90", "p99", "mean", "allocs/frame"
             );
             for (name, s) in report.stages_ms.rows() {
                 println!(
-                    "{name:<12} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
-                    s.p50, s.p90, s.p99, s.mean
+                    "{name:<12} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>11.1}",
+                    s.p50, s.p90, s.p99, s.mean, s.allocations
                 );
             }
             println!("{:.1} frames/s", report.frames_per_second);

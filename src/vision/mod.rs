@@ -109,6 +109,10 @@ pub struct StageTimings {
     pub preprocess_ms: f64,
     pub inference_ms: f64,
     pub postprocess_ms: f64,
+    /// Heap allocations in each of the three stages (see [`crate::alloc`]; zeros
+    /// unless the binary counts them). For `bench`, not part of `detect`'s output.
+    #[serde(skip)]
+    pub allocations: [u64; 3],
 }
 
 /// Overrides of the manifest's post-processing, from config or the command line.
@@ -362,17 +366,20 @@ impl Detector {
         frame: &RgbImage,
     ) -> Result<(Vec<Detection>, StageTimings), VisionError> {
         let t0 = Instant::now();
+        let a0 = crate::alloc::allocations();
         if Arc::get_mut(&mut self.input).is_none() {
             self.input = Arc::new(self.preprocessor.new_tensor());
         }
         let input = Arc::get_mut(&mut self.input).expect("input tensor was just made unique");
         let geometry = self.preprocessor.run(frame, input);
         let t1 = Instant::now();
+        let a1 = crate::alloc::allocations();
         let outputs = self
             .state
             .run(tvec!(self.input.clone().into_tvalue()))
             .map_err(|e| VisionError::Inference(format!("{e:#}")))?;
         let t2 = Instant::now();
+        let a2 = crate::alloc::allocations();
         self.candidates.clear();
         self.decoder
             .decode(&outputs, &self.thresholds, &mut self.candidates)?;
@@ -392,12 +399,14 @@ impl Detector {
             })
             .collect();
         let t3 = Instant::now();
+        let a3 = crate::alloc::allocations();
         Ok((
             detections,
             StageTimings {
                 preprocess_ms: ms(t1 - t0),
                 inference_ms: ms(t2 - t1),
                 postprocess_ms: ms(t3 - t2),
+                allocations: [a1 - a0, a2 - a1, a3 - a2],
             },
         ))
     }
