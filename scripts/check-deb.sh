@@ -153,7 +153,8 @@ ok "md5sums recorded by dpkg, dpkg --verify clean"
 as_shelfwatch shelfwatch check-config /etc/shelfwatch/shelfwatch.toml ||
   fail "shelfwatch check-config /etc/shelfwatch/shelfwatch.toml failed (as user shelfwatch)"
 ok "check-config /etc/shelfwatch/shelfwatch.toml, as user shelfwatch"
-for f in ssd_mobilenetv2_oidv4.onnx ssd_mobilenetv2_oidv4.labels ssd_mobilenetv2_oidv4.toml; do
+for f in ssd_mobilenetv2_oidv4.onnx ssd_mobilenetv2_oidv4.labels ssd_mobilenetv2_oidv4.toml \
+         ssd_mobilenetv2_oidv4_int8.onnx ssd_mobilenetv2_oidv4_int8.toml; do
   [ "$(stat -c %a "$root/usr/share/shelfwatch/models/$f" 2>/dev/null)" = 644 ] ||
     fail "/usr/share/shelfwatch/models/$f missing or not mode 644"
 done
@@ -165,6 +166,10 @@ if [ -f "$photo" ]; then
   out=$(as_shelfwatch shelfwatch detect /tmp/photo.png) || fail "shelfwatch detect failed"
   case $out in *'"model":"ssd_mobilenetv2_oidv4"'*) ;; *) fail "unexpected detect output: $out" ;; esac
   ok "detect with /usr/share/shelfwatch/models: ${out:0:160}..."
+  out=$(as_shelfwatch shelfwatch detect --model /usr/share/shelfwatch/models/ssd_mobilenetv2_oidv4_int8.toml /tmp/photo.png) ||
+    fail "shelfwatch detect with the int8 model failed"
+  case $out in *'"model":"ssd_mobilenetv2_oidv4_int8"'*) ;; *) fail "unexpected int8 detect output: $out" ;; esac
+  ok "detect with the packaged int8 model"
 fi
 
 in_root id shelfwatch

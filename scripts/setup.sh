@@ -36,6 +36,7 @@ if $with_tests; then
     qemu-system-x86 qemu-system-arm busybox-static # vivid VMs (tests/vivid/run-vm.sh)
     python3-venv   # cargo-zigbuild and zig, pinned, from PyPI
     dpkg-dev lintian debootstrap man-db groff-base # packages: checks and a throwaway install
+    gcc time       # bench/: the qemu instruction-count plugin, peak RSS of whole processes
   )
 fi
 

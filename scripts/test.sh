@@ -31,6 +31,12 @@ stage "vivid VM: capture from the real V4L2 driver (x86_64)" \
 stage "aarch64: build and tests under qemu" scripts/test-arm.sh aarch64-unknown-linux-gnu
 stage "armv7: build and tests under qemu" scripts/test-arm.sh armv7-unknown-linux-gnueabihf
 
+# Benchmarks are never timed tests; CI only checks that the harnesses still run from a
+# fresh clone (few runs, figures not published: --quick renders into target/bench/).
+stage "benchmarks: side-by-side harness, smoke run" bench/run.sh --quick
+stage "benchmarks: ARM instruction counts, smoke run" bench/arm-insns.sh \
+  --configs aarch64-unknown-linux-gnu:cortex-a76 --models models/ssd_mobilenetv2_oidv4.toml
+
 a64=target/aarch64-unknown-linux-gnu/release
 stage "vivid VM: capture from the real V4L2 driver (arm64, cortex-a72)" \
   tests/vivid/run-vm.sh --arch aarch64 --binary $a64/examples/vivid-guest -- /dev/video0
