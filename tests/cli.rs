@@ -255,7 +255,10 @@ fn bench_json_reports_percentiles_per_stage() {
     assert_eq!(v["camera_frame"], serde_json::json!([1280, 720]));
     // The binary counts allocations: tract allocates its intermediate tensors on every
     // inference, while converting a YUYV frame into the reused RGB buffer allocates none.
-    assert!(v["stages_ms"]["inference"]["allocations"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(
+        v["stages_ms"]["inference"]["allocations"].as_f64().unwrap() > 0.0,
+        "{v}"
+    );
     assert_eq!(v["stages_ms"]["convert"]["allocations"], 0.0, "{v}");
     assert!(v["peak_rss_mb"].as_f64().unwrap() > 1.0, "{v}");
 }

