@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use tract_onnx::prelude::{TValue, Tensor};
 
-use super::manifest::{AnchorSpec, DecoderSpec, LoadedManifest, SsdSpec};
+use super::manifest::{AnchorSpec, DecoderSpec, HeatmapSpec, LoadedManifest, SsdSpec};
 use super::{BBox, VisionError};
 
 /// A box before non-maximum suppression.
@@ -67,6 +67,7 @@ impl Thresholds {
 pub enum Decoder {
     Ssd(SsdDecoder),
     Yolo(YoloDecoder),
+    Heatmap(HeatmapDecoder),
 }
 
 impl Decoder {
@@ -115,6 +116,13 @@ impl Decoder {
                     version, classes, input_size, output,
                 )))
             }
+            DecoderSpec::Heatmap(spec) => {
+                let mut names = vec![find(&spec.heat_output)?, find(&spec.box_output)?];
+                if let Some(p) = &spec.peak_output {
+                    names.push(find(p)?);
+                }
+                HeatmapDecoder::new(spec, classes, input_size, names).map(Decoder::Heatmap)
+            }
         }
     }
 
@@ -123,6 +131,7 @@ impl Decoder {
         match self {
             Decoder::Ssd(d) => d.outputs.to_vec(),
             Decoder::Yolo(d) => vec![d.output.clone()],
+            Decoder::Heatmap(d) => d.outputs.clone(),
         }
     }
 
@@ -136,6 +145,7 @@ impl Decoder {
         match self {
             Decoder::Ssd(d) => d.decode(&outputs[0], &outputs[1], thresholds, out),
             Decoder::Yolo(d) => d.decode(&outputs[0], thresholds, out),
+            Decoder::Heatmap(d) => d.decode(outputs, thresholds, out),
         }
     }
 }
@@ -390,6 +400,144 @@ fn f32_slice<'a>(t: &'a Tensor, shape: &[usize], name: &str) -> Result<&'a [f32]
     })
 }
 
+/// Peaks of a centre heat map, with size-aware suppression (see [`HeatmapSpec`]).
+#[derive(Debug, Clone)]
+pub struct HeatmapDecoder {
+    classes: usize,
+    input_size: (u32, u32),
+    grid: (usize, usize),
+    stride: f32,
+    heat_is_logit: bool,
+    suppression: f32,
+    /// heat, boxes and, if the model has it, the max-pooled heat.
+    outputs: Vec<String>,
+}
+
+/// One heat-map peak in model-input pixels.
+#[derive(Debug, Clone, Copy)]
+struct Peak {
+    class_id: usize,
+    score: f32,
+    cx: f32,
+    cy: f32,
+    w: f32,
+    h: f32,
+}
+
+impl HeatmapDecoder {
+    pub fn new(
+        spec: &HeatmapSpec,
+        classes: usize,
+        input_size: (u32, u32),
+        outputs: Vec<String>,
+    ) -> Result<Self, VisionError> {
+        let (w, h) = input_size;
+        if spec.stride == 0 || w % spec.stride != 0 || h % spec.stride != 0 {
+            return Err(VisionError::Outputs {
+                model: outputs[0].clone(),
+                message: format!(
+                    "input size {w}x{h} is not a multiple of the heat map's stride {}",
+                    spec.stride
+                ),
+            });
+        }
+        Ok(Self {
+            classes,
+            input_size,
+            grid: ((w / spec.stride) as usize, (h / spec.stride) as usize),
+            stride: spec.stride as f32,
+            heat_is_logit: spec.heat_is_logit,
+            suppression: spec.suppression_box_fraction,
+            outputs,
+        })
+    }
+
+    pub fn decode(
+        &self,
+        outputs: &[TValue],
+        thresholds: &Thresholds,
+        out: &mut Vec<Candidate>,
+    ) -> Result<(), VisionError> {
+        let (gw, gh) = self.grid;
+        let plane = gw * gh;
+        let heat = f32_slice(&outputs[0], &[1, self.classes, gh, gw], &self.outputs[0])?;
+        let boxes = f32_slice(&outputs[1], &[1, 4, gh, gw], &self.outputs[1])?;
+        let pooled = match outputs.get(2) {
+            Some(t) => Some(f32_slice(t, &[1, self.classes, gh, gw], &self.outputs[2])?),
+            None => None,
+        };
+        let prob = |v: f32| if self.heat_is_logit { sigmoid(v) } else { v };
+        let mut peaks = Vec::new();
+        for c in 0..self.classes {
+            let threshold = thresholds.for_class(c);
+            let map = &heat[c * plane..(c + 1) * plane];
+            for y in 0..gh {
+                for x in 0..gw {
+                    let v = map[y * gw + x];
+                    // Monotone: the raw value decides being a local maximum.
+                    let is_peak = match pooled {
+                        Some(p) => v >= p[c * plane + y * gw + x],
+                        None => neighbours(x, y, gw, gh).all(|(nx, ny)| v >= map[ny * gw + nx]),
+                    };
+                    if !is_peak {
+                        continue;
+                    }
+                    let score = prob(v);
+                    if score < threshold {
+                        continue;
+                    }
+                    let term = |k: usize| boxes[k * plane + y * gw + x];
+                    // exp of a wild value would make an infinite box; 20 cells is beyond
+                    // any object the grid can hold.
+                    let size = |v: f32| v.min(3.0).exp() * self.stride;
+                    peaks.push(Peak {
+                        class_id: c,
+                        score,
+                        cx: (x as f32 + 0.5 + term(0)) * self.stride,
+                        cy: (y as f32 + 0.5 + term(1)) * self.stride,
+                        w: size(term(2)),
+                        h: size(term(3)),
+                    });
+                }
+            }
+        }
+        peaks.sort_by(|a, b| b.score.total_cmp(&a.score));
+        let mut kept: Vec<Peak> = Vec::with_capacity(peaks.len());
+        let f = self.suppression / 2.0;
+        for p in peaks {
+            // Size-aware suppression: one large product shows several peaks (its printed
+            // picture); a real neighbour's centre lies outside the stronger box.
+            let duplicate = kept.iter().any(|k| {
+                k.class_id == p.class_id
+                    && (p.cx - k.cx).abs() <= f * k.w
+                    && (p.cy - k.cy).abs() <= f * k.h
+            });
+            if !duplicate {
+                kept.push(p);
+            }
+        }
+        let (iw, ih) = (self.input_size.0 as f32, self.input_size.1 as f32);
+        out.extend(kept.into_iter().map(|p| Candidate {
+            class_id: p.class_id,
+            score: p.score,
+            bbox: BBox {
+                x1: (p.cx - p.w / 2.0) / iw,
+                y1: (p.cy - p.h / 2.0) / ih,
+                x2: (p.cx + p.w / 2.0) / iw,
+                y2: (p.cy + p.h / 2.0) / ih,
+            },
+        }));
+        Ok(())
+    }
+}
+
+/// The up to 8 cells around (x, y) inside a w x h grid.
+fn neighbours(x: usize, y: usize, w: usize, h: usize) -> impl Iterator<Item = (usize, usize)> {
+    (y.saturating_sub(1)..=(y + 1).min(h - 1))
+        .flat_map(move |ny| (x.saturating_sub(1)..=(x + 1).min(w - 1)).map(move |nx| (nx, ny)))
+        .filter(move |&(nx, ny)| (nx, ny) != (x, y))
+}
+
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -402,7 +550,8 @@ fn logit(p: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_onnx::prelude::tract_ndarray::Array3;
+    use tract_onnx::prelude::tract_ndarray::{Array3, Array4};
+    use tract_onnx::prelude::IntoTValue;
 
     fn oidv4_anchor_spec() -> AnchorSpec {
         AnchorSpec {
@@ -537,5 +686,133 @@ mod tests {
         assert_eq!(out[0].class_id, 1);
         assert!(close(out[0].score, 0.4));
         assert!(close(out[0].bbox.x1, 0.4) && close(out[0].bbox.y2, 0.55));
+    }
+
+    fn heatmap_spec(peak_output: bool, logit: bool) -> HeatmapSpec {
+        HeatmapSpec {
+            heat_output: "heat".into(),
+            box_output: "boxes".into(),
+            peak_output: peak_output.then(|| "peak".into()),
+            stride: 8,
+            heat_is_logit: logit,
+            suppression_box_fraction: 1.0,
+        }
+    }
+
+    /// A 64x32 input: an 8x4 grid of 8-pixel cells, one class.
+    fn heatmap_outputs(peaks: &[(usize, usize, f32, [f32; 4])]) -> (Array4<f32>, Array4<f32>) {
+        let mut heat = Array4::<f32>::zeros((1, 1, 4, 8));
+        let mut boxes = Array4::<f32>::zeros((1, 4, 4, 8));
+        for &(x, y, v, terms) in peaks {
+            heat[[0, 0, y, x]] = v;
+            for (k, t) in terms.into_iter().enumerate() {
+                boxes[[0, k, y, x]] = t;
+            }
+        }
+        (heat, boxes)
+    }
+
+    fn decode_heatmap(d: &HeatmapDecoder, outputs: Vec<Tensor>, t: f32) -> Vec<Candidate> {
+        let outputs: Vec<TValue> = outputs.into_iter().map(|t| t.into_tvalue()).collect();
+        let mut out = vec![];
+        d.decode(&outputs, &Thresholds::uniform(1, t), &mut out)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn heatmap_peaks_become_boxes_from_their_offsets_and_log_sizes() {
+        let d = HeatmapDecoder::new(
+            &heatmap_spec(false, false),
+            1,
+            (64, 32),
+            vec!["heat".into(), "boxes".into()],
+        )
+        .unwrap();
+        // Cell (2, 1): centre (2.5 + 0.25, 1.5 - 0.5) cells = (22, 8) px; size e^0 x e^ln2
+        // cells = 8 x 16 px. Cell (3, 1) beside it is weaker: not a local maximum.
+        let (heat, boxes) = heatmap_outputs(&[
+            (2, 1, 0.9, [0.25, -0.5, 0.0, 2f32.ln()]),
+            (3, 1, 0.6, [0.0; 4]),
+            (6, 3, 0.2, [0.0; 4]),
+        ]);
+        let out = decode_heatmap(&d, vec![Tensor::from(heat), Tensor::from(boxes)], 0.3);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(close(out[0].score, 0.9));
+        let b = out[0].bbox;
+        assert!(
+            close(b.x1, 18.0 / 64.0) && close(b.x2, 26.0 / 64.0),
+            "{b:?}"
+        );
+        assert!(close(b.y1, 0.0) && close(b.y2, 16.0 / 32.0), "{b:?}");
+    }
+
+    #[test]
+    fn a_weaker_peak_inside_a_stronger_peaks_box_is_the_same_object() {
+        let d = HeatmapDecoder::new(
+            &heatmap_spec(false, false),
+            1,
+            (64, 32),
+            vec!["heat".into(), "boxes".into()],
+        )
+        .unwrap();
+        // A large box (5 x 3 cells) at cell (2, 1), a second peak two cells right inside
+        // it, and a neighbour at cell (6, 1) outside it: two objects.
+        let big = [0.0, 0.0, 5f32.ln(), 3f32.ln()];
+        let (heat, boxes) = heatmap_outputs(&[
+            (2, 1, 0.9, big),
+            (4, 1, 0.7, [0.0; 4]),
+            (6, 1, 0.8, [0.0; 4]),
+        ]);
+        let out = decode_heatmap(&d, vec![Tensor::from(heat), Tensor::from(boxes)], 0.3);
+        let centres: Vec<f32> = out
+            .iter()
+            .map(|c| (c.bbox.x1 + c.bbox.x2) / 2.0 * 64.0)
+            .collect();
+        assert_eq!(centres, vec![20.0, 52.0]);
+    }
+
+    #[test]
+    fn a_max_pooled_output_decides_peaks_and_logits_go_through_a_sigmoid() {
+        let d = HeatmapDecoder::new(
+            &heatmap_spec(true, true),
+            1,
+            (64, 32),
+            vec!["heat".into(), "boxes".into(), "peak".into()],
+        )
+        .unwrap();
+        let (mut heat, boxes) = heatmap_outputs(&[(1, 1, 2.0, [0.0; 4]), (5, 2, 1.0, [0.0; 4])]);
+        // Logits: the background far below zero.
+        heat.mapv_inplace(|v| if v == 0.0 { -10.0 } else { v });
+        // The model's pool says cell (5, 2) is dominated (as if by a cell off this map).
+        let mut pooled = heat.clone();
+        pooled[[0, 0, 2, 5]] = 3.0;
+        let out = decode_heatmap(
+            &d,
+            vec![
+                Tensor::from(heat),
+                Tensor::from(boxes),
+                Tensor::from(pooled),
+            ],
+            0.5,
+        );
+        assert_eq!(out.len(), 1);
+        assert!(close(out[0].score, 1.0 / (1.0 + (-2f32).exp())));
+    }
+
+    #[test]
+    fn a_heatmap_input_size_off_the_stride_is_refused() {
+        let e = HeatmapDecoder::new(
+            &heatmap_spec(false, false),
+            1,
+            (60, 32),
+            vec!["heat".into(), "boxes".into()],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("not a multiple of the heat map's stride 8"),
+            "{e}"
+        );
     }
 }

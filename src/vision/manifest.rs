@@ -100,6 +100,34 @@ pub enum DecoderSpec {
     Ssd(SsdSpec),
     Yolov5(YoloSpec),
     Yolov8(YoloSpec),
+    Heatmap(HeatmapSpec),
+}
+
+/// A centre heat map with box terms per cell (CenterNet-style), for counting models
+/// that find objects by their centres. Per cell (x, y) of the stride-`stride` grid:
+/// the heat per class, and (dx, dy, log w, log h) in cells: centre
+/// ((x + 0.5 + dx) * stride, (y + 0.5 + dy) * stride), size (e^lw * stride, e^lh * stride)
+/// in model-input pixels.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HeatmapSpec {
+    /// [1, classes, H, W].
+    pub heat_output: String,
+    /// [1, 4, H, W]: dx, dy, log w, log h.
+    pub box_output: String,
+    /// [1, classes, H, W]: the heat max-pooled over 3x3 (stride 1); a cell is a peak when
+    /// its heat equals it. Computed here when the model does not provide it.
+    #[serde(default)]
+    pub peak_output: Option<String>,
+    /// Input pixels per grid cell.
+    pub stride: u32,
+    /// The heat is a logit (a sigmoid is applied) rather than a probability.
+    #[serde(default)]
+    pub heat_is_logit: bool,
+    /// Size-aware suppression: a weaker peak whose centre lies inside this fraction
+    /// (centred) of a stronger peak's box is the same object seen twice. 1 = the whole box.
+    #[serde(default = "one")]
+    pub suppression_box_fraction: f32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
