@@ -14,8 +14,9 @@
 # under the plugin for R=1 and R=3: instructions per inference = (count(3) - count(1)) / 2,
 # so reading the image, loading and optimising the model and the first run's one-off work
 # fall out ("setup insns" in the table: the --runs 1 count less one inference). An
-# "inference" is one whole detect(): preprocessing, the network, decoding and NMS (the
-# network is nearly all of it). Counts vary by up to 0.2% from one run to the next (the
+# "inference" is one timed run of `bench`: a 1280x720 YUYV frame converted, resized and
+# normalised, the network, decoding and NMS, counting and payloads (the network is
+# nearly all of it). Counts vary by up to 0.2% from one run to the next (the
 # model's loading is not quite deterministic), so smaller differences mean nothing.
 # It writes target/bench/arm-insns.json, a list of
 # {"target","cpu","model","insns_per_inference","kernels"}, prints a table, and keeps each

@@ -7,8 +7,9 @@
 #
 # Writes the raw results to target/bench/results.json (per measurement also
 # target/bench/raw/) and renders docs/performance.md and docs/performance.svg with
-# bench/report.py (a --quick run renders into target/bench/ instead). Needs python3 (3.11 or later, with venv) and mosquitto
-# (scripts/setup.sh --test installs it); the Python packages (bench/requirements.txt,
+# bench/report.py (a --quick run renders into target/bench/ instead). Needs python3 3.11
+# or later; mosquitto, python3-venv and time come from `scripts/setup.sh --bench`, which
+# it runs first; the Python packages (bench/requirements.txt,
 # pinned) go into ${SHELFWATCH_BENCH_VENV:-$HOME/.cache/shelfwatch/bench-venv}.
 #
 # Stages:
@@ -79,6 +80,8 @@ trap 'exit 130' INT TERM
 # Setup: the venv, the release build, the models, a broker.
 
 setup_venv() {
+  # mosquitto, python3-venv and time from the distribution, if missing.
+  bash scripts/setup.sh --bench
   command -v python3 >/dev/null || die "python3 is missing"
   python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
     die "python3 is $(python3 -V 2>&1 | cut -d' ' -f2); the benchmark needs 3.11 or later (tomllib)"
@@ -297,30 +300,30 @@ end_to_end() {
   measured e2e-python "$py" bench/py_pipeline.py --model "$fp32_onnx" --threads "$e2e_threads" --port "$port" "${e2e[@]}"
 }
 
+# The cold-start daemon once, its stdout lines stamped with the time they arrive:
+# $raw/NAME.out, its launch time in $raw/NAME.t0.
+daemon_stamped() {
+  local name=$1 t0 status=0
+  t0=$EPOCHREALTIME
+  "$bin" run --config "$tmp/cold.toml" 2>"$raw/$name.err" |
+    while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done >"$raw/$name.out" ||
+    status=$?
+  echo "$t0" >"$raw/$name.t0"
+  [ "$status" = 0 ] || { tail -n 20 "$raw/$name.err" >&2; die "cold start: shelfwatch run ($name) failed"; }
+}
+
 cold_start() {
-  local i t0 status
+  local i
   # One frame; a count is stable after one frame, so the first "state" record on stdout
   # is the first frame's counts.
   daemon_config "$tmp/cold.toml" "$tmp/state-cold" "$PWD/${frames[0]}" 1 1.0 true
   for ((i = 1; i <= cold_repeats; i++)); do
-    echo "  run $i of $cold_repeats: shelfwatch run, py_pipeline.py, shelfwatch detect (one frame each)"
-    rm -rf "$tmp/state-cold" # no saved counts to publish at start
-    t0=$EPOCHREALTIME
-    status=0
-    "$bin" run --config "$tmp/cold.toml" 2>"$raw/cold-shelfwatch-$i.err" |
-      while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done >"$raw/cold-shelfwatch-$i.out" ||
-      status=$?
-    echo "$t0" >"$raw/cold-shelfwatch-$i.t0"
-    [ "$status" = 0 ] || { tail -n 20 "$raw/cold-shelfwatch-$i.err" >&2; die "cold start: shelfwatch run failed"; }
+    echo "  run $i of $cold_repeats: shelfwatch run (first start, restart), py_pipeline.py, shelfwatch detect (one frame each)"
+    rm -rf "$tmp/state-cold" # no saved counts to publish at start, no model cache
+    daemon_stamped "cold-shelfwatch-$i"
     # A restart: saved counts gone again, the model cache the first start wrote kept.
     rm -f "$tmp/state-cold/state.json"
-    t0=$EPOCHREALTIME
-    status=0
-    "$bin" run --config "$tmp/cold.toml" 2>"$raw/cold-restart-$i.err" |
-      while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done >"$raw/cold-restart-$i.out" ||
-      status=$?
-    echo "$t0" >"$raw/cold-restart-$i.t0"
-    [ "$status" = 0 ] || { tail -n 20 "$raw/cold-restart-$i.err" >&2; die "cold start: shelfwatch restart failed"; }
+    daemon_stamped "cold-restart-$i"
     measured "cold-python-$i" "$py" bench/py_pipeline.py --model "$fp32_onnx" --threads "$e2e_threads" --port "$port" "${frames[0]}"
     measured "cold-detect-$i" "$bin" detect --model "$fp32_manifest" "${frames[0]}"
   done

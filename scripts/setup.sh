@@ -6,15 +6,19 @@
 # is there.
 #
 #   scripts/setup.sh          # to build and run (the README's first command)
+#   scripts/setup.sh --bench  # to run bench/run.sh (it calls this itself): mosquitto,
+#                             # python3-venv, time
 #   scripts/setup.sh --test   # to run scripts/test.sh (it calls this itself)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_tests=false
+with_bench=false
 case ${1:-} in
   "") ;;
   --test) with_tests=true ;;
-  *) echo "usage: $0 [--test]" >&2; exit 2 ;;
+  --bench) with_bench=true ;;
+  *) echo "usage: $0 [--bench | --test]" >&2; exit 2 ;;
 esac
 
 apt_packages=(
@@ -38,6 +42,9 @@ if $with_tests; then
     dpkg-dev lintian debootstrap man-db groff-base # packages: checks and a throwaway install
     gcc time       # bench/: the qemu instruction-count plugin, peak RSS of whole processes
   )
+fi
+if $with_bench; then
+  apt_packages+=(mosquitto python3-venv time)
 fi
 
 missing=()
