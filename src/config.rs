@@ -320,8 +320,9 @@ pub struct ModelConfig {
     /// Upper bound on detections per frame.
     #[serde(default)]
     pub max_detections: Option<usize>,
-    /// Threads for one inference (per camera). More threads cut a frame's latency; on a
-    /// board with several cameras, one thread per camera uses the cores as well.
+    /// Threads for the matrix products of an inference: one pool, shared by the cameras
+    /// (each of which has its own inference thread). More threads cut a frame's latency;
+    /// on a board with a camera per core, the cameras' own threads use the cores already.
     #[serde(default = "default_threads")]
     pub threads: usize,
     /// Keep the decluttered model under `<state.dir>/model-cache` so that restarts skip

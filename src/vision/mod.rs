@@ -210,8 +210,8 @@ impl Detector {
             }
         };
         let t1 = Instant::now();
-        // The pool belongs to this plan and its forks: several cameras each with their own
-        // detector do not share (and fight over) one global pool.
+        // The pool belongs to this plan, so the forks (one per camera) share it, and a
+        // second model in the process (an embedder) would have its own.
         let run_options = RunOptions {
             executor: (options.threads > 1).then(|| {
                 tract_linalg::multithread::Executor::multithread_with_name(
