@@ -712,6 +712,12 @@ mod tests {
         (heat, boxes)
     }
 
+    /// Probabilities, no pooled output, a 64x32 input.
+    fn plain_heatmap_decoder() -> HeatmapDecoder {
+        let names = vec!["heat".into(), "boxes".into()];
+        HeatmapDecoder::new(&heatmap_spec(false, false), 1, (64, 32), names).unwrap()
+    }
+
     fn decode_heatmap(d: &HeatmapDecoder, outputs: Vec<Tensor>, t: f32) -> Vec<Candidate> {
         let outputs: Vec<TValue> = outputs.into_iter().map(|t| t.into_tvalue()).collect();
         let mut out = vec![];
@@ -722,13 +728,7 @@ mod tests {
 
     #[test]
     fn heatmap_peaks_become_boxes_from_their_offsets_and_log_sizes() {
-        let d = HeatmapDecoder::new(
-            &heatmap_spec(false, false),
-            1,
-            (64, 32),
-            vec!["heat".into(), "boxes".into()],
-        )
-        .unwrap();
+        let d = plain_heatmap_decoder();
         // Cell (2, 1): centre (2.5 + 0.25, 1.5 - 0.5) cells = (22, 8) px; size e^0 x e^ln2
         // cells = 8 x 16 px. Cell (3, 1) beside it is weaker: not a local maximum.
         let (heat, boxes) = heatmap_outputs(&[
@@ -749,13 +749,7 @@ mod tests {
 
     #[test]
     fn a_weaker_peak_inside_a_stronger_peaks_box_is_the_same_object() {
-        let d = HeatmapDecoder::new(
-            &heatmap_spec(false, false),
-            1,
-            (64, 32),
-            vec!["heat".into(), "boxes".into()],
-        )
-        .unwrap();
+        let d = plain_heatmap_decoder();
         // A large box (5 x 3 cells) at cell (2, 1), a second peak two cells right inside
         // it, and a neighbour at cell (6, 1) outside it: two objects.
         let big = [0.0, 0.0, 5f32.ln(), 3f32.ln()];
