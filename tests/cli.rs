@@ -503,3 +503,31 @@ fn a_cached_model_finds_the_same_boxes_and_a_damaged_entry_is_rebuilt() {
     let (_, log) = run();
     assert!(log.contains("cached=true"), "{log}");
 }
+
+#[test]
+fn a_model_cache_that_cannot_be_written_costs_a_warning_not_the_detection() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-directory");
+    std::fs::write(&file, b"").unwrap();
+    let cache = file.join("cache");
+    let out = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+        .args([
+            "detect",
+            "--model-cache",
+            cache.to_str().unwrap(),
+            "tests/fixtures/photos/coffee.png",
+        ])
+        .current_dir(root())
+        .env("SHELFWATCH_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("cannot write the model cache"), "{stderr}");
+    assert!(!stdout_json(&out)[0]["detections"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    // Nothing half-written is left beside the file.
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}

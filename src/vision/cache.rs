@@ -135,19 +135,35 @@ impl ModelCache {
         std::fs::create_dir_all(&self.dir)?;
         let (tar, sum) = self.paths(key);
         let tmp = tar.with_extension(format!("tmp.{}", std::process::id()));
-        let file = std::fs::File::create(&tmp)?;
+        let result = self.write_entry(&tmp, &tar, &sum, model, outputs);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn write_entry(
+        &self,
+        tmp: &Path,
+        tar: &Path,
+        sum: &Path,
+        model: &TypedModel,
+        outputs: &[String],
+    ) -> Result<(), StoreError> {
+        let file = std::fs::File::create(tmp)?;
         let hashing = HashingWriter {
             inner: std::io::BufWriter::new(file),
             hasher: Sha256::new(),
         };
-        let written = nnef().write_to_tar_with_config(model, hashing, false, true);
-        let hashing = match written {
-            Ok(h) => h,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(StoreError::Translate(e));
-            }
-        };
+        let hashing = nnef()
+            .write_to_tar_with_config(model, hashing, false, true)
+            .map_err(|e| {
+                // A full or read-only disk surfaces through tract as well.
+                match e.chain().find_map(|c| c.downcast_ref::<std::io::Error>()) {
+                    Some(io) => StoreError::Io(std::io::Error::new(io.kind(), format!("{e:#}"))),
+                    None => StoreError::Translate(e),
+                }
+            })?;
         let file = hashing.inner.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         let mut sidecar = hex(&hashing.hasher.finalize());
@@ -157,8 +173,8 @@ impl ModelCache {
         }
         // The sidecar first: a crash between the two renames leaves an entry whose
         // sha256 does not match, which the next load discards.
-        write_atomically(&sum, sidecar.as_bytes())?;
-        std::fs::rename(&tmp, &tar)?;
+        write_atomically(sum, sidecar.as_bytes())?;
+        std::fs::rename(tmp, tar)?;
         Ok(())
     }
 
