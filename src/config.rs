@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::capture::SourceSettings;
 use crate::counting::{CountingParams, Membership, Polygon, ZoneSpec};
+use crate::identify::IdentifyConfig;
 use crate::publish::{SinkSettings, StdoutSettings};
 use crate::vision::{DetectorOptions, Manifest};
 
@@ -39,6 +40,10 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub snapshots: SnapshotConfig,
+    /// Product identification against a gallery of enrolled SKUs; absent: counts are
+    /// per detector label.
+    #[serde(default)]
+    pub identify: Option<IdentifyConfig>,
 }
 
 impl Default for Config {
@@ -52,6 +57,7 @@ impl Default for Config {
             state: StateConfig::default(),
             health: HealthConfig::default(),
             snapshots: SnapshotConfig::default(),
+            identify: None,
         }
     }
 }
@@ -514,15 +520,38 @@ impl LoadedConfig {
 
     /// The model manifest to load.
     pub fn manifest_path(&self) -> PathBuf {
-        let m = &self.config.model;
-        if m.manifest.components().count() == 1 && !m.manifest.is_absolute() {
-            let dir = match &m.model_dir {
+        self.model_file(&self.config.model.manifest)
+    }
+
+    /// A bare file name is a bundled model in `model-dir`; any other path is relative to
+    /// the config file.
+    fn model_file(&self, p: &Path) -> PathBuf {
+        if p.components().count() == 1 && !p.is_absolute() {
+            let dir = match &self.config.model.model_dir {
                 Some(d) => self.resolve(d),
                 None => default_model_dir(),
             };
-            dir.join(&m.manifest)
+            dir.join(p)
         } else {
-            self.resolve(&m.manifest)
+            self.resolve(p)
+        }
+    }
+
+    /// The embedding model's manifest and the gallery directory, when identification is
+    /// configured.
+    pub fn identify_paths(&self) -> Option<(PathBuf, PathBuf)> {
+        self.config
+            .identify
+            .as_ref()
+            .map(|i| (self.model_file(&i.model), self.resolve(&i.gallery)))
+    }
+
+    /// Embedding model options: the same threads and cache as the detector.
+    pub fn embedder_options(&self) -> crate::vision::EmbedderOptions {
+        let d = self.detector_options();
+        crate::vision::EmbedderOptions {
+            threads: d.threads,
+            cache_dir: d.cache_dir,
         }
     }
 
@@ -778,6 +807,9 @@ impl LoadedConfig {
         if m.max_detections == Some(0) {
             problems.push(("model.max-detections".into(), "must be at least 1".into()));
         }
+        if let Some(i) = &c.identify {
+            self.validate_identify(i, &mut problems);
+        }
         // The manifest is small and holds the labels: check it now rather than at start-up
         // of a daemon that would then fail on the first reload.
         let manifest_path = self.manifest_path();
@@ -799,6 +831,81 @@ impl LoadedConfig {
             }
         }
         problems
+    }
+}
+
+impl LoadedConfig {
+    fn validate_identify(&self, i: &IdentifyConfig, problems: &mut Vec<(String, String)>) {
+        for (key, v) in [
+            ("identify.unknown-threshold", i.unknown_threshold),
+            ("identify.mismatch-threshold", i.mismatch_threshold),
+            ("identify.reuse-iou", i.reuse_iou),
+        ] {
+            if !(v > 0.0 && v <= 1.0) {
+                problems.push((key.into(), format!("must be in (0, 1], got {v}")));
+            }
+        }
+        if !(1..=crate::identify::requests::MAX_TOP_K).contains(&i.top_k) {
+            problems.push((
+                "identify.top-k".into(),
+                format!(
+                    "must be between 1 and {}, got {}",
+                    crate::identify::requests::MAX_TOP_K,
+                    i.top_k
+                ),
+            ));
+        }
+        if i.max_embeddings_per_frame == 0 {
+            problems.push((
+                "identify.max-embeddings-per-frame".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if !(i.refresh_s.is_finite() && i.refresh_s >= 0.0) {
+            problems.push((
+                "identify.refresh-s".into(),
+                format!("must be 0 or more seconds, got {}", i.refresh_s),
+            ));
+        }
+        // The MQTT client takes packets up to 16 MiB; a base64 envelope is 4/3 larger.
+        if !(1024..=(12 << 20)).contains(&i.max_request_bytes) {
+            problems.push((
+                "identify.max-request-bytes".into(),
+                format!("must be between 1024 and 12582912, got {}", i.max_request_bytes),
+            ));
+        }
+        let (model, gallery) = self.identify_paths().expect("identify is configured");
+        match Manifest::load(&model) {
+            Err(e) => problems.push(("identify.model".into(), e.to_string())),
+            Ok(m) => {
+                let Some(id) = crate::vision::embed::ModelId::of(&m) else {
+                    problems.push((
+                        "identify.model".into(),
+                        format!("{}: a detector, not an embedding model", model.display()),
+                    ));
+                    return;
+                };
+                // A gallery that does not exist yet is fine (enrol, then SIGHUP); one
+                // that cannot be read or belongs to another model is not.
+                match crate::identify::Gallery::load(&gallery) {
+                    Ok(g) => {
+                        if g.model() != &id {
+                            problems.push((
+                                "identify.gallery".into(),
+                                crate::identify::GalleryError::ModelMismatch {
+                                    path: crate::identify::Gallery::path(&gallery),
+                                    gallery: g.model().clone(),
+                                    model: id,
+                                }
+                                .to_string(),
+                            ));
+                        }
+                    }
+                    Err(crate::identify::GalleryError::Missing { .. }) => {}
+                    Err(e) => problems.push(("identify.gallery".into(), e.to_string())),
+                }
+            }
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! shelfwatch: counts products on warehouse shelves from cameras and publishes stable
 //! counts over MQTT.
 //!
-//! Data flows `capture -> vision -> counting -> publish`; the daemon wires them. This
+//! Data flows `capture -> vision -> (identify) -> counting -> publish`; the daemon wires
+//! them. `identify` names detections by SKU when a gallery is configured. This
 //! crate is the whole program; `main.rs` only parses arguments and calls [`cli::run`].
 
 pub mod alloc;
@@ -10,5 +11,6 @@ pub mod cli;
 pub mod config;
 pub mod counting;
 pub mod daemon;
+pub mod identify;
 pub mod publish;
 pub mod vision;

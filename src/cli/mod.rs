@@ -5,6 +5,7 @@ mod bench;
 mod camera;
 mod detect;
 mod eval;
+mod identify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,14 @@ pub enum Command {
     /// Detection quality on labelled images (YOLO txt or COCO JSON): precision, recall,
     /// F1, AP and count error per label.
     Eval(eval::EvalArgs),
+    /// Add reference photos of a product (SKU) to a gallery.
+    Enroll(identify::EnrollArgs),
+    /// Which enrolled product is in each image (or each detection): top-k SKUs with
+    /// similarity, `unknown` below the threshold.
+    Identify(identify::IdentifyArgs),
+    /// Inspect and edit a gallery.
+    #[command(subcommand)]
+    Gallery(identify::GalleryCommand),
     /// List V4L2 cameras with their formats, sizes, frame rates and controls.
     Devices(camera::DevicesArgs),
     /// Save frames from a camera (to build datasets).
@@ -106,7 +115,11 @@ impl ModelArgs {
     /// The config file, or the built-in defaults; a config error is reported and becomes
     /// exit status 78.
     fn config(&self) -> Result<LoadedConfig, ExitCode> {
-        match &self.config {
+        Self::config_at(&self.config)
+    }
+
+    fn config_at(config: &Option<PathBuf>) -> Result<LoadedConfig, ExitCode> {
+        match config {
             Some(path) => Config::load(path).map_err(|e| {
                 eprintln!("{e}");
                 ExitCode::from(EX_CONFIG)
@@ -180,6 +193,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Detect(args) => detect::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Enroll(args) => identify::enroll(args),
+        Command::Identify(args) => identify::identify(args),
+        Command::Gallery(cmd) => identify::gallery(cmd),
         Command::Devices(args) => camera::devices(args),
         Command::Capture(args) => camera::capture(args),
         Command::CheckConfig { file } => match Config::load(&file) {

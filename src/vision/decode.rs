@@ -123,6 +123,12 @@ impl Decoder {
                 }
                 HeatmapDecoder::new(spec, classes, input_size, names).map(Decoder::Heatmap)
             }
+            DecoderSpec::Embedding(_) => Err(VisionError::Manifest {
+                path: manifest.path.clone(),
+                message: "an embedding model, not a detector: name it as [identify] model \
+                          (or --embedder), not as the detection model"
+                    .into(),
+            }),
         }
     }
 

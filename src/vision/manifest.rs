@@ -22,7 +22,9 @@ pub struct Manifest {
     /// Lower-case hex sha256 of `file`; loading refuses any other content.
     pub sha256: String,
     /// Label file (one label a line, index order), relative to the manifest's directory.
-    pub labels: PathBuf,
+    /// Detectors need one; an embedding model has none.
+    #[serde(default)]
+    pub labels: Option<PathBuf>,
     pub licence: String,
     #[serde(default)]
     pub source: Option<Source>,
@@ -68,6 +70,9 @@ pub enum ResizePolicy {
     Stretch,
     /// Keep the aspect ratio and pad (what YOLO exports expect).
     Letterbox,
+    /// Scale the shorter side to `resize-shorter-side`, then take the centre
+    /// width x height (what ImageNet classifiers and their embeddings expect).
+    CentreCrop,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -81,6 +86,9 @@ pub struct InputSpec {
     pub layout: Layout,
     pub colour: ColourOrder,
     pub resize: ResizePolicy,
+    /// For `centre-crop`: the shorter side is scaled to this before the centre is taken.
+    #[serde(default)]
+    pub resize_shorter_side: Option<u32>,
     /// Value written into letterbox padding, 0..255 before normalisation.
     #[serde(default = "default_pad_value")]
     pub pad_value: u8,
@@ -101,6 +109,20 @@ pub enum DecoderSpec {
     Yolov5(YoloSpec),
     Yolov8(YoloSpec),
     Heatmap(HeatmapSpec),
+    /// Not a detector: one image embedding per input (product identification).
+    Embedding(EmbeddingSpec),
+}
+
+/// An image-embedding model: one vector per image, compared by cosine similarity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct EmbeddingSpec {
+    /// Output tensor [1, dimensions].
+    pub output: String,
+    pub dimensions: usize,
+    /// The graph already divides by the L2 norm; otherwise shelfwatch does.
+    #[serde(default)]
+    pub normalised: bool,
 }
 
 /// A centre heat map with box terms per cell (CenterNet-style), for counting models
@@ -234,19 +256,51 @@ impl Manifest {
         }
         let dir = path.parent().unwrap_or(Path::new("."));
         let model_path = dir.join(&manifest.file);
-        let labels_path = dir.join(&manifest.labels);
-        let labels_text =
-            std::fs::read_to_string(&labels_path).map_err(|error| VisionError::Io {
-                path: labels_path.clone(),
-                error,
-            })?;
-        let labels: Vec<String> = labels_text.lines().map(|l| l.trim().to_owned()).collect();
-        if labels.is_empty() {
-            return Err(VisionError::Manifest {
-                path: labels_path,
-                message: "label file is empty".into(),
-            });
+        let invalid = |message: String| VisionError::Manifest {
+            path: path.to_owned(),
+            message,
+        };
+        if manifest.input.resize == ResizePolicy::CentreCrop {
+            match manifest.input.resize_shorter_side {
+                Some(s) if s >= manifest.input.width.max(manifest.input.height) => {}
+                Some(s) => {
+                    return Err(invalid(format!(
+                        "input.resize-shorter-side = {s} is smaller than the input size {}x{}",
+                        manifest.input.width, manifest.input.height
+                    )))
+                }
+                None => {
+                    return Err(invalid(
+                        "input.resize = \"centre-crop\" needs input.resize-shorter-side".into(),
+                    ))
+                }
+            }
         }
+        let labels = match (&manifest.labels, &manifest.decoder) {
+            (Some(file), _) => {
+                let labels_path = dir.join(file);
+                let labels_text =
+                    std::fs::read_to_string(&labels_path).map_err(|error| VisionError::Io {
+                        path: labels_path.clone(),
+                        error,
+                    })?;
+                let labels: Vec<String> =
+                    labels_text.lines().map(|l| l.trim().to_owned()).collect();
+                if labels.is_empty() {
+                    return Err(VisionError::Manifest {
+                        path: labels_path,
+                        message: "label file is empty".into(),
+                    });
+                }
+                labels
+            }
+            (None, DecoderSpec::Embedding(_)) => Vec::new(),
+            (None, _) => {
+                return Err(invalid(
+                    "labels: missing; a detector needs its label file".into(),
+                ))
+            }
+        };
         Ok(LoadedManifest {
             path: path.to_owned(),
             manifest,

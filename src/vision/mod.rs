@@ -7,6 +7,7 @@
 pub mod annotate;
 pub mod cache;
 pub mod decode;
+pub mod embed;
 pub mod eval;
 pub mod manifest;
 pub mod nms;
@@ -21,6 +22,7 @@ use serde::Serialize;
 use tract_onnx::prelude::*;
 
 pub use decode::{Candidate, Decoder, Thresholds};
+pub use embed::{Embedder, EmbedderOptions};
 pub use manifest::{LoadedManifest, Manifest};
 pub use preprocess::{Geometry, Preprocessor};
 
@@ -173,62 +175,18 @@ impl Detector {
             manifest::Layout::Nchw => [1, 3, height as usize, width as usize],
             manifest::Layout::Nhwc => [1, height as usize, width as usize, 3],
         };
-        let model_err = |e: TractError| VisionError::Model {
-            path: manifest.model_path.clone(),
-            message: format!("{e:#}"),
-        };
-        let t0 = Instant::now();
-        let cache = options.cache_dir.as_ref().map(cache::ModelCache::new);
-        let key = cache::ModelCache::key(&spec.sha256, &shape, &format!("{:?}", spec.decoder));
-        let (model, decoder, cached) = match cache.as_ref().and_then(|c| c.load(&key)) {
-            Some((model, outputs)) => {
-                let decoder = Decoder::new(&manifest, &outputs, (width, height))?;
-                (model, decoder, true)
-            }
-            None => {
-                let bytes = manifest.verify_model()?;
-                let mut model = tract_onnx::onnx()
-                    .model_for_read(&mut std::io::Cursor::new(bytes))
-                    .map_err(model_err)?
-                    .with_input_fact(0, f32::fact(shape).into())
-                    .map_err(model_err)?;
-                let output_names = output_names(&model);
-                let decoder = Decoder::new(&manifest, &output_names, (width, height))?;
-                // Only the outputs the decoder reads are kept, so the optimiser can drop
-                // the rest.
-                model
-                    .select_outputs_by_name(decoder.output_names())
-                    .map_err(model_err)?;
-                let model = model
-                    .into_typed()
-                    .and_then(|m| m.into_decluttered())
-                    .map_err(model_err)?;
-                if let Some(c) = &cache {
-                    c.store(&key, &model, &decoder.output_names());
-                }
-                (model, decoder, false)
-            }
-        };
-        let t1 = Instant::now();
-        // The pool belongs to this plan, so the forks (one per camera) share it, and a
-        // second model in the process (an embedder) would have its own.
-        let run_options = RunOptions {
-            executor: (options.threads > 1).then(|| {
-                tract_linalg::multithread::Executor::multithread_with_name(
-                    options.threads,
-                    "shelfwatch-mm",
-                )
-            }),
-            ..RunOptions::default()
-        };
-        let plan = model
-            .into_optimized()
-            .map_err(model_err)?
-            .into_runnable_with_options(&run_options)
-            .map_err(model_err)?;
-        let state = plan.spawn().map_err(model_err)?;
-        let t2 = Instant::now();
-
+        let loaded = load_plan(
+            &manifest,
+            shape,
+            options.threads,
+            options.cache_dir.as_ref(),
+            |names| Decoder::new(&manifest, names, (width, height)),
+            Decoder::output_names,
+        )?;
+        let (plan, decoder) = (loaded.plan, loaded.reader);
+        let state = plan
+            .spawn()
+            .map_err(|e| VisionError::Inference(format!("{e:#}")))?;
         let thresholds = Thresholds::new(
             &manifest,
             options
@@ -245,9 +203,9 @@ impl Detector {
             height,
             labels = manifest.labels.len(),
             threads = options.threads.max(1),
-            cached,
-            read_ms = ms(t1 - t0),
-            optimise_ms = ms(t2 - t1),
+            cached = loaded.cached,
+            read_ms = loaded.read_ms,
+            optimise_ms = loaded.optimise_ms,
             "model loaded"
         );
         Ok(Self {
@@ -410,6 +368,83 @@ impl Detector {
             },
         ))
     }
+}
+
+/// An optimised plan and what reads its outputs.
+pub(crate) struct LoadedPlan<R> {
+    pub plan: Arc<TypedSimplePlan>,
+    pub reader: R,
+    pub cached: bool,
+    pub read_ms: f64,
+    pub optimise_ms: f64,
+}
+
+/// Loads the model of a manifest with its input pinned to `shape`: from the model cache
+/// when it has a verified entry, otherwise from the ONNX file (sha256-checked), keeping
+/// only the outputs `reader` reads, then optimised with its own thread pool. `make_reader`
+/// binds the output reader (a decoder) to the model's output names.
+pub(crate) fn load_plan<R>(
+    manifest: &LoadedManifest,
+    shape: [usize; 4],
+    threads: usize,
+    cache_dir: Option<&PathBuf>,
+    make_reader: impl Fn(&[String]) -> Result<R, VisionError>,
+    outputs_of: impl Fn(&R) -> Vec<String>,
+) -> Result<LoadedPlan<R>, VisionError> {
+    let spec = &manifest.manifest;
+    let model_err = |e: TractError| VisionError::Model {
+        path: manifest.model_path.clone(),
+        message: format!("{e:#}"),
+    };
+    let t0 = Instant::now();
+    let cache = cache_dir.map(cache::ModelCache::new);
+    let key = cache::ModelCache::key(&spec.sha256, &shape, &format!("{:?}", spec.decoder));
+    let (model, reader, cached) = match cache.as_ref().and_then(|c| c.load(&key)) {
+        Some((model, outputs)) => (model, make_reader(&outputs)?, true),
+        None => {
+            let bytes = manifest.verify_model()?;
+            let mut model = tract_onnx::onnx()
+                .model_for_read(&mut std::io::Cursor::new(bytes))
+                .map_err(model_err)?
+                .with_input_fact(0, f32::fact(shape).into())
+                .map_err(model_err)?;
+            let reader = make_reader(&output_names(&model))?;
+            // Only the outputs the reader uses are kept, so the optimiser can drop the
+            // rest (an embedding model's classifier, for one).
+            model
+                .select_outputs_by_name(outputs_of(&reader))
+                .map_err(model_err)?;
+            let model = model
+                .into_typed()
+                .and_then(|m| m.into_decluttered())
+                .map_err(model_err)?;
+            if let Some(c) = &cache {
+                c.store(&key, &model, &outputs_of(&reader));
+            }
+            (model, reader, false)
+        }
+    };
+    let t1 = Instant::now();
+    // The pool belongs to this plan, so the forks (one per camera) share it, and a
+    // second model in the process (the embedder) has its own.
+    let run_options = RunOptions {
+        executor: (threads > 1).then(|| {
+            tract_linalg::multithread::Executor::multithread_with_name(threads, "shelfwatch-mm")
+        }),
+        ..RunOptions::default()
+    };
+    let plan = model
+        .into_optimized()
+        .map_err(model_err)?
+        .into_runnable_with_options(&run_options)
+        .map_err(model_err)?;
+    Ok(LoadedPlan {
+        plan,
+        reader,
+        cached,
+        read_ms: ms(t1 - t0),
+        optimise_ms: ms(t1.elapsed()),
+    })
 }
 
 fn ms(d: std::time::Duration) -> f64 {

@@ -39,6 +39,12 @@ impl Geometry {
                 pad_x: 0.0,
                 pad_y: 0.0,
             },
+            ResizePolicy::CentreCrop => {
+                // Without a shorter-side target the crop is the largest centred region of
+                // the input's aspect ratio.
+                let s = (iw / sw).max(ih / sh);
+                Self::centre_crop(src, input, s)
+            }
             ResizePolicy::Letterbox => {
                 let (nw, nh) = letterbox_size(src, input);
                 Self {
@@ -53,6 +59,46 @@ impl Geometry {
                 }
             }
         }
+    }
+
+    /// The centre of the source scaled by `scale` (model-input pixels per source pixel)
+    /// fills the whole input; what lies outside is cut off.
+    fn centre_crop(src: (u32, u32), input: (u32, u32), scale: f32) -> Self {
+        let crop_w = input.0 as f32 / scale;
+        let crop_h = input.1 as f32 / scale;
+        let left = ((src.0 as f32 - crop_w) / 2.0).max(0.0);
+        let top = ((src.1 as f32 - crop_h) / 2.0).max(0.0);
+        Self {
+            src_width: src.0,
+            src_height: src.1,
+            input_width: input.0,
+            input_height: input.1,
+            scale_x: scale,
+            scale_y: scale,
+            // Negative: the input starts `left` source pixels into the frame.
+            pad_x: -left * scale,
+            pad_y: -top * scale,
+        }
+    }
+
+    /// The centre-crop geometry for a shorter side scaled to `shorter_side` pixels.
+    pub fn with_shorter_side(src: (u32, u32), input: (u32, u32), shorter_side: u32) -> Self {
+        let scale = shorter_side as f32 / src.0.min(src.1).max(1) as f32;
+        // Never crop more than the frame has: a shorter side below the input size would
+        // need padding, so the scale grows to fill the input instead.
+        let fill = (input.0 as f32 / src.0 as f32).max(input.1 as f32 / src.1 as f32);
+        Self::centre_crop(src, input, scale.max(fill))
+    }
+
+    /// The source region (left, top, width, height) that fills the input, for
+    /// centre-crop.
+    fn crop_region(&self) -> (f64, f64, f64, f64) {
+        (
+            (-self.pad_x / self.scale_x) as f64,
+            (-self.pad_y / self.scale_y) as f64,
+            (self.input_width as f32 / self.scale_x) as f64,
+            (self.input_height as f32 / self.scale_y) as f64,
+        )
     }
 
     /// Size of the resized picture inside the model input.
@@ -97,6 +143,7 @@ pub struct Preprocessor {
     layout: Layout,
     colour: ColourOrder,
     policy: ResizePolicy,
+    shorter_side: Option<u32>,
     /// Normalised value of every byte per input channel (model order): one lookup per
     /// sample instead of a subtract and a divide.
     lut: [[f32; 256]; 3],
@@ -120,6 +167,7 @@ impl Preprocessor {
             layout: spec.layout,
             colour: spec.colour,
             policy: spec.resize,
+            shorter_side: spec.resize_shorter_side,
             lut,
             pad,
             resizer: Resizer::new(),
@@ -135,6 +183,7 @@ impl Preprocessor {
             layout: self.layout,
             colour: self.colour,
             policy: self.policy,
+            shorter_side: self.shorter_side,
             lut: self.lut,
             pad: self.pad,
             resizer: Resizer::new(),
@@ -159,8 +208,17 @@ impl Preprocessor {
     /// Resizes `frame` as the policy says and writes the normalised result into `out`
     /// (which must come from [`Preprocessor::new_tensor`]).
     pub fn run(&mut self, frame: &RgbImage, out: &mut Tensor) -> Geometry {
-        let geometry = Geometry::new(self.policy, frame.dimensions(), (self.width, self.height));
-        let (cw, ch) = geometry.content_size();
+        let input = (self.width, self.height);
+        let geometry = match (self.policy, self.shorter_side) {
+            (ResizePolicy::CentreCrop, Some(s)) => {
+                Geometry::with_shorter_side(frame.dimensions(), input, s)
+            }
+            (policy, _) => Geometry::new(policy, frame.dimensions(), input),
+        };
+        let (cw, ch) = match self.policy {
+            ResizePolicy::CentreCrop => input,
+            _ => geometry.content_size(),
+        };
         if self.resized.width() != cw || self.resized.height() != ch {
             self.resized = Image::new(cw, ch, PixelType::U8x3);
         }
@@ -173,7 +231,12 @@ impl Preprocessor {
         .expect("an RgbImage buffer always matches its dimensions");
         // Bilinear convolution is Pillow's BILINEAR: the reference pipeline uses it too, and
         // unlike plain interpolation it averages every source pixel when downscaling.
-        let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+        let mut options =
+            ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+        if self.policy == ResizePolicy::CentreCrop {
+            let (left, top, width, height) = geometry.crop_region();
+            options = options.crop(left, top, width, height);
+        }
         self.resizer
             .resize(&src, &mut self.resized, &options)
             .expect("source and destination are both U8x3");
@@ -183,7 +246,11 @@ impl Preprocessor {
             .expect("a tensor made by new_tensor is plain");
         let data = view.as_slice_mut::<f32>().expect("input tensor is f32");
         let (w, h) = (self.width as usize, self.height as usize);
-        let (px, py) = (geometry.pad_x as usize, geometry.pad_y as usize);
+        // Centre-crop has negative padding (the crop offset), which the resizer applied.
+        let (px, py) = (
+            geometry.pad_x.max(0.0) as usize,
+            geometry.pad_y.max(0.0) as usize,
+        );
         let letterboxed = cw as usize != w || ch as usize != h;
         // Model channel c takes frame channel order[c].
         let order = match self.colour {
@@ -244,6 +311,7 @@ mod tests {
             layout,
             colour,
             resize,
+            resize_shorter_side: None,
             pad_value: 0,
             mean: [0.0, 0.0, 0.0],
             std: [1.0, 1.0, 1.0],
@@ -307,6 +375,51 @@ mod tests {
         assert_eq!(&d[4..8], &[0.0; 4], "blue plane of a red frame");
         assert_eq!(&d[32 + 4..32 + 8], &[200.0; 4], "red plane");
         assert_eq!(&d[32 + 12..32 + 16], &[0.0; 4], "bottom padding row");
+    }
+
+    #[test]
+    fn centre_crop_takes_the_middle_of_a_wide_frame_and_maps_boxes_back() {
+        // 512x256 with the shorter side to 256: scale 1, the centre 224x224 is
+        // x 144..368, y 16..240.
+        let g = Geometry::with_shorter_side((512, 256), (224, 224), 256);
+        assert_eq!((g.scale_x, g.pad_x, g.pad_y), (1.0, -144.0, -16.0));
+        let b = g.to_source(&BBox {
+            x1: 0.0,
+            y1: 0.0,
+            x2: 1.0,
+            y2: 1.0,
+        });
+        assert_eq!(
+            b,
+            BBox {
+                x1: 144.0,
+                y1: 16.0,
+                x2: 368.0,
+                y2: 240.0
+            }
+        );
+        // A frame smaller than the input is scaled up to fill it, never padded.
+        let small = Geometry::with_shorter_side((100, 50), (224, 224), 256);
+        assert!(small.scale_x * 50.0 >= 224.0);
+    }
+
+    #[test]
+    fn centre_crop_fills_the_tensor_with_the_middle_of_the_frame() {
+        let mut s = spec(Layout::Nchw, ColourOrder::Rgb, ResizePolicy::CentreCrop);
+        s.resize_shorter_side = Some(4);
+        let mut p = Preprocessor::new(&s, 4, 4);
+        let mut t = p.new_tensor();
+        // 12x4: left third red, middle green, right blue; the crop is the green middle.
+        let frame = RgbImage::from_fn(12, 4, |x, _| match x / 4 {
+            0 => image::Rgb([255, 0, 0]),
+            1 => image::Rgb([0, 255, 0]),
+            _ => image::Rgb([0, 0, 255]),
+        });
+        p.run(&frame, &mut t);
+        let view = t.try_as_plain_ram().unwrap();
+        let d = view.as_slice::<f32>().unwrap();
+        assert!(d[16..32].iter().all(|&v| v > 250.0), "green plane is full");
+        assert!(d[..16].iter().all(|&v| v < 5.0), "no red");
     }
 
     #[test]
