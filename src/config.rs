@@ -871,7 +871,10 @@ impl LoadedConfig {
         if !(1024..=(12 << 20)).contains(&i.max_request_bytes) {
             problems.push((
                 "identify.max-request-bytes".into(),
-                format!("must be between 1024 and 12582912, got {}", i.max_request_bytes),
+                format!(
+                    "must be between 1024 and 12582912, got {}",
+                    i.max_request_bytes
+                ),
             ));
         }
         let (model, gallery) = self.identify_paths().expect("identify is configured");

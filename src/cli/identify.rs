@@ -128,11 +128,16 @@ fn locate(
         .embedder
         .clone()
         .or_else(|| from_config.map(|(m, _)| m))
-        .unwrap_or_else(|| crate::config::default_model_dir().join(crate::identify::default_embedder()));
+        .unwrap_or_else(|| {
+            crate::config::default_model_dir().join(crate::identify::default_embedder())
+        });
     Ok((gallery, embedder, loaded))
 }
 
-fn load_embedder(manifest: &Path, loaded: &crate::config::LoadedConfig) -> Result<Embedder, ExitCode> {
+fn load_embedder(
+    manifest: &Path,
+    loaded: &crate::config::LoadedConfig,
+) -> Result<Embedder, ExitCode> {
     let mut options = loaded.embedder_options();
     options.cache_dir = None;
     Embedder::load(manifest, &options).map_err(|e| {
@@ -220,7 +225,10 @@ pub fn enroll(args: EnrollArgs) -> ExitCode {
         }
     }
     if failed > 0 {
-        eprintln!("error: {failed} of {} images were not enrolled", args.images.len());
+        eprintln!(
+            "error: {failed} of {} images were not enrolled",
+            args.images.len()
+        );
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
@@ -481,7 +489,12 @@ pub fn gallery(cmd: GalleryCommand) -> ExitCode {
             dimensions,
             queries,
         } => {
-            bench_search(references, per_sku.max(1), dimensions.max(1), queries.max(1));
+            bench_search(
+                references,
+                per_sku.max(1),
+                dimensions.max(1),
+                queries.max(1),
+            );
             ExitCode::SUCCESS
         }
     }

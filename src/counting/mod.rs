@@ -90,6 +90,18 @@ pub enum EventKind {
         count: u32,
         expected: Vec<String>,
     },
+    /// A product in a planogram zone is not (or does not look enough like) the SKU
+    /// expected there: a misplaced or counterfeit product (needs `[identify]`).
+    ProductMismatch {
+        /// The SKU it matched best (`unknown` below the unknown threshold).
+        label: String,
+        similarity: f32,
+        expected: Vec<String>,
+        /// Similarity to the closest reference of the expected SKUs; absent when none of
+        /// them is enrolled.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expected_similarity: Option<f32>,
+    },
     CameraOffline {
         reason: String,
     },
@@ -177,19 +189,19 @@ impl ZoneCounter {
         params: &CountingParams,
     ) -> BTreeMap<String, u32> {
         let mut counts = BTreeMap::new();
-        for d in detections {
-            if params.occluders.contains(&d.label) {
-                continue;
-            }
-            if self
+        for d in detections.iter().filter(|d| self.admits(d, params)) {
+            *counts.entry(d.label.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Whether this zone counts `d` (not an occluder, inside by the zone's rule).
+    pub fn admits(&self, d: &Detection, params: &CountingParams) -> bool {
+        !params.occluders.contains(&d.label)
+            && self
                 .spec
                 .polygon
                 .admits(&d.bbox, self.spec.membership, self.spec.overlap_fraction)
-            {
-                *counts.entry(d.label.clone()).or_insert(0) += 1;
-            }
-        }
-        counts
     }
 
     fn occluded_by(&self, detections: &[Detection], params: &CountingParams) -> bool {

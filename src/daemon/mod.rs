@@ -20,10 +20,12 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::capture::{self, Backoff};
 use crate::config::{Config, ConfigErrors, LoadedConfig};
 use crate::counting::{EventKind, ZoneState};
+use crate::identify::requests::Answering;
+use crate::identify::{Gallery, TrackParams};
 use crate::publish::{self, Body, CameraHealth, Envelope, Health, Sink};
-use crate::vision::Detector;
+use crate::vision::{Detector, Embedder};
 use state::{SavedState, StateStore};
-use worker::{CameraRuntime, RuntimeCell, Worker, WorkerStats};
+use worker::{CameraRuntime, IdentifyRuntime, RuntimeCell, Worker, WorkerStats};
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,8 @@ pub enum DaemonError {
     Mqtt(#[from] publish::mqtt::MqttError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Gallery(#[from] crate::identify::GalleryError),
 }
 
 /// What workers tell the publisher.
@@ -70,6 +74,10 @@ pub enum Update {
 /// slows inference rather than growing memory.
 const UPDATE_QUEUE: usize = 1024;
 
+/// Scanner requests waiting to be answered; more are answered "busy" at once, since a
+/// scanner user waits for each answer.
+const REQUEST_QUEUE: usize = 4;
+
 struct Camera {
     id: String,
     runtime: Arc<RuntimeCell>,
@@ -80,13 +88,52 @@ struct Camera {
     thread: JoinHandle<()>,
 }
 
-fn runtime_of(loaded: &LoadedConfig, cam: &crate::config::CameraConfig) -> CameraRuntime {
+fn runtime_of(
+    loaded: &LoadedConfig,
+    cam: &crate::config::CameraConfig,
+    identify: &Option<Arc<IdentifyRuntime>>,
+) -> CameraRuntime {
     CameraRuntime {
         zones: cam.zones.clone(),
         counting: loaded.config.counting.clone(),
         params: loaded.config.counting.params(),
         detector: loaded.detector_options(),
+        identify: identify.clone(),
     }
+}
+
+/// Reads the configured gallery for `model`. A gallery not enrolled yet is empty (every
+/// product `unknown` until `enroll` and a SIGHUP); an unreadable one is an error.
+fn load_gallery(
+    loaded: &LoadedConfig,
+    model: &crate::vision::embed::ModelId,
+) -> Result<Option<Arc<IdentifyRuntime>>, crate::identify::GalleryError> {
+    let (Some(cfg), Some((_, dir))) = (&loaded.config.identify, loaded.identify_paths()) else {
+        return Ok(None);
+    };
+    let gallery = match Gallery::load_for(&dir, model) {
+        Ok(g) => g,
+        Err(crate::identify::GalleryError::Missing { path }) => {
+            tracing::warn!(gallery = %path.display(), "no gallery yet: every product is unknown until one is enrolled (then SIGHUP)");
+            Gallery::new(model.clone())
+        }
+        Err(e) => return Err(e),
+    };
+    tracing::info!(gallery = %dir.display(), skus = gallery.skus().len(), references = gallery.len(), "gallery loaded");
+    Ok(Some(Arc::new(IdentifyRuntime {
+        gallery: Arc::new(gallery),
+        params: TrackParams::new(cfg, &loaded.config.counting.params().occluders),
+    })))
+}
+
+/// What the scanner request thread answers with, from the identification runtime.
+fn answering(loaded: &LoadedConfig, id: &IdentifyRuntime) -> Option<Answering> {
+    loaded.config.identify.as_ref().map(|c| Answering {
+        gallery: id.gallery.clone(),
+        top_k: c.top_k,
+        unknown_threshold: c.unknown_threshold,
+        max_request_bytes: c.max_request_bytes,
+    })
 }
 
 /// Runs the daemon until SIGTERM/SIGINT, or until every (file) source has ended.
@@ -102,6 +149,14 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     tracing::info!(state = %store.path().display(), seq = saved.seq, zones = saved.zones.len(), "state loaded");
 
     let detector = Detector::load(&loaded.manifest_path(), &loaded.detector_options())?;
+    let embedder = match loaded.identify_paths() {
+        Some((manifest, _)) => Some(Embedder::load(&manifest, &loaded.embedder_options())?),
+        None => None,
+    };
+    let identify = match &embedder {
+        Some(e) => load_gallery(&loaded, &e.model_id())?,
+        None => None,
+    };
     memory::release_free_heap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -111,6 +166,7 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     let mut mqtt_tasks = Vec::new();
     let mut mqtt_stats = None;
+    let mut answer_cells = Vec::new();
     for s in &config.sinks {
         if let Some(sink) = publish::open_sink(s, |p| loaded.resolve(p))? {
             sinks.push(sink);
@@ -134,6 +190,38 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
                 })
             })
             .collect();
+        // Scanner requests: one serving thread per MQTT sink, with its own embedder.
+        let scanner = match (&identify, &embedder, &config.identify) {
+            (Some(id), Some(e), Some(c)) if c.requests => {
+                let (req_tx, req_rx) = tokio::sync::mpsc::channel(REQUEST_QUEUE);
+                let (rep_tx, rep_rx) = tokio::sync::mpsc::channel(REQUEST_QUEUE);
+                let cell = Arc::new(std::sync::Mutex::new(Arc::new(
+                    answering(&loaded, id).expect("identify is configured"),
+                )));
+                answer_cells.push(cell.clone());
+                let fork = e.fork()?;
+                let device = config.device.id.clone();
+                let reply_topic =
+                    publish::mqtt::Topics::new(&m.prefix, &device).identify_response();
+                std::thread::Builder::new()
+                    .name("identify-requests".into())
+                    .spawn(move || {
+                        crate::identify::requests::serve(
+                            fork,
+                            cell,
+                            req_rx,
+                            rep_tx,
+                            device,
+                            reply_topic,
+                        )
+                    })?;
+                Some(publish::mqtt::ScannerLink {
+                    requests: req_tx,
+                    replies: rep_rx,
+                })
+            }
+            _ => None,
+        };
         let (sink, client, stats) = publish::mqtt::setup(
             m,
             &config.device.id,
@@ -141,6 +229,7 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
             |p| loaded.resolve(p),
             command_tx.clone(),
             zones,
+            scanner,
         )?;
         sinks.push(Box::new(sink));
         mqtt_stats = Some(stats);
@@ -189,7 +278,7 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         let source = cam.source.build(|p| loaded.resolve(p));
         let (status_tx, status_rx) = std::sync::mpsc::sync_channel(64);
         let handle = capture::spawn(cam.id.clone(), source, Backoff::default(), Some(status_tx))?;
-        let runtime = Arc::new(RuntimeCell::new(runtime_of(&loaded, cam)));
+        let runtime = Arc::new(RuntimeCell::new(runtime_of(&loaded, cam, &identify)));
         let stats = Arc::new(WorkerStats::default());
         let snapshot_now = Arc::new(AtomicBool::new(false));
         let restored: BTreeMap<String, ZoneState> = saved
@@ -205,6 +294,7 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         let worker = Worker {
             camera: cam.id.clone(),
             detector: detector.fork()?,
+            embedder: embedder.as_ref().map(Embedder::fork).transpose()?,
             capture: handle,
             status: status_rx,
             runtime: runtime.clone(),
@@ -230,6 +320,12 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         });
     }
     drop(detector);
+    drop(embedder);
+    let mut identify_state = IdentifyState {
+        model: identify.as_ref().map(|i| i.gallery.model().clone()),
+        current: identify,
+        answer_cells,
+    };
 
     let result = rt.block_on(control(
         config_path,
@@ -239,6 +335,7 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         started,
         command_rx,
         mqtt_stats,
+        &mut identify_state,
     ));
     stop.store(true, Ordering::Relaxed);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -268,6 +365,7 @@ async fn control(
     started: Instant,
     mut commands: tokio::sync::mpsc::Receiver<publish::mqtt::Command>,
     mqtt: Option<Arc<publish::mqtt::MqttStats>>,
+    identify: &mut IdentifyState,
 ) -> Result<(), DaemonError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -296,9 +394,9 @@ async fn control(
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => reload(config_path, initial, cameras),
+            _ = hup.recv() => reload(config_path, initial, cameras, identify),
             Some(cmd) = commands.recv() => match cmd {
-                publish::mqtt::Command::Reload => reload(config_path, initial, cameras),
+                publish::mqtt::Command::Reload => reload(config_path, initial, cameras, identify),
                 publish::mqtt::Command::Snapshot(which) => {
                     for c in cameras.iter().filter(|c| which.as_ref().is_none_or(|w| *w == c.id)) {
                         c.snapshot_now.store(true, Ordering::Relaxed);
@@ -381,7 +479,55 @@ async fn control(
 
 /// SIGHUP: re-reads the config and applies zones and thresholds; an invalid config is
 /// reported (key and line) and the running one kept.
-fn reload(config_path: &Path, initial: &LoadedConfig, cameras: &[Camera]) {
+/// The identification runtime the cameras and the scanner thread share, replaced by a
+/// reload (a new gallery or thresholds).
+struct IdentifyState {
+    /// The embedding model loaded at start; None without `[identify]`.
+    model: Option<crate::vision::embed::ModelId>,
+    current: Option<Arc<IdentifyRuntime>>,
+    answer_cells: Vec<Arc<std::sync::Mutex<Arc<Answering>>>>,
+}
+
+impl IdentifyState {
+    /// Re-reads the gallery for the new config; on failure the running one stays.
+    fn reload(&mut self, initial: &LoadedConfig, loaded: &LoadedConfig) {
+        let Some(model) = &self.model else {
+            if loaded.config.identify.is_some() {
+                tracing::warn!("[identify] was added: it takes effect after a restart");
+            }
+            return;
+        };
+        if loaded.identify_paths().map(|p| p.0) != initial.identify_paths().map(|p| p.0) {
+            tracing::warn!("identify.model changes take effect after a restart");
+        }
+        if loaded.config.identify.is_none() {
+            tracing::info!("[identify] removed: counting per detector label");
+            self.current = None;
+            return;
+        }
+        match load_gallery(loaded, model) {
+            Ok(Some(id)) => {
+                for cell in &self.answer_cells {
+                    if let Some(a) = answering(loaded, &id) {
+                        *cell.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(a);
+                    }
+                }
+                self.current = Some(id);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "gallery not reloaded; keeping the running one")
+            }
+        }
+    }
+}
+
+fn reload(
+    config_path: &Path,
+    initial: &LoadedConfig,
+    cameras: &[Camera],
+    identify: &mut IdentifyState,
+) {
     tracing::info!(config = %config_path.display(), "SIGHUP: reloading zones and thresholds");
     let loaded = match Config::load(config_path) {
         Ok(l) => l,
@@ -392,6 +538,7 @@ fn reload(config_path: &Path, initial: &LoadedConfig, cameras: &[Camera]) {
             return;
         }
     };
+    identify.reload(initial, &loaded);
     let new = &loaded.config;
     let old = &initial.config;
     if new.device.id != old.device.id || loaded.manifest_path() != initial.manifest_path() {
@@ -404,7 +551,8 @@ fn reload(config_path: &Path, initial: &LoadedConfig, cameras: &[Camera]) {
                 {
                     tracing::warn!(camera = %c.id, "camera source changes take effect after a restart");
                 }
-                c.runtime.replace(runtime_of(&loaded, cam));
+                c.runtime
+                    .replace(runtime_of(&loaded, cam, &identify.current));
             }
             None => {
                 tracing::warn!(camera = %c.id, "camera removed from the config; it keeps running until a restart")

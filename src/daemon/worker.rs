@@ -13,7 +13,8 @@ use image::{Rgb, RgbImage};
 use super::Update;
 use crate::capture::{CaptureHandle, Frame, SourceStatus, Take};
 use crate::counting::{CountingParams, EventKind, ZoneCounter, ZoneSpec, ZoneState};
-use crate::vision::{annotate, Detection, Detector, DetectorOptions};
+use crate::identify::{check_mismatch, Gallery, TrackParams, Tracker};
+use crate::vision::{annotate, Detection, Detector, DetectorOptions, Embedder};
 
 /// What a reload may change while the camera and model keep running.
 #[derive(Debug, Clone)]
@@ -23,6 +24,15 @@ pub struct CameraRuntime {
     pub counting: crate::config::CountingConfig,
     pub params: CountingParams,
     pub detector: DetectorOptions,
+    /// The gallery and tracking parameters, when identification is configured.
+    pub identify: Option<Arc<IdentifyRuntime>>,
+}
+
+/// Identification as a reload leaves it: one gallery shared by every camera.
+#[derive(Debug)]
+pub struct IdentifyRuntime {
+    pub gallery: Arc<Gallery>,
+    pub params: TrackParams,
 }
 
 /// Shared between the control plane and the worker: the current runtime config and a
@@ -62,6 +72,9 @@ pub struct WorkerStats {
     /// The last 256 inference times, for p50/p99.
     pub inference_ms: Mutex<VecDeque<f64>>,
     pub finished: AtomicBool,
+    /// Crops embedded for identification, and those left for a later frame.
+    pub embedded: AtomicU64,
+    pub embed_deferred: AtomicU64,
 }
 
 impl WorkerStats {
@@ -95,6 +108,8 @@ impl WorkerStats {
 pub struct Worker {
     pub camera: String,
     pub detector: Detector,
+    /// Present when identification is configured: names detections by SKU.
+    pub embedder: Option<Embedder>,
     pub capture: CaptureHandle,
     pub status: Receiver<(String, SourceStatus)>,
     pub runtime: Arc<RuntimeCell>,
@@ -121,6 +136,7 @@ impl Worker {
         let mut zones: Option<Zones> = None;
         let mut last_snapshot = Instant::now();
         let mut latest: Option<(Frame, Vec<Detection>)> = None;
+        let mut tracker = Tracker::default();
         loop {
             self.forward_status();
             if self.stop.load(Ordering::Relaxed) {
@@ -144,6 +160,8 @@ impl Worker {
                 if let Some(z) = zones.as_mut() {
                     rebuild(z, &rt);
                 }
+                // SKUs of tracked products may differ under a new gallery or thresholds.
+                tracker.clear();
                 tracing::info!("configuration reloaded");
             }
             let size = frame.image.dimensions();
@@ -168,7 +186,7 @@ impl Worker {
                 rebuild(z, &rt);
             }
             let t = Instant::now();
-            let detections = match self.detector.detect(&frame.image) {
+            let mut detections = match self.detector.detect(&frame.image) {
                 Ok((d, _)) => d,
                 Err(e) => {
                     self.stats.inference_errors.fetch_add(1, Ordering::Relaxed);
@@ -176,11 +194,69 @@ impl Worker {
                     continue;
                 }
             };
-            self.stats.record(t.elapsed().as_secs_f64() * 1e3);
             let now = Instant::now();
+            let tracks = match (&rt.identify, self.embedder.as_mut()) {
+                (Some(id), Some(embedder)) => {
+                    let (tracks, s) = tracker.label(
+                        &frame.image,
+                        &mut detections,
+                        embedder,
+                        &id.gallery,
+                        &id.params,
+                        now,
+                    );
+                    self.stats
+                        .embedded
+                        .fetch_add(s.embedded as u64, Ordering::Relaxed);
+                    self.stats
+                        .embed_deferred
+                        .fetch_add(s.deferred as u64, Ordering::Relaxed);
+                    if s.embedded > 0 {
+                        tracing::debug!(
+                            embedded = s.embedded,
+                            reused = s.reused,
+                            deferred = s.deferred,
+                            ms = s.embed_ms,
+                            "products identified"
+                        );
+                    }
+                    Some(tracks)
+                }
+                _ => None,
+            };
+            self.stats.record(t.elapsed().as_secs_f64() * 1e3);
             for counter in &mut z.counters {
                 let u = counter.observe(now, &detections, &rt.params);
                 let zone = counter.spec().name.clone();
+                if let (Some(id), Some(tracks)) = (&rt.identify, &tracks) {
+                    for (d, ti) in detections.iter().zip(tracks) {
+                        let Some(ti) = *ti else { continue };
+                        if !counter.admits(d, &rt.params) {
+                            continue;
+                        }
+                        let track = tracker.track(ti);
+                        if let Some(m) = check_mismatch(
+                            track,
+                            &counter.spec().expected,
+                            &id.gallery,
+                            id.params.mismatch_threshold,
+                        ) {
+                            tracker.track_mut(ti).mismatch_reported = true;
+                            tracing::warn!(zone = %zone, found = %m.found, similarity = m.similarity, expected_similarity = ?m.expected_similarity, "product mismatch");
+                            self.send(Update::Event {
+                                camera: self.camera.clone(),
+                                zone: Some(zone.clone()),
+                                event: EventKind::ProductMismatch {
+                                    label: m.found,
+                                    similarity: m.similarity,
+                                    expected: m.expected,
+                                    expected_similarity: m.expected_similarity,
+                                },
+                                at: frame.captured_at,
+                            });
+                        }
+                    }
+                }
                 for event in u.events {
                     self.send(Update::Event {
                         camera: self.camera.clone(),

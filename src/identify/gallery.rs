@@ -160,10 +160,12 @@ impl Gallery {
         let path = Self::path(dir);
         let mut bytes = Vec::new();
         match File::open(&path) {
-            Ok(mut f) => f.read_to_end(&mut bytes).map_err(|error| GalleryError::Io {
-                path: path.clone(),
-                error,
-            })?,
+            Ok(mut f) => f
+                .read_to_end(&mut bytes)
+                .map_err(|error| GalleryError::Io {
+                    path: path.clone(),
+                    error,
+                })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(GalleryError::Missing { path })
             }
@@ -196,7 +198,9 @@ impl Gallery {
             message,
         };
         if bytes.len() < 8 + 4 + 4 + 32 || &bytes[..8] != MAGIC {
-            return Err(bad("not a shelfwatch gallery file (no SWGALLRY header)".into()));
+            return Err(bad(
+                "not a shelfwatch gallery file (no SWGALLRY header)".into()
+            ));
         }
         let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
         if version != VERSION {
@@ -337,7 +341,9 @@ impl Gallery {
         all.into_iter()
             .map(|(sku, similarity, i)| Match {
                 sku: sku.to_owned(),
-                name: self.name_of(sku).or_else(|| self.references[i].name.clone()),
+                name: self
+                    .name_of(sku)
+                    .or_else(|| self.references[i].name.clone()),
                 similarity,
             })
             .collect()
@@ -469,9 +475,12 @@ mod tests {
 
     fn two_skus() -> Gallery {
         let mut g = Gallery::new(model());
-        g.add(reference("A", "a1.jpg"), &[1.0, 0.0, 0.0, 0.0]).unwrap();
-        g.add(reference("A", "a2.jpg"), &[0.0, 1.0, 0.0, 0.0]).unwrap();
-        g.add(reference("B", "b.jpg"), &[0.0, 0.0, 1.0, 0.0]).unwrap();
+        g.add(reference("A", "a1.jpg"), &[1.0, 0.0, 0.0, 0.0])
+            .unwrap();
+        g.add(reference("A", "a2.jpg"), &[0.0, 1.0, 0.0, 0.0])
+            .unwrap();
+        g.add(reference("B", "b.jpg"), &[0.0, 0.0, 1.0, 0.0])
+            .unwrap();
         g
     }
 

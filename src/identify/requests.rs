@@ -147,7 +147,9 @@ fn parse(payload: &[u8], max_bytes: usize) -> Parsed {
 }
 
 fn too_big(n: usize, max: usize) -> String {
-    format!("image of {n} bytes is larger than the limit of {max} bytes (identify.max-request-bytes)")
+    format!(
+        "image of {n} bytes is larger than the limit of {max} bytes (identify.max-request-bytes)"
+    )
 }
 
 /// A topic a reply may be published to: no wildcards, not empty.
@@ -305,7 +307,8 @@ mod tests {
 
     #[test]
     fn an_envelope_gives_id_reply_topic_and_decoded_image() {
-        let env = br#"{"id": "r-1", "reply-to": "scanners/7/replies", "image": "/9j/AQID", "top-k": 3}"#;
+        let env =
+            br#"{"id": "r-1", "reply-to": "scanners/7/replies", "image": "/9j/AQID", "top-k": 3}"#;
         let p = parse(env, 1000);
         assert_eq!(p.id.as_deref(), Some("r-1"));
         assert_eq!(p.reply_to.as_deref(), Some("scanners/7/replies"));

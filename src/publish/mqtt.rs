@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::spool::{Spool, SpoolError};
 use super::{Body, Envelope, Sink, SinkError};
+use crate::identify::requests::{Incoming, Outgoing as ScannerReply};
 
 /// `[[sinks]]` with `kind = "mqtt"`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -192,6 +193,14 @@ impl Topics {
     pub fn commands(&self) -> String {
         format!("{}/cmd/#", self.base)
     }
+    /// Where scanners publish images to identify.
+    pub fn identify_request(&self) -> String {
+        format!("{}/identify/request", self.base)
+    }
+    /// Where replies go when a request names no reply topic.
+    pub fn identify_response(&self) -> String {
+        format!("{}/identify/response", self.base)
+    }
     fn command(&self, topic: &str) -> Option<String> {
         topic
             .strip_prefix(&self.base)
@@ -252,6 +261,12 @@ fn spool_err(e: SpoolError) -> SinkError {
     }
 }
 
+/// The client's side of the scanner request thread (see [`crate::identify::requests`]).
+pub struct ScannerLink {
+    pub requests: mpsc::Sender<Incoming>,
+    pub replies: mpsc::Receiver<ScannerReply>,
+}
+
 /// The client task's half.
 pub struct MqttClient {
     settings: MqttSettings,
@@ -265,6 +280,7 @@ pub struct MqttClient {
     options: LinkOptions,
     zones: Vec<ZoneInfo>,
     discovery_record: PathBuf,
+    scanner: Option<ScannerLink>,
 }
 
 /// Sets up the spool, the sink and the client for `device`. `resolve` makes
@@ -276,6 +292,7 @@ pub fn setup(
     resolve: impl Fn(&Path) -> PathBuf,
     commands: mpsc::Sender<Command>,
     zones: Vec<ZoneInfo>,
+    scanner: Option<ScannerLink>,
 ) -> Result<(MqttSink, MqttClient, Arc<MqttStats>), MqttError> {
     let topics = Topics::new(&settings.prefix, device);
     let (host, port) = broker_address(settings)?;
@@ -343,6 +360,7 @@ pub fn setup(
         options,
         zones,
         discovery_record: spool_dir.join("ha-discovery.json"),
+        scanner,
     };
     Ok((sink, client, stats))
 }
@@ -471,6 +489,15 @@ impl MqttClient {
                     }
                 },
                 _ = self.wake.notified() => {}
+                Some(reply) = recv_reply(&mut self.scanner) => {
+                    // A reply is for a person waiting at a scanner: sent now or lost
+                    // with the connection, never spooled.
+                    if link.connected {
+                        link.untracked(client.try_publish_reply(reply));
+                    } else {
+                        tracing::warn!(topic = %reply.topic, "identify reply lost: not connected");
+                    }
+                }
                 Some((camera, jpeg)) = self.snapshots.recv() => {
                     if link.connected {
                         link.untracked(client.try_publish(self.topics.snapshot(&camera), QoS::AtMostOnce, false, jpeg));
@@ -555,6 +582,9 @@ impl MqttClient {
                     b"online".to_vec(),
                 ));
                 let _ = client.try_subscribe(self.topics.commands(), QoS::AtLeastOnce);
+                if self.scanner.is_some() {
+                    let _ = client.try_subscribe(self.topics.identify_request(), QoS::AtLeastOnce);
+                }
                 if let Some(ha) = &self.settings.home_assistant {
                     let _ = client
                         .try_subscribe(format!("{}/status", ha.discovery_prefix), QoS::AtLeastOnce);
@@ -582,7 +612,32 @@ impl MqttClient {
                         .store(spool.len() as u64, Ordering::Relaxed);
                 }
             }
-            Ev::Message { topic, payload } => {
+            Ev::Message {
+                topic,
+                payload,
+                response_topic,
+                correlation,
+            } => {
+                if topic == self.topics.identify_request() {
+                    if let Some(scanner) = &self.scanner {
+                        let request = Incoming {
+                            payload,
+                            response_topic,
+                            correlation,
+                        };
+                        if let Err(mpsc::error::TrySendError::Full(request)) =
+                            scanner.requests.try_send(request)
+                        {
+                            let reply = crate::identify::requests::busy(
+                                &request,
+                                &self.device,
+                                &self.topics.identify_response(),
+                            );
+                            link.untracked(client.try_publish_reply(reply));
+                        }
+                    }
+                    return false;
+                }
                 let ha_status = self
                     .settings
                     .home_assistant
@@ -833,6 +888,29 @@ impl Client {
         }
     }
 
+    /// An identify reply (QoS 1, not retained); on MQTT 5 with the request's
+    /// correlation data.
+    fn try_publish_reply(&self, reply: ScannerReply) -> Result<(), String> {
+        match (self, reply.correlation) {
+            (Client::V5(c), Some(data)) => {
+                let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                    correlation_data: Some(data.into()),
+                    content_type: Some("application/json".into()),
+                    ..Default::default()
+                };
+                c.try_publish_with_properties(
+                    reply.topic,
+                    qos5(QoS::AtLeastOnce),
+                    false,
+                    reply.payload,
+                    properties,
+                )
+                .map_err(|e| e.to_string())
+            }
+            _ => self.try_publish(reply.topic, QoS::AtLeastOnce, false, reply.payload),
+        }
+    }
+
     fn try_subscribe(&self, topic: String, qos: QoS) -> Result<(), String> {
         match self {
             Client::V311(c) => c.try_subscribe(topic, qos).map_err(|e| e.to_string()),
@@ -848,6 +926,14 @@ impl Client {
     }
 }
 
+/// The next reply of the scanner thread; pending forever without one.
+async fn recv_reply(scanner: &mut Option<ScannerLink>) -> Option<ScannerReply> {
+    match scanner {
+        Some(s) => s.replies.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What the event loop reported, in the terms the client task needs.
 enum Ev {
     /// Connected; MQTT 5 brokers say how many QoS 1 messages they take in flight.
@@ -859,6 +945,9 @@ enum Ev {
     Message {
         topic: String,
         payload: Vec<u8>,
+        /// MQTT 5 request/response properties.
+        response_topic: Option<String>,
+        correlation: Option<Vec<u8>>,
     },
     Disconnected,
     Other,
@@ -888,6 +977,8 @@ impl EventLoop {
                     Ok(Event::Incoming(Packet::Publish(p))) => Ok(Ev::Message {
                         topic: p.topic,
                         payload: p.payload.to_vec(),
+                        response_topic: None,
+                        correlation: None,
                     }),
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Ev::Sent(pkid)),
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => Ok(Ev::Disconnected),
@@ -920,10 +1011,18 @@ impl EventLoop {
                         }
                         Ok(Ev::Acked(a.pkid))
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => Ok(Ev::Message {
-                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                        payload: p.payload.to_vec(),
-                    }),
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let (response_topic, correlation) = p
+                            .properties
+                            .map(|pr| (pr.response_topic, pr.correlation_data.map(|c| c.to_vec())))
+                            .unwrap_or_default();
+                        Ok(Ev::Message {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: p.payload.to_vec(),
+                            response_topic,
+                            correlation,
+                        })
+                    }
                     Ok(Event::Outgoing(Outgoing::Publish(pkid))) => Ok(Ev::Sent(pkid)),
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => Ok(Ev::Disconnected),
                     Ok(_) => Ok(Ev::Other),

@@ -210,12 +210,19 @@ pub fn crop(frame: &RgbImage, b: &BBox) -> RgbImage {
             hi = (lo + MIN_CROP).min(limit);
             lo = (hi - MIN_CROP).max(0.0);
         }
-        (lo.floor() as u32, (hi.ceil() as u32).max(lo.floor() as u32 + 1))
+        (
+            lo.floor() as u32,
+            (hi.ceil() as u32).max(lo.floor() as u32 + 1),
+        )
     };
     let (x1, x2) = grow(b.x1, b.x2, fw);
     let (y1, y2) = grow(b.y1, b.y2, fh);
-    let w = (x2 - x1).min(frame.width() - x1.min(frame.width() - 1)).max(1);
-    let h = (y2 - y1).min(frame.height() - y1.min(frame.height() - 1)).max(1);
+    let w = (x2 - x1)
+        .min(frame.width() - x1.min(frame.width() - 1))
+        .max(1);
+    let h = (y2 - y1)
+        .min(frame.height() - y1.min(frame.height() - 1))
+        .max(1);
     image::imageops::crop_imm(frame, x1, y1, w, h).to_image()
 }
 
