@@ -154,7 +154,8 @@ as_shelfwatch shelfwatch check-config /etc/shelfwatch/shelfwatch.toml ||
   fail "shelfwatch check-config /etc/shelfwatch/shelfwatch.toml failed (as user shelfwatch)"
 ok "check-config /etc/shelfwatch/shelfwatch.toml, as user shelfwatch"
 for f in ssd_mobilenetv2_oidv4.onnx ssd_mobilenetv2_oidv4.labels ssd_mobilenetv2_oidv4.toml \
-         ssd_mobilenetv2_oidv4_int8.onnx ssd_mobilenetv2_oidv4_int8.toml; do
+         ssd_mobilenetv2_oidv4_int8.onnx ssd_mobilenetv2_oidv4_int8.toml \
+         efficientnet_lite0.onnx efficientnet_lite0.toml; do
   [ "$(stat -c %a "$root/usr/share/shelfwatch/models/$f" 2>/dev/null)" = 644 ] ||
     fail "/usr/share/shelfwatch/models/$f missing or not mode 644"
 done
@@ -170,6 +171,13 @@ if [ -f "$photo" ]; then
     fail "shelfwatch detect with the int8 model failed"
   case $out in *'"model":"ssd_mobilenetv2_oidv4_int8"'*) ;; *) fail "unexpected int8 detect output: $out" ;; esac
   ok "detect with the packaged int8 model"
+  # Identification through the packaged embedding model: enrol the photo, find it again.
+  as_shelfwatch shelfwatch enroll --gallery /tmp/gallery --sku CUP-1 /tmp/photo.png >/dev/null ||
+    fail "shelfwatch enroll with the packaged embedding model failed"
+  out=$(as_shelfwatch shelfwatch identify --gallery /tmp/gallery --json /tmp/photo.png) ||
+    fail "shelfwatch identify failed"
+  case $out in *'"sku":"CUP-1"'*) ;; *) fail "unexpected identify output: $out" ;; esac
+  ok "enroll + identify with the packaged embedding model"
 fi
 
 in_root id shelfwatch

@@ -821,3 +821,199 @@ fn mqtt5_delivers_every_message_commands_and_the_last_will_like_3_1_1() {
     let all = seqs(&sub.json());
     assert_no_gaps(&all, *all.first().unwrap(), *all.last().unwrap());
 }
+
+/// A daemon with a two-SKU gallery answering scanner requests over `protocol`.
+fn scanner_daemon(dir: &Path, broker: &Broker, protocol: &str) -> Child {
+    let gallery = dir.join("gallery");
+    for (sku, photo) in [("GUITAR-1", "guitar.jpg"), ("CAM-100", "camera.jpg")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+            .args([
+                "enroll",
+                "--gallery",
+                gallery.to_str().unwrap(),
+                "--sku",
+                sku,
+            ])
+            .arg(root().join("tests/fixtures/products").join(photo))
+            .env("SHELFWATCH_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let cfg = config(
+        dir,
+        &format!(
+            "broker = \"127.0.0.1:{}\"\nprotocol = \"{protocol}\"",
+            broker.port
+        ),
+        "*.jpg",
+        true,
+        5.0,
+    );
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("\n[identify]\ngallery = \"gallery\"\ntop-k = 2\nmax-request-bytes = 200000\n");
+    std::fs::write(&cfg, text).unwrap();
+    daemon(&cfg)
+}
+
+fn wait_online(port: u16) {
+    let sub = Subscriber::start(port, "online-probe", &[]);
+    sub.wait_for(
+        |m| {
+            m.iter()
+                .any(|(_, t, p)| t.ends_with("/status") && p == "online")
+        },
+        Duration::from_secs(30),
+    );
+}
+
+#[test]
+fn a_scanner_gets_its_answer_on_the_mqtt5_response_topic_with_its_correlation_data() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+    use rumqttc::v5::{mqttbytes::QoS, Client, Event, MqttOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let mut d = scanner_daemon(dir.path(), &broker, "5");
+    wait_online(broker.port);
+
+    let mut opts = MqttOptions::new("scanner-7", "127.0.0.1", broker.port);
+    opts.set_max_packet_size(Some(1 << 20));
+    let (client, mut conn) = Client::new(opts, 16);
+    client
+        .subscribe("scanners/7/replies", QoS::AtLeastOnce)
+        .unwrap();
+    let ask = |payload: Vec<u8>, correlation: &'static [u8]| {
+        let props = PublishProperties {
+            response_topic: Some("scanners/7/replies".into()),
+            correlation_data: Some(correlation.into()),
+            ..Default::default()
+        };
+        client
+            .publish_with_properties(
+                "shelfwatch/dev-1/identify/request",
+                QoS::AtLeastOnce,
+                false,
+                payload,
+                props,
+            )
+            .unwrap();
+    };
+    ask(
+        std::fs::read(root().join("tests/fixtures/products/guitar.jpg")).unwrap(),
+        b"req-1",
+    );
+    ask(b"\xff\xd8\xff\xe0 this is not a JPEG".to_vec(), b"req-2");
+    ask(vec![0xff; 300_000], b"req-3");
+
+    let mut replies: Vec<(Vec<u8>, Value)> = Vec::new();
+    let t = Instant::now();
+    for ev in conn.iter() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no replies: {replies:?}"
+        );
+        if let Ok(Event::Incoming(Packet::Publish(p))) = ev {
+            let corr = p
+                .properties
+                .and_then(|pr| pr.correlation_data)
+                .map(|c| c.to_vec())
+                .unwrap_or_default();
+            replies.push((corr, serde_json::from_slice(&p.payload).unwrap()));
+            if replies.len() == 3 {
+                break;
+            }
+        }
+    }
+    let by = |c: &[u8]| {
+        replies
+            .iter()
+            .find(|(k, _)| k == c)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let ok = by(b"req-1");
+    assert_eq!(ok["status"], "ok", "{ok}");
+    assert_eq!(ok["sku"], "GUITAR-1");
+    assert_eq!(ok["device"], "dev-1");
+    assert_eq!(ok["matches"].as_array().unwrap().len(), 2);
+    let bad = by(b"req-2");
+    assert_eq!(bad["status"], "error");
+    assert!(bad["error"].as_str().unwrap().contains("image"), "{bad}");
+    let big = by(b"req-3");
+    assert!(
+        big["error"].as_str().unwrap().contains("max-request-bytes"),
+        "{big}"
+    );
+
+    // The daemon survived the bad requests and still counts.
+    assert!(d.try_wait().unwrap().is_none(), "daemon died");
+    signal(&d, Signal::SIGTERM);
+    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+}
+
+#[test]
+fn a_mqtt_3_1_1_scanner_uses_the_json_envelope_and_gets_its_request_id_back() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let mut d = scanner_daemon(dir.path(), &broker, "3.1.1");
+    wait_online(broker.port);
+    let sub = Subscriber::start(
+        broker.port,
+        "scanner-3",
+        &["-V", "mqttv311", "-t", "scanners/3/#"],
+    );
+    let pubd = |payload: String| {
+        let ok = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+            .args(["-V", "mqttv311", "-q", "1"])
+            .args(["-t", "shelfwatch/dev-1/identify/request", "-s"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(payload.as_bytes())?;
+                c.wait()
+            })
+            .unwrap();
+        assert!(ok.success());
+    };
+    let camera = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(root().join("tests/fixtures/products/camera.jpg")).unwrap());
+    pubd(format!(
+        r#"{{"id": "scan-41", "reply-to": "scanners/3/replies", "image": "{camera}"}}"#
+    ));
+    let truncated = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(root().join("tests/fixtures/bad/truncated.jpg")).unwrap());
+    pubd(format!(
+        r#"{{"id": "scan-42", "reply-to": "scanners/3/replies", "image": "{truncated}"}}"#
+    ));
+    sub.wait_for(
+        |m| {
+            m.iter()
+                .filter(|(_, t, _)| t == "scanners/3/replies")
+                .count()
+                >= 2
+        },
+        Duration::from_secs(60),
+    );
+    let replies: Vec<Value> = sub
+        .messages()
+        .into_iter()
+        .filter(|(_, t, _)| t == "scanners/3/replies")
+        .map(|(_, _, p)| serde_json::from_str(&p).unwrap())
+        .collect();
+    let by = |id: &str| replies.iter().find(|r| r["id"] == id).unwrap().clone();
+    let ok = by("scan-41");
+    assert_eq!(
+        (ok["status"].as_str(), ok["sku"].as_str()),
+        (Some("ok"), Some("CAM-100")),
+        "{ok}"
+    );
+    let bad = by("scan-42");
+    assert_eq!(bad["status"], "error");
+    assert!(bad["error"].as_str().unwrap().contains("decode"), "{bad}");
+    assert!(d.try_wait().unwrap().is_none(), "daemon died");
+    signal(&d, Signal::SIGTERM);
+    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+}

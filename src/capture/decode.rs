@@ -28,11 +28,20 @@ pub enum DecodeError {
 /// decoder fills a cut-off stream with grey and reports success, which would feed the
 /// counter a picture of half a shelf.
 pub fn decode_image(bytes: &[u8]) -> Result<RgbImage, DecodeError> {
+    decode_image_within(bytes, image::Limits::no_limits())
+}
+
+/// [`decode_image`] for bytes from outside (scanner uploads): the image's size and the
+/// decoder's memory are bounded by `limits`.
+pub fn decode_image_within(bytes: &[u8], limits: image::Limits) -> Result<RgbImage, DecodeError> {
     if is_jpeg(bytes) && !jpeg_is_complete(bytes) {
         return Err(DecodeError::TruncatedJpeg { len: bytes.len() });
     }
-    let img = image::load_from_memory(bytes)?;
-    Ok(img.into_rgb8())
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| DecodeError::Image(image::ImageError::IoError(e)))?;
+    reader.limits(limits);
+    Ok(reader.decode()?.into_rgb8())
 }
 
 /// Reads and decodes an image file; errors name the file.

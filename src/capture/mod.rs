@@ -19,7 +19,7 @@ use image::RgbImage;
 use serde::Deserialize;
 
 pub use convert::PixelFormat;
-pub use decode::{decode_image, load_image, DecodeError};
+pub use decode::{decode_image, decode_image_within, load_image, DecodeError};
 pub use files::{FileSettings, FileSource};
 pub use slot::{LatestSlot, Take};
 pub use v4l2::{V4l2Settings, V4l2Source};

@@ -53,6 +53,11 @@ struct Envelope {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Reply {
+    /// Payload format version, as in every shelfwatch payload.
+    pub schema: u32,
+    /// Always "identify-reply" (docs/schemas/identify-reply.schema.json).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     pub device: String,
@@ -160,21 +165,16 @@ fn valid_reply_topic(t: &str) -> bool {
 /// Decodes an image with bounds on its size, so a hostile or broken upload costs an
 /// error, not the daemon's memory.
 pub fn decode_image(bytes: &[u8]) -> Result<image::RgbImage, String> {
-    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| format!("cannot read the image: {e}"))?;
-    if reader.format().is_none() {
-        return Err("not an image (expected JPEG or PNG)".into());
-    }
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
     limits.max_alloc = Some(256 << 20);
-    reader.limits(limits);
-    reader
-        .decode()
-        .map(|i| i.to_rgb8())
-        .map_err(|e| format!("cannot decode the image: {e}"))
+    crate::capture::decode_image_within(bytes, limits).map_err(|e| match e {
+        crate::capture::DecodeError::Image(image::ImageError::Unsupported(_)) => {
+            "not an image (expected JPEG or PNG)".to_owned()
+        }
+        e => format!("cannot decode the image: {e}"),
+    })
 }
 
 /// Answers one request: where to send the reply, and what.
@@ -214,6 +214,8 @@ pub fn handle(
         Ok(a) => {
             tracing::info!(id = ?parsed.id, sku = %a.sku, similarity = a.similarity, ms, "identify request answered");
             Reply {
+                schema: 1,
+                kind: "identify-reply",
                 id: parsed.id,
                 device: device.to_owned(),
                 status: "ok",
@@ -236,6 +238,8 @@ pub fn handle(
 
 fn error_reply(id: Option<String>, device: &str, error: String, ms: f64) -> Reply {
     Reply {
+        schema: 1,
+        kind: "identify-reply",
         id,
         device: device.to_owned(),
         status: "error",

@@ -201,29 +201,22 @@ impl Embedder {
 
 /// The pixels of `b` (clamped to the frame, grown to [`MIN_CROP`]) as an image of its own.
 pub fn crop(frame: &RgbImage, b: &BBox) -> RgbImage {
-    let (fw, fh) = (frame.width() as f32, frame.height() as f32);
-    let grow = |lo: f32, hi: f32, limit: f32| {
-        let (mut lo, mut hi) = (lo.clamp(0.0, limit), hi.clamp(0.0, limit));
-        if hi - lo < MIN_CROP {
-            let c = (lo + hi) / 2.0;
-            lo = (c - MIN_CROP / 2.0).max(0.0);
-            hi = (lo + MIN_CROP).min(limit);
-            lo = (hi - MIN_CROP).max(0.0);
+    // Per axis: the box's pixel span, clamped; if narrower than the minimum (or the
+    // frame, if that is smaller), a span of that size centred on the box instead.
+    let span = |lo: f32, hi: f32, limit: u32| -> (u32, u32) {
+        let lim = limit as f32;
+        let (lo, hi) = (lo.clamp(0.0, lim), hi.clamp(0.0, lim));
+        let (a, b) = (lo.floor() as u32, (hi.ceil() as u32).min(limit));
+        let min = (MIN_CROP as u32).min(limit);
+        if b.saturating_sub(a) >= min {
+            return (a, b - a);
         }
-        (
-            lo.floor() as u32,
-            (hi.ceil() as u32).max(lo.floor() as u32 + 1),
-        )
+        let centre = ((lo + hi) / 2.0) as u32;
+        (centre.saturating_sub(min / 2).min(limit - min), min)
     };
-    let (x1, x2) = grow(b.x1, b.x2, fw);
-    let (y1, y2) = grow(b.y1, b.y2, fh);
-    let w = (x2 - x1)
-        .min(frame.width() - x1.min(frame.width() - 1))
-        .max(1);
-    let h = (y2 - y1)
-        .min(frame.height() - y1.min(frame.height() - 1))
-        .max(1);
-    image::imageops::crop_imm(frame, x1, y1, w, h).to_image()
+    let (x, w) = span(b.x1, b.x2, frame.width());
+    let (y, h) = span(b.y1, b.y2, frame.height());
+    image::imageops::crop_imm(frame, x, y, w, h).to_image()
 }
 
 fn is_unit(v: &[f32]) -> bool {
