@@ -897,8 +897,8 @@ impl LoadedConfig {
                                 "identify.gallery".into(),
                                 crate::identify::GalleryError::ModelMismatch {
                                     path: crate::identify::Gallery::path(&gallery),
-                                    gallery: g.model().clone(),
-                                    model: id,
+                                    gallery: Box::new(g.model().clone()),
+                                    model: Box::new(id),
                                 }
                                 .to_string(),
                             ));

@@ -321,21 +321,23 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     }
     drop(detector);
     drop(embedder);
-    let mut identify_state = IdentifyState {
-        model: identify.as_ref().map(|i| i.gallery.model().clone()),
-        current: identify,
-        answer_cells,
+    let mut reloader = Reloader {
+        config_path,
+        initial: &loaded,
+        identify: IdentifyState {
+            model: identify.as_ref().map(|i| i.gallery.model().clone()),
+            current: identify,
+            answer_cells,
+        },
     };
 
     let result = rt.block_on(control(
-        config_path,
-        &loaded,
+        &mut reloader,
         &cameras,
         &tx,
         started,
         command_rx,
         mqtt_stats,
-        &mut identify_state,
     ));
     stop.store(true, Ordering::Relaxed);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -358,15 +360,15 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
 
 /// The control plane: signals, reload, health, readiness and the watchdog.
 async fn control(
-    config_path: &Path,
-    initial: &LoadedConfig,
+    reloader: &mut Reloader<'_>,
     cameras: &[Camera],
     tx: &SyncSender<Update>,
     started: Instant,
     mut commands: tokio::sync::mpsc::Receiver<publish::mqtt::Command>,
     mqtt: Option<Arc<publish::mqtt::MqttStats>>,
-    identify: &mut IdentifyState,
 ) -> Result<(), DaemonError> {
+    let initial = reloader.initial;
+    let identifying = reloader.identify.model.is_some();
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -394,9 +396,9 @@ async fn control(
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => reload(config_path, initial, cameras, identify),
+            _ = hup.recv() => reloader.reload(cameras),
             Some(cmd) = commands.recv() => match cmd {
-                publish::mqtt::Command::Reload => reload(config_path, initial, cameras, identify),
+                publish::mqtt::Command::Reload => reloader.reload(cameras),
                 publish::mqtt::Command::Snapshot(which) => {
                     for c in cameras.iter().filter(|c| which.as_ref().is_none_or(|w| *w == c.id)) {
                         c.snapshot_now.store(true, Ordering::Relaxed);
@@ -428,6 +430,8 @@ async fn control(
                             frames_dropped: (c.dropped)(),
                             frames_corrupt: c.capture.corrupt.load(Ordering::Relaxed),
                             reconnects: c.capture.reconnects.load(Ordering::Relaxed),
+                            products_embedded: identifying.then(|| c.stats.embedded.load(Ordering::Relaxed)),
+                            embeddings_deferred: identifying.then(|| c.stats.embed_deferred.load(Ordering::Relaxed)),
                         }
                     }).collect(),
                     mqtt: mqtt.as_ref().map(|m| publish::MqttHealth {
@@ -519,6 +523,20 @@ impl IdentifyState {
                 tracing::error!(error = %e, "gallery not reloaded; keeping the running one")
             }
         }
+    }
+}
+
+/// What a reload (SIGHUP, MQTT cmd/reload) needs: the config as started and the
+/// identification state it replaces.
+struct Reloader<'a> {
+    config_path: &'a Path,
+    initial: &'a LoadedConfig,
+    identify: IdentifyState,
+}
+
+impl Reloader<'_> {
+    fn reload(&mut self, cameras: &[Camera]) {
+        reload(self.config_path, self.initial, cameras, &mut self.identify)
     }
 }
 

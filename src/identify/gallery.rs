@@ -42,8 +42,8 @@ pub enum GalleryError {
     )]
     ModelMismatch {
         path: PathBuf,
-        gallery: ModelId,
-        model: ModelId,
+        gallery: Box<ModelId>,
+        model: Box<ModelId>,
     },
     #[error("{path}: no gallery here (enrol a product first: shelfwatch enroll --gallery DIR --sku ID IMAGE)")]
     Missing { path: PathBuf },
@@ -185,8 +185,8 @@ impl Gallery {
         if &self.model != model {
             return Err(GalleryError::ModelMismatch {
                 path: Self::path(dir),
-                gallery: self.model.clone(),
-                model: model.clone(),
+                gallery: Box::new(self.model.clone()),
+                model: Box::new(model.clone()),
             });
         }
         Ok(())

@@ -457,7 +457,7 @@ mod tests {
         let fake = track("cola", [1.0, 0.0, 1.0], MISMATCH_CONFIRM_FRAMES);
         let m = check_mismatch(&fake, &["cola".into()], &g, 0.8).unwrap();
         assert_eq!(m.found, "cola");
-        assert!((m.expected_similarity.unwrap() - 0.7071).abs() < 1e-3);
+        assert!((m.expected_similarity.unwrap() - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-3);
         assert!(check_mismatch(&fake, &["cola".into()], &g, 0.6).is_none());
     }
 }

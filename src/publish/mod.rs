@@ -115,6 +115,12 @@ pub struct CameraHealth {
     pub frames_dropped: u64,
     pub frames_corrupt: u64,
     pub reconnects: u64,
+    /// With `[identify]`: product crops embedded, and those left for a later frame by the
+    /// per-frame budget (a steady rise means the budget is too small for the shelf).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub products_embedded: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub embeddings_deferred: Option<u64>,
 }
 
 /// RFC 3339 UTC with milliseconds.
