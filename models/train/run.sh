@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The shelf-counter training pipeline, from a fresh clone, in one command:
+#
+#   models/train/run.sh                    generate -> features -> train -> export -> evaluate
+#   models/train/run.sh --finetune DIR     the same, with your own labelled frames mixed in
+#   QUICK=1 models/train/run.sh            a smoke run (a few dozen images, 1 epoch)
+#
+# Sizes (environment): TRAIN_IMAGES (4000), VAL_IMAGES (300), TEST_IMAGES (300), EPOCHS (10),
+# THREADS (2). Everything goes to models/train/out/ (gitignored): data/, features/,
+# head.npz, train_log.json, shelf_counter.onnx/.toml/.labels, eval_*.json.
+# Needs python3 (with venv) and the PyPI registry, like models/build.sh, whose venv it shares.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+models=$(cd "$here/.." && pwd)
+root=$(cd "$models/.." && pwd)
+
+finetune=()
+if [ "${1:-}" = "--finetune" ]; then
+  [ -d "${2:-}" ] || { echo "usage: $0 [--finetune DIR]" >&2; exit 2; }
+  finetune=(--finetune "$(cd "$2" && pwd)")
+fi
+
+# The pinned venv, made exactly as models/build.sh makes it.
+work=${SHELFWATCH_MODEL_WORK:-$models/.build}
+venv=$work/venv
+mkdir -p "$work"
+want=$(sha256sum "$models/requirements.txt" | cut -d' ' -f1)
+have=$(cat "$venv/.requirements.sha256" 2>/dev/null || true)
+if [ ! -x "$venv/bin/python" ] || [ "$want" != "$have" ]; then
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$models/requirements.txt"
+  echo "$want" >"$venv/.requirements.sha256"
+fi
+py="$venv/bin/python"
+
+threads=${THREADS:-2}
+export PYTHONHASHSEED=0 OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
+if [ "${QUICK:-0}" = 1 ]; then
+  ntrain=${TRAIN_IMAGES:-64}; nval=${VAL_IMAGES:-16}; ntest=${TEST_IMAGES:-16}; epochs=${EPOCHS:-1}
+else
+  ntrain=${TRAIN_IMAGES:-4000}; nval=${VAL_IMAGES:-300}; ntest=${TEST_IMAGES:-300}; epochs=${EPOCHS:-10}
+fi
+out=${SHELF_TRAIN_OUT:-$here/out}
+export SHELF_TRAIN_OUT=$out
+mkdir -p "$out"
+
+t_all=$(date +%s.%N)
+since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
+stage() {
+  local name=$1; shift
+  local t0; t0=$(date +%s.%N)
+  echo "== $name" >&2
+  "$@"
+  echo "== $name: $(since "$t0") s" | tee -a "$out/stages.txt" >&2
+}
+: >"$out/stages.txt"
+rm -rf "$out/data"
+stage check-decoder "$py" "$here/test_decode.py"
+stage generate-train "$py" "$here/generate.py" --split train --count "$ntrain" --workers "$threads"
+stage generate-val "$py" "$here/generate.py" --split val --count "$nval" --seed 2 --workers "$threads"
+stage generate-test "$py" "$here/generate.py" --split test --count "$ntest" --seed 3 --workers "$threads"
+stage features-train "$py" "$here/features.py" --split train --threads "$threads"
+stage features-val "$py" "$here/features.py" --split val --threads "$threads"
+stage train "$py" "$here/train.py" --epochs "$epochs" --threads "$threads" "${finetune[@]}"
+stage export "$py" "$here/export.py"
+stage evaluate "$py" "$here/evaluate.py" --split test --sweep --json "$out/eval_test.json"
+if [ -f "$root/tests/fixtures/shelves/expected.json" ]; then
+  stage evaluate-real-composites "$py" "$here/evaluate.py" --yolo "$root/tests/fixtures/shelves" \
+    --per-image --json "$out/eval_shelves.json"
+fi
+echo "== total: $(since "$t_all") s" | tee -a "$out/stages.txt" >&2
+sha256sum "$out/shelf_counter.onnx"
