@@ -20,8 +20,7 @@ fn the_shelf_counter_counts_real_product_photos_on_composed_shelves_within_five_
     .unwrap();
     let dir = root().join("tests/fixtures/shelves");
     let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let images = expected["images"].as_object().unwrap();
     assert_eq!(images.len(), 8);
     let (mut truth_total, mut abs_error, mut exact) = (0u64, 0u64, 0usize);
@@ -33,9 +32,9 @@ fn the_shelf_counter_counts_real_product_photos_on_composed_shelves_within_five_
         let counted = dets.len() as u64;
         assert!(dets.iter().all(|d| d.label == "product"));
         report.push(format!("{file}: {counted}/{truth} ({})", e["description"]));
-        // No frame may be far off, whatever its layout.
+        // No frame may be far off, whatever its layout (every one is within 1 today).
         assert!(
-            counted.abs_diff(truth) <= 4,
+            counted.abs_diff(truth) <= 2,
             "{file}: counted {counted} of {truth}; {report:?}"
         );
         truth_total += truth;
@@ -49,8 +48,11 @@ fn the_shelf_counter_counts_real_product_photos_on_composed_shelves_within_five_
         images.len()
     );
     // The target: count error at most 5% of the true count.
-    assert!(relative <= 0.05, "relative count error {relative:.3}: {report:?}");
-    // Upright runs (the first three frames and the dense one) are exact today; lying
-    // stacks are where it still misses by one or two.
+    assert!(
+        relative <= 0.05,
+        "relative count error {relative:.3}: {report:?}"
+    );
+    // 6 of 8 today (the target is 70%); a shelf of large upright boxes and a mixed
+    // one are off by one. One frame of slack for float differences between platforms.
     assert!(exact >= 5, "exact on {exact} of 8: {report:?}");
 }

@@ -483,7 +483,10 @@ fn a_product_enrolled_while_the_daemon_runs_is_counted_after_sighup() {
         ]);
         assert!(out.status.success(), "{out:?}");
     };
-    enroll("cup-brown", &root().join("tests/fixtures/photos/coffee.png"));
+    enroll(
+        "cup-brown",
+        &root().join("tests/fixtures/photos/coffee.png"),
+    );
     let config = dir.path().join("shelfwatch.toml");
     std::fs::write(
         &config,

@@ -5,7 +5,7 @@
 #   models/train/run.sh --finetune DIR     the same, with your own labelled frames mixed in
 #   QUICK=1 models/train/run.sh            a smoke run (a few dozen images, 1 epoch)
 #
-# Sizes (environment): TRAIN_IMAGES (4000), VAL_IMAGES (300), TEST_IMAGES (300), EPOCHS (10),
+# Sizes (environment): TRAIN_IMAGES (6000), VAL_IMAGES (300), TEST_IMAGES (300), EPOCHS (14),
 # THREADS (2). Everything goes to models/train/out/ (gitignored): data/, features/,
 # head.npz, train_log.json, shelf_counter.onnx/.toml/.labels, eval_*.json.
 # Needs python3 (with venv) and the PyPI registry, like models/build.sh, whose venv it shares.
@@ -38,7 +38,7 @@ export PYTHONHASHSEED=0 OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads M
 if [ "${QUICK:-0}" = 1 ]; then
   ntrain=${TRAIN_IMAGES:-64}; nval=${VAL_IMAGES:-16}; ntest=${TEST_IMAGES:-16}; epochs=${EPOCHS:-1}
 else
-  ntrain=${TRAIN_IMAGES:-4000}; nval=${VAL_IMAGES:-300}; ntest=${TEST_IMAGES:-300}; epochs=${EPOCHS:-10}
+  ntrain=${TRAIN_IMAGES:-6000}; nval=${VAL_IMAGES:-300}; ntest=${TEST_IMAGES:-300}; epochs=${EPOCHS:-14}
 fi
 out=${SHELF_TRAIN_OUT:-$here/out}
 export SHELF_TRAIN_OUT=$out
