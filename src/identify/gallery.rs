@@ -316,10 +316,6 @@ impl Gallery {
         by.into_values().collect()
     }
 
-    pub fn contains_sku(&self, sku: &str) -> bool {
-        self.references.iter().any(|r| r.sku == sku)
-    }
-
     /// The `k` most similar SKUs (each by its closest reference), most similar first.
     /// Exact search: one dot product per reference.
     pub fn search(&self, query: &[f32], k: usize) -> Vec<Match> {

@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use image::RgbImage;
 use tract_onnx::prelude::*;
@@ -189,13 +188,6 @@ impl Embedder {
     pub fn embed_region(&mut self, frame: &RgbImage, b: &BBox) -> Result<Vec<f32>, VisionError> {
         let crop = crop(frame, b);
         self.embed(&crop)
-    }
-
-    /// Embeds and times: (vector, milliseconds), for `identify`'s report.
-    pub fn embed_timed(&mut self, image: &RgbImage) -> Result<(Vec<f32>, f64), VisionError> {
-        let t = Instant::now();
-        let v = self.embed(image)?;
-        Ok((v, t.elapsed().as_secs_f64() * 1e3))
     }
 }
 
