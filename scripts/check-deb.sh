@@ -153,7 +153,7 @@ ok "md5sums recorded by dpkg, dpkg --verify clean"
 as_shelfwatch shelfwatch check-config /etc/shelfwatch/shelfwatch.toml ||
   fail "shelfwatch check-config /etc/shelfwatch/shelfwatch.toml failed (as user shelfwatch)"
 ok "check-config /etc/shelfwatch/shelfwatch.toml, as user shelfwatch"
-for f in ssd_mobilenetv2_oidv4.onnx ssd_mobilenetv2_oidv4.labels ssd_mobilenetv2_oidv4.toml \
+for f in shelf_counter.onnx shelf_counter.labels shelf_counter.toml ssd_mobilenetv2_oidv4.onnx ssd_mobilenetv2_oidv4.labels ssd_mobilenetv2_oidv4.toml \
          ssd_mobilenetv2_oidv4_int8.onnx ssd_mobilenetv2_oidv4_int8.toml \
          efficientnet_lite0.onnx efficientnet_lite0.toml; do
   [ "$(stat -c %a "$root/usr/share/shelfwatch/models/$f" 2>/dev/null)" = 644 ] ||
@@ -164,9 +164,17 @@ done
 photo=$repo/tests/fixtures/photos/coffee.png
 if [ -f "$photo" ]; then
   cp "$photo" "$root/tmp/photo.png"
-  out=$(as_shelfwatch shelfwatch detect /tmp/photo.png) || fail "shelfwatch detect failed"
-  case $out in *'"model":"ssd_mobilenetv2_oidv4"'*) ;; *) fail "unexpected detect output: $out" ;; esac
-  ok "detect with /usr/share/shelfwatch/models: ${out:0:160}..."
+  # The default model, the shelf counter, on a composed shelf of ten products.
+  cp "$repo/tests/fixtures/shelves/shelf_02.jpg" "$root/tmp/shelf.jpg"
+  out=$(as_shelfwatch shelfwatch detect /tmp/shelf.jpg) || fail "shelfwatch detect failed"
+  case $out in *'"model":"shelf_counter"'*) ;; *) fail "unexpected detect output: $out" ;; esac
+  n=$(grep -o '"label":"product"' <<<"$out" | wc -l)
+  [ "$n" -ge 9 ] && [ "$n" -le 11 ] || fail "the packaged shelf counter found $n products on shelf_02.jpg (10 placed)"
+  ok "detect with the packaged default model: $n of 10 products"
+  out=$(as_shelfwatch shelfwatch detect --model /usr/share/shelfwatch/models/ssd_mobilenetv2_oidv4.toml /tmp/photo.png) ||
+    fail "shelfwatch detect with the SSD failed"
+  case $out in *'"model":"ssd_mobilenetv2_oidv4"'*) ;; *) fail "unexpected SSD detect output: $out" ;; esac
+  ok "detect with the packaged SSD: ${out:0:160}..."
   out=$(as_shelfwatch shelfwatch detect --model /usr/share/shelfwatch/models/ssd_mobilenetv2_oidv4_int8.toml /tmp/photo.png) ||
     fail "shelfwatch detect with the int8 model failed"
   case $out in *'"model":"ssd_mobilenetv2_oidv4_int8"'*) ;; *) fail "unexpected int8 detect output: $out" ;; esac

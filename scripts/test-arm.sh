@@ -78,16 +78,20 @@ export SHELFWATCH_TEST_SLOWDOWN=20
 # the library's unit tests, the CLI, the fidelity and platform checks, the JSON Schemas
 # over a real run, and the daemon's signal and config handling. Skipped here: the two
 # daemon tests that replay all 28 scene frames, twice, which take over 3 minutes each
+# (and the two replays of the 28 shelf-scenes frames with the counter, one with the SSD)
 # under emulation; their logic is target-independent, they run on x86_64, and the
 # daemon runs end to end on arm64 in the vivid VM. Likewise the two evaluations over all
 # 28 scenes (up to three models each, ~80 inferences): the platform test shows this
 # target's detections equal x86_64's, and the COCO evaluation runs here on 6 frames.
+# The shelf counter (the default model) counts the eight real-photo composites here too.
 # Identification: enrol/identify round trips and the damaged gallery run here; the
 # 247-embedding retrieval measurement and the per-SKU daemon runs (a replay, a reload)
 # run on x86_64.
 stage "tests under qemu-$qemu ($cpu)" cargo_zig test --lib --bins \
-  --test platform --test fidelity --test cli --test schemas --test daemon --test identify -- \
+  --test platform --test fidelity --test cli --test schemas --test daemon --test identify \
+  --test counter -- \
   --skip the_daemon_over_the_composed_scenes --skip after_a_restart \
+  --skip the_default_counter_counts_unseen --skip without_an_occluder_model \
   --skip eval_finds_every_labelled_cup --skip the_int8_model_keeps \
   --skip augmented_views_of_enrolled --skip the_daemon_counts_per_sku \
   --skip a_product_enrolled_while

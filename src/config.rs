@@ -125,6 +125,16 @@ pub struct CountingConfig {
     /// Labels that hide a zone (its counts are held while they overlap it).
     #[serde(default = "default_occluders")]
     pub occluders: Vec<String>,
+    /// A second model that finds the occluders, run on every frame after the counting
+    /// model, for counting models that know no people (the bundled shelf counter has one
+    /// label, `product`). Only its `occluders` labels are used. Costs one more inference
+    /// per frame; without it, a person standing in front of a shelf hides its products
+    /// and the count drops once the consensus window agrees.
+    #[serde(default)]
+    pub occluder_model: Option<PathBuf>,
+    /// Minimum score of an occluder found by `occluder-model`.
+    #[serde(default = "default_occluder_score_threshold")]
+    pub occluder_score_threshold: f32,
     /// Default zone membership rule.
     #[serde(default = "default_membership")]
     pub membership: Membership,
@@ -145,6 +155,9 @@ fn default_out_of_stock_after_s() -> f64 {
 fn default_occluders() -> Vec<String> {
     vec!["Person".into()]
 }
+fn default_occluder_score_threshold() -> f32 {
+    0.5
+}
 fn default_membership() -> Membership {
     Membership::BottomCentre
 }
@@ -160,6 +173,8 @@ impl Default for CountingConfig {
             window_seconds: None,
             out_of_stock_after_s: default_out_of_stock_after_s(),
             occluders: default_occluders(),
+            occluder_model: None,
+            occluder_score_threshold: default_occluder_score_threshold(),
             membership: default_membership(),
             overlap_fraction: default_overlap_fraction(),
         }
@@ -326,6 +341,11 @@ pub struct ModelConfig {
     /// Upper bound on detections per frame.
     #[serde(default)]
     pub max_detections: Option<usize>,
+    /// Model input size [width, height] instead of the manifest's, for fully
+    /// convolutional models (the shelf counter: multiples of 32), so that products are
+    /// 3-10 feature cells wide (docs/counting-model.md).
+    #[serde(default)]
+    pub input_size: Option<[u32; 2]>,
     /// Threads for the matrix products of an inference: one pool, shared by the cameras
     /// (each of which has its own inference thread). More threads cut a frame's latency;
     /// on a board with a camera per core, the cameras' own threads use the cores already.
@@ -351,9 +371,10 @@ pub fn default_threads() -> usize {
 /// shelfwatch targets (4 to 12 cores).
 pub const MAX_THREADS: usize = 64;
 
-/// The bundled counting model.
+/// The bundled counting model: the class-agnostic shelf counter, which counts any
+/// packaged product (`ssd_mobilenetv2_oidv4.toml` knows 24 generic classes instead).
 pub fn default_manifest() -> PathBuf {
-    PathBuf::from("ssd_mobilenetv2_oidv4.toml")
+    PathBuf::from("shelf_counter.toml")
 }
 
 impl Default for ModelConfig {
@@ -365,6 +386,7 @@ impl Default for ModelConfig {
             label_thresholds: BTreeMap::new(),
             iou_threshold: None,
             max_detections: None,
+            input_size: None,
             threads: default_threads(),
             cache: default_model_cache(),
         }
@@ -563,12 +585,32 @@ impl LoadedConfig {
             iou_threshold: m.iou_threshold,
             max_detections: m.max_detections,
             label_thresholds: m.label_thresholds.clone(),
-            input_size: None,
+            input_size: m.input_size.map(|[w, h]| (w, h)),
             threads: m.threads,
             cache_dir: m
                 .cache
                 .then(|| self.resolve(&self.config.state.dir).join("model-cache")),
         }
+    }
+
+    /// The occluder model's manifest and options, when `counting.occluder-model` is set:
+    /// its own score threshold, the counting model's threads and cache.
+    pub fn occluder_model(&self) -> Option<(PathBuf, DetectorOptions)> {
+        let k = &self.config.counting;
+        let manifest = self.model_file(k.occluder_model.as_ref()?);
+        let d = self.detector_options();
+        Some((
+            manifest,
+            DetectorOptions {
+                score_threshold: Some(k.occluder_score_threshold),
+                iou_threshold: None,
+                max_detections: None,
+                label_thresholds: BTreeMap::new(),
+                input_size: None,
+                threads: d.threads,
+                cache_dir: d.cache_dir,
+            },
+        ))
     }
 
     /// Semantic checks the types cannot express: (key path, message) for each problem.
@@ -595,6 +637,24 @@ impl LoadedConfig {
             problems.push((
                 "counting.out-of-stock-after-s".into(),
                 "must be zero or positive".into(),
+            ));
+        }
+        if !(k.occluder_score_threshold > 0.0 && k.occluder_score_threshold <= 1.0) {
+            problems.push((
+                "counting.occluder-score-threshold".into(),
+                format!("must be in (0, 1], got {}", k.occluder_score_threshold),
+            ));
+        }
+        if k.occluder_model.is_some() && k.occluders.is_empty() {
+            problems.push((
+                "counting.occluders".into(),
+                "occluder-model is set: list the labels it should find".into(),
+            ));
+        }
+        if c.model.input_size.is_some_and(|[w, h]| w == 0 || h == 0) {
+            problems.push((
+                "model.input-size".into(),
+                "width and height must be positive".into(),
             ));
         }
         if !(k.overlap_fraction > 0.0 && k.overlap_fraction <= 1.0) {
@@ -828,6 +888,37 @@ impl LoadedConfig {
                         ));
                     }
                 }
+                if let (Some([w, h]), Some(mult)) =
+                    (m.input_size, manifest.manifest.input.size_multiple)
+                {
+                    if mult > 1 && (w % mult != 0 || h % mult != 0) {
+                        problems.push((
+                            "model.input-size".into(),
+                            format!(
+                                "model {} runs at multiples of {mult}, not {w}x{h}",
+                                manifest.manifest.name
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some((path, _)) = self.occluder_model() {
+            match Manifest::load(&path) {
+                Err(e) => problems.push(("counting.occluder-model".into(), e.to_string())),
+                Ok(manifest) => {
+                    for label in &c.counting.occluders {
+                        if manifest.label_index(label).is_none() {
+                            problems.push((
+                                "counting.occluders".into(),
+                                format!(
+                                    "occluder model {} has no label {label:?}",
+                                    manifest.manifest.name
+                                ),
+                            ));
+                        }
+                    }
+                }
             }
         }
         problems
@@ -1021,6 +1112,33 @@ mod tests {
         assert_eq!(e.0[0].key, "model.threads");
         assert_eq!(e.0[0].line, Some(2));
         assert!(e.to_string().contains("between 1 and 64"), "{e}");
+    }
+
+    #[test]
+    fn an_occluder_the_occluder_model_cannot_find_is_rejected_naming_the_key() {
+        let e = load("[counting]\noccluder-model = \"shelf_counter.toml\"\n").unwrap_err();
+        assert_eq!(e.0[0].key, "counting.occluders");
+        assert!(
+            e.to_string()
+                .contains("occluder model shelf_counter has no label \"Person\""),
+            "{e}"
+        );
+        // The SSD has people.
+        load("[counting]\noccluder-model = \"ssd_mobilenetv2_oidv4.toml\"\n").unwrap();
+    }
+
+    #[test]
+    fn an_input_size_off_the_models_multiple_is_rejected_naming_the_key_and_line() {
+        let e = load("[model]\ninput-size = [400, 300]\n").unwrap_err();
+        assert_eq!(e.0[0].key, "model.input-size");
+        assert_eq!(e.0[0].line, Some(2));
+        assert!(
+            e.to_string()
+                .contains("model shelf_counter runs at multiples of 32, not 400x300"),
+            "{e}"
+        );
+        let c = load("[model]\ninput-size = [512, 384]\n").unwrap();
+        assert_eq!(c.detector_options().input_size, Some((512, 384)));
     }
 
     #[test]

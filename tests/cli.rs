@@ -23,9 +23,12 @@ fn stdout_json(out: &Output) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The generic-class detector; the default model is the class-agnostic shelf counter.
+const SSD: &str = "models/ssd_mobilenetv2_oidv4.toml";
+
 #[test]
 fn detect_on_the_coffee_photo_reports_a_cup() {
-    let out = shelfwatch(&["detect", "tests/fixtures/photos/coffee.png"]);
+    let out = shelfwatch(&["detect", "--model", SSD, "tests/fixtures/photos/coffee.png"]);
     assert!(
         out.status.success(),
         "{}",
@@ -60,10 +63,57 @@ fn detect_on_the_coffee_photo_reports_a_cup() {
     }
 }
 
+fn products(v: &serde_json::Value) -> usize {
+    v["detections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["label"] == "product")
+        .count()
+}
+
+#[test]
+fn detect_without_a_model_counts_any_product_with_the_shelf_counter() {
+    // Ten products of photos the counter never trained on, in two rows.
+    let out = shelfwatch(&["detect", "tests/fixtures/shelves/shelf_02.jpg"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = &stdout_json(&out)[0];
+    assert_eq!(v["model"], "shelf_counter");
+    let n = products(v);
+    assert!((9..=11).contains(&n), "{n} products for 10: {v}");
+}
+
+#[test]
+fn the_shelf_counter_runs_at_another_input_size_and_refuses_one_off_its_multiple() {
+    // Small products (40 px in a 640-px frame) are 5 cells wide at 512x384.
+    let shelf = "tests/fixtures/shelves/shelf_03.jpg";
+    let out = shelfwatch(&["detect", "--input-size", "512x384", shelf]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let n = products(&stdout_json(&out)[0]);
+    assert!((46..=50).contains(&n), "{n} products for 48 at 512x384");
+    let out = shelfwatch(&["detect", "--input-size", "500x380", shelf]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("input size 500x380: this model runs at multiples of 32 (e.g. 480x352)"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn detect_reports_each_bad_image_processes_the_rest_and_exits_non_zero() {
     let out = shelfwatch(&[
         "detect",
+        "--model",
+        SSD,
         "tests/fixtures/bad/not-an-image.png",
         "tests/fixtures/photos/chelsea.png",
         "tests/fixtures/bad/truncated.jpg",
@@ -340,7 +390,7 @@ const INT8: &str = "models/ssd_mobilenetv2_oidv4_int8.toml";
 
 #[test]
 fn eval_finds_every_labelled_cup_and_person_in_the_shelf_scenes() {
-    let v = eval_json(&[SCENES]);
+    let v = eval_json(&["--model", SSD, SCENES]);
     assert_eq!(
         (v["images"].as_u64(), v["format"].as_str()),
         (Some(28), Some("yolo"))
@@ -361,20 +411,14 @@ fn eval_finds_every_labelled_cup_and_person_in_the_shelf_scenes() {
 
 #[test]
 fn the_int8_model_keeps_the_float_models_quality_on_the_shelf_scenes() {
-    let fp32 = eval_json(&[SCENES]);
+    let fp32 = eval_json(&["--model", SSD, SCENES]);
     let int8 = eval_json(&["--model", INT8, SCENES]);
     for key in ["map", "f1", "count_mae"] {
         let (a, b) = (fp32[key].as_f64().unwrap(), int8[key].as_f64().unwrap());
         assert!((a - b).abs() <= 0.01, "{key}: fp32 {a}, int8 {b}");
     }
     // Box for box: the float model's detections as the truth.
-    let agree = eval_json(&[
-        "--model",
-        INT8,
-        "--reference-model",
-        "models/ssd_mobilenetv2_oidv4.toml",
-        SCENES,
-    ]);
+    let agree = eval_json(&["--model", INT8, "--reference-model", SSD, SCENES]);
     assert_eq!(agree["truth"], "ssd_mobilenetv2_oidv4");
     assert!(agree["f1"].as_f64().unwrap() >= 0.99, "{agree}");
 }
@@ -415,7 +459,7 @@ fn eval_reads_coco_json_with_the_same_result_as_yolo_labels() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("instances.json");
     std::fs::write(&path, coco.to_string()).unwrap();
-    let v = eval_json(&[path.to_str().unwrap()]);
+    let v = eval_json(&["--model", SSD, path.to_str().unwrap()]);
     assert_eq!(
         (v["images"].as_u64(), v["format"].as_str()),
         (Some(6), Some("coco"))
@@ -441,7 +485,7 @@ fn eval_names_the_label_file_and_line_it_cannot_read() {
         "13 0.5 0.5 0.2 0.2\n13 0.5 0.5 0.2\n",
     )
     .unwrap();
-    let out = shelfwatch(&["eval", dir.path().to_str().unwrap()]);
+    let out = shelfwatch(&["eval", "--model", SSD, dir.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

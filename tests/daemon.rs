@@ -24,6 +24,10 @@ fn scene_config(dir: &Path, frames: &str, looping: bool) -> PathBuf {
 [device]
 id = "test-device"
 
+# The scenes are composed for the generic-class SSD (cups and a person).
+[model]
+manifest = "ssd_mobilenetv2_oidv4.toml"
+
 [counting]
 window-frames = 5
 min-agreement = 0.6
@@ -88,11 +92,16 @@ fn messages(dir: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// Published stable counts of one zone, in order.
+/// Published stable counts of cups in one zone, in order.
 fn zone_counts(msgs: &[Value], zone: &str) -> Vec<u64> {
+    label_counts(msgs, zone, "Coffee cup")
+}
+
+/// Published stable counts of one label in one zone, in order (0 when absent).
+fn label_counts(msgs: &[Value], zone: &str, label: &str) -> Vec<u64> {
     msgs.iter()
         .filter(|m| m["type"] == "state" && m["zone"] == zone)
-        .map(|m| m["counts"]["Coffee cup"].as_u64().unwrap())
+        .map(|m| m["counts"][label].as_u64().unwrap_or(0))
         .collect()
 }
 
@@ -179,6 +188,124 @@ fn the_daemon_over_the_composed_scenes_publishes_exactly_the_known_stable_counts
         state["zones"]["shelf/bottom-shelf"]["counts"]["Coffee cup"],
         4
     );
+}
+
+/// The default model (the shelf counter) over tests/fixtures/shelf-scenes, with or
+/// without the SSD as occluder model.
+fn shelf_scene_config(dir: &Path, occluder_model: bool) -> PathBuf {
+    let occluder = if occluder_model {
+        "occluder-model = \"ssd_mobilenetv2_oidv4.toml\""
+    } else {
+        ""
+    };
+    let text = format!(
+        r#"
+[device]
+id = "test-device"
+
+[counting]
+window-frames = 5
+min-agreement = 0.6
+out-of-stock-after-s = 0.0
+{occluder}
+
+[[cameras]]
+id = "shelf"
+[cameras.source]
+kind = "files"
+path = "{frames}/*.jpg"
+fps = 50.0
+loop = false
+every-frame = true
+
+[[cameras.zones]]
+name = "top-shelf"
+polygon = [[0.0, 0.0], [1.0, 0.0], [1.0, 0.5], [0.0, 0.5]]
+labels = ["product"]
+min = 3
+
+[[cameras.zones]]
+name = "bottom-shelf"
+polygon = [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 1.0]]
+labels = ["product"]
+min = 3
+
+[[sinks]]
+kind = "jsonl"
+path = "out.jsonl"
+
+[state]
+dir = "state"
+
+[health]
+interval-s = 0
+"#,
+        frames = root().join("tests/fixtures/shelf-scenes/frames").display(),
+    );
+    let path = dir.join("shelfwatch.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run_to_end(config: &Path) -> Vec<Value> {
+    let mut child = spawn(config);
+    let status =
+        wait_exit(&mut child, Duration::from_secs(120)).expect("daemon ends with its input");
+    assert!(status.success(), "{status:?}");
+    messages(config.parent().unwrap())
+}
+
+#[test]
+fn the_default_counter_counts_unseen_products_and_holds_a_count_while_a_person_hides_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let msgs = run_to_end(&shelf_scene_config(dir.path(), true));
+    // expected.json: top 6 -> 4; bottom 5, held while the person (found by the SSD)
+    // hides four of its products, emptied, restocked with 5.
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/shelf-scenes/expected.json")).unwrap(),
+    )
+    .unwrap();
+    for zone in ["top-shelf", "bottom-shelf"] {
+        let mut want: Vec<u64> = expected["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["stable"][zone].as_u64().unwrap())
+            .collect();
+        want.dedup();
+        assert_eq!(label_counts(&msgs, zone, "product"), want, "{zone}");
+    }
+    assert_eq!(label_counts(&msgs, "top-shelf", "product"), [6, 4]);
+    assert_eq!(events(&msgs, "top-shelf"), ["count-changed"]);
+    assert_eq!(
+        events(&msgs, "bottom-shelf"),
+        [
+            "count-changed",
+            "low-stock",
+            "out-of-stock",
+            "count-changed",
+            "restocked"
+        ]
+    );
+    // Occluders are never counted, whichever model found them.
+    assert!(msgs
+        .iter()
+        .filter(|m| m["type"] == "state")
+        .all(|m| m["counts"].get("Person").is_none()));
+}
+
+#[test]
+fn without_an_occluder_model_a_person_in_front_of_the_shelf_drops_its_count() {
+    // What `counting.occluder-model` is for: the counter alone knows no people, sees
+    // the one product the person leaves visible, and reports a false low stock.
+    let dir = tempfile::tempdir().unwrap();
+    let msgs = run_to_end(&shelf_scene_config(dir.path(), false));
+    let bottom = label_counts(&msgs, "bottom-shelf", "product");
+    assert_eq!(bottom.len(), 5, "{bottom:?}");
+    assert_eq!((bottom[0], bottom[2], bottom[3], bottom[4]), (5, 5, 0, 5));
+    // The one product left visible, and whatever of the person looks like a box.
+    assert!((1..5).contains(&bottom[1]), "{bottom:?}");
+    assert_eq!(label_counts(&msgs, "top-shelf", "product"), [6, 4]);
 }
 
 #[test]

@@ -329,6 +329,10 @@ fn the_daemon_counts_per_sku_and_reports_the_wrong_variant_in_a_planogram_zone()
 [device]
 id = "sku-test"
 
+# The scenes are composed for the generic-class SSD (cups and a person).
+[model]
+manifest = "ssd_mobilenetv2_oidv4.toml"
+
 [counting]
 window-frames = 5
 min-agreement = 0.6
@@ -494,6 +498,10 @@ fn a_product_enrolled_while_the_daemon_runs_is_counted_after_sighup() {
             r#"
 [device]
 id = "reload-test"
+
+# The scenes are composed for the generic-class SSD (cups and a person).
+[model]
+manifest = "ssd_mobilenetv2_oidv4.toml"
 
 [counting]
 window-frames = 3

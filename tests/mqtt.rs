@@ -177,6 +177,10 @@ fn config(dir: &Path, mqtt: &str, frames: &str, looping: bool, fps: f64) -> Path
 [device]
 id = "dev-1"
 
+# The scenes are composed for the generic-class SSD (cups and a person).
+[model]
+manifest = "ssd_mobilenetv2_oidv4.toml"
+
 [counting]
 window-frames = 3
 min-agreement = 0.6

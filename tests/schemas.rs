@@ -104,6 +104,10 @@ fn every_message_of_a_real_run_is_valid_against_its_schema() {
             r#"
 [device]
 id = "schema-test"
+# The scenes are composed for the generic-class SSD (cups and a person).
+[model]
+manifest = "ssd_mobilenetv2_oidv4.toml"
+
 [counting]
 window-frames = 3
 out-of-stock-after-s = 0.0

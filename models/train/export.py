@@ -4,12 +4,12 @@
 
 Graph: models/efficientnet_lite0.onnx up to the three taps (common.cut_backbone), then
 per tap a 1x1 convolution to 64 channels (the feature normalisation folded into its
-weights and bias), nearest-neighbour upsampling to stride 8 as Reshape -> Expand ->
-Reshape (no Resize op: tract handles these plainly), Add, Relu, and two 3x3 convolutions
-(the head's 5 output channels, split): `heat` = Sigmoid of the centre logit [1, 1, 36, 48],
-`peak` = MaxPool 3x3 stride 1 pad 1 of `heat`, `boxes` [1, 4, 36, 48] (dx, dy, log w,
-log h in cells). Input `input` [1, 3, 288, 384], RGB, (pixel - 127) / 128 applied by the
-caller (shelfwatch, from the manifest). Opset 13. Names fixed, initializers sorted, no
+weights and bias), nearest-neighbour upsampling to stride 8 as a depthwise ConvTranspose of ones (no
+shape constants, no Resize op), Add, Relu, and two 3x3 convolutions (the head's 5 output
+channels, split): `heat` = Sigmoid of the centre logit [1, 1, H/8, W/8], `peak` = MaxPool
+3x3 stride 1 pad 1 of `heat`, `boxes` [1, 4, H/8, W/8] (dx, dy, log w, log h in cells).
+Input `input` [1, 3, H, W] with symbolic H and W (trained at 288 x 384; any multiple of
+32 runs), RGB, (pixel - 127) / 128 applied by the caller (shelfwatch, from the manifest). Opset 13. Names fixed, initializers sorted, no
 timestamps: the same head.npz gives the same bytes.
 
 Checks: onnx.checker; onnxruntime on validation images against the numpy head on the
@@ -56,6 +56,8 @@ layout = "nchw"
 colour = "rgb"
 # 4:3 like most shelf cameras; other aspect ratios are stretched, as in training.
 resize = "stretch"
+# Fully convolutional: --input-size runs it at any multiple of 32 (docs/counting-model.md).
+size-multiple = 32
 # value = (pixel - mean) / std, per channel
 mean = [127.0, 127.0, 127.0]
 std = [128.0, 128.0, 128.0]
@@ -110,13 +112,11 @@ def build(head):
                  f"head/proj{s}", kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0])
         f = s // common.STRIDE
         if f > 1:
-            h, wd = common.INPUT_H // s, common.INPUT_W // s
-            x = node("Reshape", [x, init(f"head/up{s}/shape6", np.array([1, C, h, 1, wd, 1], np.int64))],
-                     f"head/up{s}/reshape6")
-            x = node("Expand", [x, init(f"head/up{s}/expand_shape", np.array([1, C, h, f, wd, f], np.int64))],
-                     f"head/up{s}/expand")
-            x = node("Reshape", [x, init(f"head/up{s}/shape4", np.array(
-                [1, C, h * f, wd * f], np.int64))], f"head/up{s}/reshape4")
+            # Nearest-neighbour upsampling as a depthwise ConvTranspose with an f x f
+            # kernel of ones and stride f: exact, and free of shape constants, so the
+            # graph runs at any input size that is a multiple of 32.
+            x = node("ConvTranspose", [x, init(f"head/up{s}/ones", np.ones((C, 1, f, f), np.float32))],
+                     f"head/up{s}", kernel_shape=[f, f], strides=[f, f], group=C)
         branches.append(x)
     x = node("Add", branches[:2], "head/sum16")
     x = node("Add", [x, branches[2]], "head/sum32")
@@ -130,11 +130,10 @@ def build(head):
     node("Conv", [x, init("head/boxes/weight", k[1:5]), init("head/boxes/bias", kb[1:5])],
          "boxes", **conv)
 
-    gh, gw = common.GRID_H, common.GRID_W
+    gh, gw = "height/8", "width/8"
     graph = helper.make_graph(
         nodes, NAME,
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                       [1, 3, common.INPUT_H, common.INPUT_W])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, "height", "width"])],
         [helper.make_tensor_value_info("heat", TensorProto.FLOAT, [1, 1, gh, gw]),
          helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4, gh, gw]),
          helper.make_tensor_value_info("peak", TensorProto.FLOAT, [1, 1, gh, gw])],

@@ -98,6 +98,7 @@ fn runtime_of(
         counting: loaded.config.counting.clone(),
         params: loaded.config.counting.params(),
         detector: loaded.detector_options(),
+        occluder: loaded.occluder_model().map(|(_, o)| o),
         identify: identify.clone(),
     }
 }
@@ -149,6 +150,21 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     tracing::info!(state = %store.path().display(), seq = saved.seq, zones = saved.zones.len(), "state loaded");
 
     let detector = Detector::load(&loaded.manifest_path(), &loaded.detector_options())?;
+    let occluder = match loaded.occluder_model() {
+        Some((manifest, options)) => Some(Detector::load(&manifest, &options)?),
+        None => {
+            let unknown: Vec<&String> = config
+                .counting
+                .occluders
+                .iter()
+                .filter(|l| !detector.labels().contains(l))
+                .collect();
+            if !unknown.is_empty() {
+                tracing::info!(model = %detector.manifest().manifest.name, occluders = ?unknown, "the counting model does not find these occluders; set counting.occluder-model to hold counts while people stand in front of shelves");
+            }
+            None
+        }
+    };
     let embedder = match loaded.identify_paths() {
         Some((manifest, _)) => Some(Embedder::load(&manifest, &loaded.embedder_options())?),
         None => None,
@@ -294,6 +310,7 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         let worker = Worker {
             camera: cam.id.clone(),
             detector: detector.fork()?,
+            occluder: occluder.as_ref().map(Detector::fork).transpose()?,
             embedder: embedder.as_ref().map(Embedder::fork).transpose()?,
             capture: handle,
             status: status_rx,
@@ -320,6 +337,7 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         });
     }
     drop(detector);
+    drop(occluder);
     drop(embedder);
     let mut reloader = Reloader {
         config_path,
@@ -559,8 +577,14 @@ fn reload(
     identify.reload(initial, &loaded);
     let new = &loaded.config;
     let old = &initial.config;
-    if new.device.id != old.device.id || loaded.manifest_path() != initial.manifest_path() {
-        tracing::warn!("device id and model changes take effect after a restart");
+    if new.device.id != old.device.id
+        || loaded.manifest_path() != initial.manifest_path()
+        || new.model.input_size != old.model.input_size
+        || loaded.occluder_model().map(|o| o.0) != initial.occluder_model().map(|o| o.0)
+    {
+        tracing::warn!(
+            "device id, model, input size and occluder model changes take effect after a restart"
+        );
     }
     for c in cameras {
         match new.cameras.iter().find(|n| n.id == c.id) {

@@ -24,6 +24,8 @@ pub struct CameraRuntime {
     pub counting: crate::config::CountingConfig,
     pub params: CountingParams,
     pub detector: DetectorOptions,
+    /// The occluder model's options, when `counting.occluder-model` is set.
+    pub occluder: Option<DetectorOptions>,
     /// The gallery and tracking parameters, when identification is configured.
     pub identify: Option<Arc<IdentifyRuntime>>,
 }
@@ -108,6 +110,9 @@ impl WorkerStats {
 pub struct Worker {
     pub camera: String,
     pub detector: Detector,
+    /// Present when `counting.occluder-model` is set: finds people in front of shelves
+    /// for a counting model that knows none.
+    pub occluder: Option<Detector>,
     /// Present when identification is configured: names detections by SKU.
     pub embedder: Option<Embedder>,
     pub capture: CaptureHandle,
@@ -157,6 +162,11 @@ impl Worker {
                 if let Err(e) = self.detector.set_options(&rt.detector) {
                     tracing::error!(error = %e, "new thresholds rejected; keeping the old ones");
                 }
+                if let (Some(d), Some(o)) = (self.occluder.as_mut(), &rt.occluder) {
+                    if let Err(e) = d.set_options(o) {
+                        tracing::error!(error = %e, "new occluder threshold rejected; keeping the old one");
+                    }
+                }
                 if let Some(z) = zones.as_mut() {
                     rebuild(z, &rt);
                 }
@@ -194,6 +204,22 @@ impl Worker {
                     continue;
                 }
             };
+            if let Some(occluder) = self.occluder.as_mut() {
+                match occluder.detect(&frame.image) {
+                    Ok((found, _)) => detections.extend(
+                        found
+                            .into_iter()
+                            .filter(|d| rt.params.occluders.contains(&d.label)),
+                    ),
+                    Err(e) => {
+                        // Without the occluders a person in front of a shelf would be
+                        // counted as an empty shelf: skip the frame rather than risk it.
+                        self.stats.inference_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(error = %e, "occluder inference failed; frame skipped");
+                        continue;
+                    }
+                }
+            }
             let now = Instant::now();
             let tracks = match (&rt.identify, self.embedder.as_mut()) {
                 (Some(id), Some(embedder)) => {

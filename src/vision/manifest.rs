@@ -89,6 +89,11 @@ pub struct InputSpec {
     /// For `centre-crop`: the shorter side is scaled to this before the centre is taken.
     #[serde(default)]
     pub resize_shorter_side: Option<u32>,
+    /// For fully convolutional models that run at other sizes (`--input-size`): the
+    /// width and height must be multiples of this (the deepest stride the graph adds
+    /// feature maps at). Absent: only `width` x `height`, or a size the graph accepts.
+    #[serde(default)]
+    pub size_multiple: Option<u32>,
     /// Value written into letterbox padding, 0..255 before normalisation.
     #[serde(default = "default_pad_value")]
     pub pad_value: u8,

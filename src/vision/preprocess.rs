@@ -312,6 +312,7 @@ mod tests {
             colour,
             resize,
             resize_shorter_side: None,
+            size_multiple: None,
             pad_value: 0,
             mean: [0.0, 0.0, 0.0],
             std: [1.0, 1.0, 1.0],
