@@ -25,6 +25,17 @@ stage "shipped configs" bash -c '
   for f in examples/*.toml; do
     target/release/shelfwatch check-config "$f"
   done'
+# The shelf counter's training pipeline from this clone, one command (README of
+# models/train), on a few dozen images, fine-tuning on labelled frames included; then the
+# binary reads what it exported. The full run (17 min) is not repeated here.
+stage "shelf counter: retrain and fine-tune with one command, smoke run" bash -c '
+  out=$PWD/target/train-smoke
+  rm -rf "$out"
+  QUICK=1 SHELF_TRAIN_OUT=$out models/train/run.sh --finetune tests/fixtures/shelf-scenes/frames \
+    >"$out.log" 2>&1 || { tail -n 40 "$out.log"; exit 1; }
+  cat "$out/stages.txt"
+  target/release/shelfwatch detect --model "$out/shelf_counter.toml" \
+    tests/fixtures/shelves/shelf_01.jpg >/dev/null'
 stage "vivid VM: capture from the real V4L2 driver (x86_64)" \
   tests/vivid/run-vm.sh --arch x86_64 --binary target/release/examples/vivid-guest -- /dev/video0
 
