@@ -17,21 +17,53 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Which committed frame sequence a daemon replays, and with which models.
+struct Replay {
+    /// Under tests/fixtures/.
+    fixture: &'static str,
+    /// The counting model; `None`: the default (the shelf counter).
+    model: Option<&'static str>,
+    occluder_model: Option<&'static str>,
+    /// What the zones count.
+    label: &'static str,
+    min: u32,
+}
+
+/// The cup scenes, composed for the generic-class SSD (cups and a person).
+const CUP_SCENES: Replay = Replay {
+    fixture: "scenes",
+    model: Some("ssd_mobilenetv2_oidv4.toml"),
+    occluder_model: None,
+    label: "Coffee cup",
+    min: 2,
+};
+
 /// A config over the scene frames with a JSONL sink and state in `dir`.
 fn scene_config(dir: &Path, frames: &str, looping: bool) -> PathBuf {
+    replay_config(dir, &CUP_SCENES, frames, looping)
+}
+
+fn replay_config(dir: &Path, replay: &Replay, frames: &str, looping: bool) -> PathBuf {
+    let model = replay
+        .model
+        .map(|m| format!("[model]\nmanifest = \"{m}\"\n"))
+        .unwrap_or_default();
+    let occluder = replay
+        .occluder_model
+        .map(|m| format!("occluder-model = \"{m}\""))
+        .unwrap_or_default();
+    let (label, min) = (replay.label, replay.min);
     let text = format!(
         r#"
 [device]
 id = "test-device"
 
-# The scenes are composed for the generic-class SSD (cups and a person).
-[model]
-manifest = "ssd_mobilenetv2_oidv4.toml"
-
+{model}
 [counting]
 window-frames = 5
 min-agreement = 0.6
 out-of-stock-after-s = 0.0
+{occluder}
 
 [[cameras]]
 id = "shelf"
@@ -45,14 +77,14 @@ every-frame = true
 [[cameras.zones]]
 name = "top-shelf"
 polygon = [[0.0, 0.0], [1.0, 0.0], [1.0, 0.5], [0.0, 0.5]]
-labels = ["Coffee cup"]
-min = 2
+labels = ["{label}"]
+min = {min}
 
 [[cameras.zones]]
 name = "bottom-shelf"
 polygon = [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 1.0]]
-labels = ["Coffee cup"]
-min = 2
+labels = ["{label}"]
+min = {min}
 
 [[sinks]]
 kind = "jsonl"
@@ -65,7 +97,9 @@ dir = "state"
 interval-s = 0
 "#,
         frames = root()
-            .join("tests/fixtures/scenes/frames")
+            .join("tests/fixtures")
+            .join(replay.fixture)
+            .join("frames")
             .join(frames)
             .display(),
     );
@@ -193,58 +227,14 @@ fn the_daemon_over_the_composed_scenes_publishes_exactly_the_known_stable_counts
 /// The default model (the shelf counter) over tests/fixtures/shelf-scenes, with or
 /// without the SSD as occluder model.
 fn shelf_scene_config(dir: &Path, occluder_model: bool) -> PathBuf {
-    let occluder = if occluder_model {
-        "occluder-model = \"ssd_mobilenetv2_oidv4.toml\""
-    } else {
-        ""
+    let replay = Replay {
+        fixture: "shelf-scenes",
+        model: None,
+        occluder_model: occluder_model.then_some("ssd_mobilenetv2_oidv4.toml"),
+        label: "product",
+        min: 3,
     };
-    let text = format!(
-        r#"
-[device]
-id = "test-device"
-
-[counting]
-window-frames = 5
-min-agreement = 0.6
-out-of-stock-after-s = 0.0
-{occluder}
-
-[[cameras]]
-id = "shelf"
-[cameras.source]
-kind = "files"
-path = "{frames}/*.jpg"
-fps = 50.0
-loop = false
-every-frame = true
-
-[[cameras.zones]]
-name = "top-shelf"
-polygon = [[0.0, 0.0], [1.0, 0.0], [1.0, 0.5], [0.0, 0.5]]
-labels = ["product"]
-min = 3
-
-[[cameras.zones]]
-name = "bottom-shelf"
-polygon = [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 1.0]]
-labels = ["product"]
-min = 3
-
-[[sinks]]
-kind = "jsonl"
-path = "out.jsonl"
-
-[state]
-dir = "state"
-
-[health]
-interval-s = 0
-"#,
-        frames = root().join("tests/fixtures/shelf-scenes/frames").display(),
-    );
-    let path = dir.join("shelfwatch.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    replay_config(dir, &replay, "*.jpg", false)
 }
 
 fn run_to_end(config: &Path) -> Vec<Value> {
