@@ -173,12 +173,7 @@ fn wait_for(dir: &Path, what: impl Fn(&[Value]) -> bool) {
 #[test]
 fn the_daemon_over_the_composed_scenes_publishes_exactly_the_known_stable_counts() {
     let dir = tempfile::tempdir().unwrap();
-    let config = scene_config(dir.path(), "*.jpg", false);
-    let mut child = spawn(&config);
-    let status =
-        wait_exit(&mut child, Duration::from_secs(120)).expect("daemon ends with its input");
-    assert!(status.success(), "{status:?}");
-    let msgs = messages(dir.path());
+    let msgs = run_to_end(&scene_config(dir.path(), "*.jpg", false));
 
     // expected.json: top 3 -> 2; bottom 2, held at 2 while a person hides it, 0, then 4.
     let expected: Value = serde_json::from_str(
@@ -237,10 +232,15 @@ fn shelf_scene_config(dir: &Path, occluder_model: bool) -> PathBuf {
     replay_config(dir, &replay, "*.jpg", false)
 }
 
+/// Runs the daemon over a non-looping replay until it exits; a daemon that does not is
+/// killed before the test fails, so no stray process outlives the test.
 fn run_to_end(config: &Path) -> Vec<Value> {
     let mut child = spawn(config);
-    let status =
-        wait_exit(&mut child, Duration::from_secs(120)).expect("daemon ends with its input");
+    let Some(status) = wait_exit(&mut child, Duration::from_secs(120)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the daemon did not end with its input");
+    };
     assert!(status.success(), "{status:?}");
     messages(config.parent().unwrap())
 }
