@@ -888,10 +888,8 @@ impl LoadedConfig {
                         ));
                     }
                 }
-                if let (Some([w, h]), Some(mult)) =
-                    (m.input_size, manifest.manifest.input.size_multiple)
-                {
-                    if mult > 1 && (w % mult != 0 || h % mult != 0) {
+                if let Some([w, h]) = m.input_size {
+                    if let Err(mult) = manifest.manifest.input.check_size(w, h) {
                         problems.push((
                             "model.input-size".into(),
                             format!(

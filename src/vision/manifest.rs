@@ -102,6 +102,16 @@ pub struct InputSpec {
     pub std: [f32; 3],
 }
 
+impl InputSpec {
+    /// `Err(multiple)` when `width` x `height` breaks the model's `size-multiple`.
+    pub fn check_size(&self, width: u32, height: u32) -> Result<(), u32> {
+        match self.size_multiple {
+            Some(m) if m > 1 && (width % m != 0 || height % m != 0) => Err(m),
+            _ => Ok(()),
+        }
+    }
+}
+
 fn default_pad_value() -> u8 {
     114
 }

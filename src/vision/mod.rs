@@ -171,20 +171,18 @@ impl Detector {
         let (width, height) = options
             .input_size
             .unwrap_or((spec.input.width, spec.input.height));
-        if let Some(m) = spec.input.size_multiple.filter(|&m| m > 1) {
-            if width % m != 0 || height % m != 0 {
-                return Err(VisionError::Outputs {
-                    model: spec.name.clone(),
-                    message: format!(
-                        "input size {width}x{height}: this model runs at multiples of {m} \
-                         (e.g. {}x{}); it was trained at {}x{}",
-                        (width / m).max(1) * m,
-                        (height / m).max(1) * m,
-                        spec.input.width,
-                        spec.input.height
-                    ),
-                });
-            }
+        if let Err(m) = spec.input.check_size(width, height) {
+            return Err(VisionError::Outputs {
+                model: spec.name.clone(),
+                message: format!(
+                    "input size {width}x{height}: this model runs at multiples of {m} \
+                     (e.g. {}x{}); it was trained at {}x{}",
+                    (width / m).max(1) * m,
+                    (height / m).max(1) * m,
+                    spec.input.width,
+                    spec.input.height
+                ),
+            });
         }
         let shape: [usize; 4] = match spec.input.layout {
             manifest::Layout::Nchw => [1, 3, height as usize, width as usize],
