@@ -12,7 +12,7 @@ stage() {
   local t0=$SECONDS
   echo "==> $name"
   "$@"
-  echo "<== $name: $((SECONDS - t0)) s"
+  echo "<== $name: $((SECONDS - t0)) s (disk free: $(df -h --output=avail . | tail -1 | tr -d ' '))"
 }
 
 stage "setup" bash scripts/setup.sh --test
