@@ -1158,13 +1158,75 @@ pub fn start_embedded_broker(listen: &str) -> Result<(), MqttError> {
             }
         })
         .map_err(|e| MqttError::Embedded(e.to_string()))?;
-    tracing::info!(listen = %addr, "embedded MQTT broker started");
+    // rumqttd binds inside its own runtime and has no ready signal. On a loaded board
+    // the daemon's client got there first, was refused, logged a failed attempt and
+    // waited out a back-off (and rumqttd logged an ERROR for the retry): so wait for the
+    // listening socket. Watching the kernel's socket table (not connecting, not binding)
+    // neither disturbs the broker, which logs every probe that sends no CONNECT, nor
+    // races it for the port.
+    let started = std::time::Instant::now();
+    let deadline = started + EMBEDDED_READY_TIMEOUT;
+    while !is_listening(addr.port()) {
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(listen = %addr, waited_ms = EMBEDDED_READY_TIMEOUT.as_millis() as u64,
+                "embedded broker is not listening yet; the client will retry");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    tracing::info!(listen = %addr, ready_ms = started.elapsed().as_millis() as u64,
+        "embedded MQTT broker started");
     Ok(())
+}
+
+/// How long start-up waits for the embedded broker's listener before going on anyway.
+const EMBEDDED_READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether a TCP socket on this machine listens on `port` (IPv4 or IPv6), read from
+/// `/proc/net/tcp{,6}`: fields are `sl local_address rem_address st ...`, the address
+/// as `HEXIP:HEXPORT`, state `0A` for LISTEN.
+fn is_listening(port: u16) -> bool {
+    let wanted = format!("{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table).is_ok_and(|text| {
+            text.lines().skip(1).any(|line| {
+                let mut fields = line.split_whitespace().skip(1);
+                let local = fields.next().unwrap_or("");
+                let state = fields.nth(1).unwrap_or("");
+                state == "0A" && local.rsplit(':').next() == Some(wanted.as_str())
+            })
+        })
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listening_socket_is_seen_in_the_kernel_table_and_gone_once_closed() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert!(is_listening(port));
+        // An established connection's port is not a listener.
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let client_port = client.local_addr().unwrap().port();
+        assert!(!is_listening(client_port));
+        drop(listener);
+        assert!(!is_listening(port));
+    }
+
+    #[test]
+    fn the_embedded_broker_listens_before_start_returns() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap();
+        drop(free);
+        start_embedded_broker(&addr.to_string()).unwrap();
+        // Ready means a client's first attempt is accepted, not refused (under load the
+        // broker thread can take milliseconds to bind; the demo's client once got there first).
+        assert!(is_listening(addr.port()));
+        std::net::TcpStream::connect(addr).expect("connect to the embedded broker");
+    }
 
     #[test]
     fn topics_follow_prefix_device_and_zone() {
