@@ -575,3 +575,20 @@ fn a_model_cache_that_cannot_be_written_costs_a_warning_not_the_detection() {
     // Nothing half-written is left beside the file.
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
+
+#[test]
+fn a_mistyped_log_filter_is_named_and_the_command_still_runs() {
+    let out = shelfwatch(&[
+        "--log",
+        "shelfwatch=loud",
+        "check-config",
+        "examples/demo.toml",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("\"shelfwatch=loud\" is not a log filter"),
+        "{err}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("examples/demo.toml: ok"));
+}

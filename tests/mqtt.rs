@@ -554,8 +554,19 @@ fn the_embedded_broker_serves_the_demo_with_nothing_else_running() {
         |m| m.iter().any(|(_, t, _)| t.ends_with("/state")),
         Duration::from_secs(60),
     );
+    drop(sub);
     signal(&d, Signal::SIGTERM);
     assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    // The probes above, a subscriber leaving and the daemon's own clean disconnect are
+    // normal life for a broker: none of them may read as an error in the journal, and
+    // the daemon's client, started after the broker listens, is never refused.
+    let log = stderr_of(d);
+    let alarming: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" ERROR ") || l.contains("mqtt connection failed"))
+        .collect();
+    assert!(alarming.is_empty(), "{alarming:#?}");
+    assert!(log.contains("connected to the broker"), "{log}");
 }
 
 /// A CA and a server certificate for 127.0.0.1, made with the openssl CLI.

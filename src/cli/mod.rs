@@ -154,18 +154,26 @@ impl ModelArgs {
 
 /// Sets up `tracing` on stderr; stdout is kept for command output.
 pub fn init_logging(filter: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        // Logging is no reason to refuse to count: say so once, and go on at `info`.
+        eprintln!("shelfwatch: --log / SHELFWATCH_LOG {filter:?} is not a log filter ({e}); logging at \"info\"");
+        tracing_subscriber::EnvFilter::new("info")
+    });
     // Colour only for a person at a terminal: under systemd stderr goes to the journal,
     // where escape codes would land in every line.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(crate::publish::mqtt::BrokerNoiseFilter);
+    let lines = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(lines).init(),
+        LogFormat::Json => registry.with(lines.json()).init(),
     }
 }
 

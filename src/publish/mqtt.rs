@@ -1179,6 +1179,56 @@ pub fn start_embedded_broker(listen: &str) -> Result<(), MqttError> {
     Ok(())
 }
 
+/// Drops the ERROR lines rumqttd 0.20 writes for things that are not errors, so the
+/// journal of a board whose subscribers come and go is not full of them: `router-drop`
+/// with `Recv(Disconnected)` is how it logs a client's clean DISCONNECT; "no-connection
+/// id N is already gone" the second of the two disconnect events such a client causes
+/// (rumqttd's own comment says as much); "Error while handling MQTT connect packet" with
+/// `ConnectionAborted` a TCP connection closed before it sent CONNECT (a port probe, a
+/// client giving up). Every other broker message passes. A global filter: add it to the
+/// subscriber's layers.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BrokerNoiseFilter;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for BrokerNoiseFilter {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        let meta = event.metadata();
+        if !meta.target().starts_with("rumqttd") || *meta.level() != tracing::Level::ERROR {
+            return true;
+        }
+        let mut fields = BrokerEventFields::default();
+        event.record(&mut fields);
+        let benign = match fields.message.as_str() {
+            "router-drop" => fields.error == "Recv(Disconnected)",
+            "Error while handling MQTT connect packet" => {
+                fields.error.contains("ConnectionAborted")
+            }
+            m => m.starts_with("no-connection id ") && m.ends_with(" is already gone"),
+        };
+        !benign
+    }
+}
+
+#[derive(Default)]
+struct BrokerEventFields {
+    message: String,
+    error: String,
+}
+
+impl tracing::field::Visit for BrokerEventFields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        match field.name() {
+            "message" => self.message = format!("{value:?}"),
+            "error" => self.error = format!("{value:?}"),
+            _ => {}
+        }
+    }
+}
+
 /// How long start-up waits for the embedded broker's listener before going on anyway.
 const EMBEDDED_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -1226,6 +1276,68 @@ mod tests {
         // broker thread can take milliseconds to bind; the demo's client once got there first).
         assert!(is_listening(addr.port()));
         std::net::TcpStream::connect(addr).expect("connect to the embedded broker");
+    }
+
+    #[test]
+    fn the_broker_noise_filter_drops_clean_disconnects_and_probes_but_keeps_real_errors() {
+        use tracing_subscriber::layer::SubscriberExt;
+
+        // Debug output like rumqttd's error values.
+        #[derive(Debug)]
+        enum RecvError {
+            Disconnected,
+        }
+        #[derive(Debug)]
+        enum LinkError {
+            Recv(RecvError),
+            NotConnected,
+        }
+        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+        let writer = {
+            let seen = Arc::clone(&seen);
+            move || CaptureLine(Arc::clone(&seen))
+        };
+        let subscriber = tracing_subscriber::registry().with(BrokerNoiseFilter).with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_writer(writer),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: "rumqttd::server::broker", error = ?LinkError::Recv(RecvError::Disconnected), "router-drop");
+            tracing::error!(target: "rumqttd::server::broker", error = ?std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "connection closed by peer"), "Error while handling MQTT connect packet");
+            tracing::error!(target: "rumqttd::server::broker", error = ?LinkError::NotConnected, "router-drop");
+            tracing::error!(target: "rumqttd::server::broker", error = ?std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed"), "Error while handling MQTT connect packet");
+            tracing::error!(target: "rumqttd::server::broker", "connection-stop");
+            tracing::error!(target: "rumqttd::router::routing", "no-connection id {} is already gone", 7);
+            tracing::warn!(target: "rumqttd::server::broker", error = ?LinkError::Recv(RecvError::Disconnected), "router-drop");
+            tracing::error!(error = ?LinkError::Recv(RecvError::Disconnected), "router-drop");
+        });
+        let seen = seen.lock().unwrap();
+        let shown = |needle: &str| seen.iter().filter(|l| l.contains(needle)).count();
+        assert_eq!(seen.len(), 5, "{seen:#?}");
+        assert_eq!(shown("NotConnected"), 1);
+        assert_eq!(shown("malformed"), 1);
+        assert_eq!(shown("connection-stop"), 1);
+        assert_eq!(shown("closed by peer"), 0);
+        assert_eq!(shown("already gone"), 0);
+        // Only rumqttd's own ERROR lines are judged: the same words elsewhere pass.
+        assert_eq!(shown("Recv(Disconnected)"), 2);
+    }
+
+    /// A `MakeWriter` target that keeps each formatted line.
+    struct CaptureLine(Arc<Mutex<Vec<String>>>);
+
+    impl std::io::Write for CaptureLine {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(buf).into_owned());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 
     #[test]
