@@ -385,6 +385,117 @@ fn a_broker_outage_of_20_seconds_loses_no_message_and_keeps_order() {
     assert!(changes >= 10, "only {changes} count changes over the run");
 }
 
+/// The daemon as `daemon()` starts it, but unable to grow any file past `max_file` bytes
+/// (RLIMIT_FSIZE; writes beyond it fail as they do on a full disk).
+fn daemon_with_file_limit(config: &Path, max_file: u64) -> Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shelfwatch"));
+    cmd.args(["run", "--config", config.to_str().unwrap()])
+        .env("SHELFWATCH_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: runs in the forked child before exec; setrlimit and signal are
+    // async-signal-safe system calls that touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Without this the kernel kills a process that writes past the limit
+            // (SIGXFSZ); ignored, the write fails with EFBIG instead.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: max_file,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
+#[test]
+fn with_its_disk_full_the_daemon_keeps_delivering_and_says_so_until_it_has_room_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let sub = Subscriber::start(broker.port, "full-disk-sub", &[]);
+    let cfg = config(
+        dir.path(),
+        &format!("broker = \"127.0.0.1:{}\"", broker.port),
+        "*.jpg",
+        true,
+        10.0,
+    );
+    // 8 KiB: the state file fits, the spool's log fills within seconds.
+    let mut d = daemon_with_file_limit(&cfg, 8 << 10);
+    let health = |m: &[(bool, String, String)]| -> Vec<Value> {
+        m.iter()
+            .filter(|(_, t, _)| t.ends_with("/health"))
+            .filter_map(|(_, _, p)| serde_json::from_str(p).ok())
+            .collect()
+    };
+    sub.wait_for(
+        |m| {
+            health(m)
+                .iter()
+                .any(|h| h["mqtt"]["spool_on_disk"] == false)
+        },
+        Duration::from_secs(90),
+    );
+    // Off disk, counts still arrive: more state and event messages after the flag.
+    let seq_when_full = seqs(&sub.json()).last().copied().unwrap();
+    sub.wait_for(
+        |_| seqs(&sub.json()).range(seq_when_full + 1..).count() >= 10,
+        Duration::from_secs(60),
+    );
+    // Room again (the limit lifted on the running process): within the 10 s retry the
+    // queue is rewritten and health says so.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit reads `unlimited` and writes nothing (old limit pointer null).
+    let rc = unsafe {
+        libc::prlimit(
+            d.id() as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            &unlimited,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let seq_with_room = seqs(&sub.json()).last().copied().unwrap();
+    sub.wait_for(
+        |m| {
+            health(m).iter().any(|h| {
+                h["seq"].as_u64() > Some(seq_with_room) && h["mqtt"]["spool_on_disk"] == true
+            })
+        },
+        Duration::from_secs(40),
+    );
+    signal(&d, Signal::SIGTERM);
+    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    let last: u64 = serde_json::from_str::<Value>(
+        &std::fs::read_to_string(dir.path().join("state/state.json")).unwrap(),
+    )
+    .unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    sub.wait_for(
+        |_| seqs(&sub.json()).contains(&last),
+        Duration::from_secs(20),
+    );
+    assert_no_gaps(&seqs(&sub.json()), 1, last);
+    // Said once when it happened and once when it was over, not at every message.
+    let log = stderr_of(d);
+    assert_eq!(log.matches("cannot write the spool").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("the spool is on disk again").count(),
+        1,
+        "{log}"
+    );
+}
+
 #[test]
 fn a_backlog_spooled_while_the_broker_is_down_survives_sigkill() {
     let dir = tempfile::tempdir().unwrap();

@@ -259,6 +259,7 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         store,
         saved: saved.clone(),
         sinks,
+        state_save_failing: false,
     };
     // Subscribers get the last known counts at once, never a false zero after a restart.
     let restored: Vec<Update> = saved
@@ -457,6 +458,7 @@ async fn control(
                         spooled: m.spooled.load(Ordering::Relaxed),
                         dropped: m.dropped.load(Ordering::Relaxed),
                         connect_attempts: m.connect_attempts.load(Ordering::Relaxed),
+                        spool_on_disk: m.spool_on_disk.load(Ordering::Relaxed),
                     }),
                 };
                 let _ = tx.try_send(Update::Health(report));
@@ -614,6 +616,9 @@ struct Publisher {
     store: StateStore,
     saved: SavedState,
     sinks: Vec<Box<dyn Sink>>,
+    /// The state file could not be written at the last batch (full disk): said once,
+    /// not at every frame, and again when it recovers.
+    state_save_failing: bool,
 }
 
 impl Publisher {
@@ -696,8 +701,18 @@ impl Publisher {
     fn finish_batch(&mut self) {
         // The state (with seq) is saved before sinks are flushed: after a crash the next
         // run never reuses a sequence number a subscriber may have seen.
-        if let Err(e) = self.store.save(&self.saved) {
-            tracing::error!(error = %e, "cannot save state");
+        match self.store.save(&self.saved) {
+            Ok(()) if self.state_save_failing => {
+                self.state_save_failing = false;
+                tracing::info!(seq = self.saved.seq, "state saved again");
+            }
+            Ok(()) => {}
+            Err(e) if self.state_save_failing => tracing::debug!(error = %e, "cannot save state"),
+            Err(e) => {
+                self.state_save_failing = true;
+                tracing::error!(error = %e, seq = self.saved.seq,
+                    "cannot save state; counting goes on, retried at every batch");
+            }
         }
         for sink in &mut self.sinks {
             if let Err(e) = sink.flush() {

@@ -111,13 +111,17 @@ impl StateStore {
             let p = p.to_owned();
             move |error| StateError::Io { path: p, error }
         };
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
         let mut s = state.clone();
         s.schema = STATE_SCHEMA;
         let bytes = serde_json::to_vec_pretty(&s).expect("state serialises");
-        f.write_all(&bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        drop(f);
+        let written = File::create(&tmp)
+            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
+            .map_err(io(&tmp));
+        if let Err(e) = written {
+            // A half-written copy would only take the space a full disk lacks.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         // The rename itself is only durable once the directory entry is on disk.
         File::open(&self.dir)
@@ -159,6 +163,28 @@ mod tests {
         let loaded = again.load().unwrap();
         assert_eq!(loaded.seq, 42);
         assert_eq!(loaded.zones["cam/top"].total, 3);
+    }
+
+    #[test]
+    fn a_save_on_a_full_disk_fails_naming_the_file_and_keeps_the_last_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let s = SavedState {
+            seq: 7,
+            ..Default::default()
+        };
+        store.save(&s).unwrap();
+        // The copy is written aside first: on a full disk (/dev/full: ENOSPC) that fails.
+        let tmp = dir.path().join("state.json.tmp");
+        std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+        let later = SavedState { seq: 8, ..s };
+        let err = store.save(&later).unwrap_err().to_string();
+        assert!(err.contains("state.json.tmp"), "{err}");
+        assert!(!tmp.exists() && !tmp.is_symlink(), "half copy left behind");
+        assert_eq!(store.load().unwrap().seq, 7);
+        // Room again: the next batch's save goes through.
+        store.save(&later).unwrap();
+        assert_eq!(store.load().unwrap().seq, 8);
     }
 
     #[test]

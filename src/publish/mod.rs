@@ -99,6 +99,9 @@ pub struct MqttHealth {
     /// Messages dropped because the spool reached its size limit.
     pub dropped: u64,
     pub connect_attempts: u64,
+    /// False while the spool cannot write to disk (full, failing): messages are still
+    /// delivered from memory, but a restart would lose the unacknowledged ones.
+    pub spool_on_disk: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -161,6 +161,16 @@ pub struct MqttStats {
     pub connect_attempts: AtomicU64,
     pub spooled: AtomicU64,
     pub dropped: AtomicU64,
+    /// False while the spool cannot write to disk (messages held in memory only).
+    pub spool_on_disk: AtomicBool,
+}
+
+impl MqttStats {
+    fn record(&self, spool: &Spool) {
+        self.spooled.store(spool.len() as u64, Ordering::Relaxed);
+        self.dropped.store(spool.dropped(), Ordering::Relaxed);
+        self.spool_on_disk.store(spool.on_disk(), Ordering::Relaxed);
+    }
 }
 
 /// Topic names for one device.
@@ -230,20 +240,15 @@ impl Sink for MqttSink {
             Body::Health(_) => (self.topics.health(), false),
         };
         let mut spool = self.spool.lock().unwrap_or_else(|p| p.into_inner());
-        spool.append(&topic, retain, json).map_err(spool_err)?;
-        self.stats
-            .spooled
-            .store(spool.len() as u64, Ordering::Relaxed);
-        self.stats.dropped.store(spool.dropped(), Ordering::Relaxed);
+        spool.append(&topic, retain, json);
+        self.stats.record(&spool);
         Ok(())
     }
 
     fn flush(&mut self) -> Result<(), SinkError> {
-        self.spool
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .sync()
-            .map_err(spool_err)?;
+        let mut spool = self.spool.lock().unwrap_or_else(|p| p.into_inner());
+        spool.sync();
+        self.stats.record(&spool);
         self.wake.notify_one();
         Ok(())
     }
@@ -251,13 +256,6 @@ impl Sink for MqttSink {
     fn snapshot(&mut self, camera: &str, jpeg: &[u8]) {
         // Snapshots are on request and large: sent when connected, never spooled.
         let _ = self.snapshots.try_send((camera.to_owned(), jpeg.to_vec()));
-    }
-}
-
-fn spool_err(e: SpoolError) -> SinkError {
-    SinkError::Io {
-        path: e.path,
-        error: e.error,
     }
 }
 
@@ -340,6 +338,7 @@ pub fn setup(
     )?));
     let wake = Arc::new(Notify::new());
     let stats = Arc::new(MqttStats::default());
+    stats.record(&spool.lock().unwrap_or_else(|p| p.into_inner()));
     let (snap_tx, snap_rx) = mpsc::channel(4);
     let sink = MqttSink {
         topics: topics.clone(),
@@ -604,12 +603,8 @@ impl MqttClient {
             Ev::Acked(pkid) => {
                 if let Some(id) = link.inflight.remove(&pkid) {
                     let mut spool = self.spool.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Err(e) = spool.ack(id) {
-                        tracing::error!(error = %e, "cannot record the acknowledgement");
-                    }
-                    self.stats
-                        .spooled
-                        .store(spool.len() as u64, Ordering::Relaxed);
+                    spool.ack(id);
+                    self.stats.record(&spool);
                 }
             }
             Ev::Message {

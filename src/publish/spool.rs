@@ -12,11 +12,18 @@
 //! Bounded: when the pending bytes exceed the limit, the oldest messages are dropped,
 //! superseded state messages (a newer one for the same retained topic is queued) first,
 //! then the oldest of anything; drops are counted and reported in health.
+//!
+//! A full or failing disk (an SD card that filled up) does not lose messages either: the
+//! queue lives in memory as well, so delivery goes on; the spool says once that it is
+//! off disk (health: `spool_on_disk: false`), retries at most every
+//! [`REWRITE_RETRY`], and when the disk takes writes again it rewrites the whole queue,
+//! so a restart from then on replays everything again.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -48,7 +55,14 @@ pub struct Spool {
     pending_bytes: usize,
     max_bytes: usize,
     dropped: u64,
+    /// Set when a write failed: the log on disk misses messages (or ends in a torn
+    /// record) and must be rewritten whole; `None` while the disk keeps up.
+    off_disk_since: Option<Instant>,
+    last_rewrite_attempt: Option<Instant>,
 }
+
+/// How often a spool that could not write tries again (a whole rewrite of the queue).
+pub const REWRITE_RETRY: Duration = Duration::from_secs(10);
 
 fn err(path: &Path) -> impl Fn(std::io::Error) -> SpoolError + '_ {
     move |error| SpoolError {
@@ -102,6 +116,8 @@ impl Spool {
             pending_bytes,
             max_bytes,
             dropped: 0,
+            off_disk_since: None,
+            last_rewrite_attempt: None,
         };
         if !spool.pending.is_empty() {
             tracing::info!(
@@ -109,12 +125,16 @@ impl Spool {
                 "spooled messages from the last run will be replayed"
             );
         }
-        spool.compact_if_worth_it()?;
+        if let Err(e) = spool.compact_if_worth_it() {
+            // The log is whole as it is, only longer than it needs to be; acks retry.
+            tracing::warn!(error = %e, "cannot compact the spool yet");
+        }
         Ok(spool)
     }
 
-    /// Appends a message (not yet synced: see [`Spool::sync`]).
-    pub fn append(&mut self, topic: &str, retain: bool, payload: &str) -> Result<u64, SpoolError> {
+    /// Queues a message and appends it to the log (not yet synced: see [`Spool::sync`]).
+    /// The message is queued even when the disk refuses it; see the module docs.
+    pub fn append(&mut self, topic: &str, retain: bool, payload: &str) -> u64 {
         let e = Entry {
             id: self.next_id,
             topic: topic.to_owned(),
@@ -124,20 +144,66 @@ impl Spool {
         self.next_id += 1;
         let mut line = serde_json::to_string(&e).expect("entries serialise");
         line.push('\n');
-        let path = self.dir.join("spool.log");
-        self.log.write_all(line.as_bytes()).map_err(err(&path))?;
-        self.log_records += 1;
         self.pending_bytes += e.size();
         let id = e.id;
         self.pending.push_back(e);
         self.enforce_bound();
-        Ok(id)
+        if self.off_disk_since.is_some() {
+            self.retry_rewrite();
+        } else {
+            let path = self.dir.join("spool.log");
+            match self.log.write_all(line.as_bytes()) {
+                Ok(()) => self.log_records += 1,
+                Err(e) => self.went_off_disk(err(&path)(e)),
+            }
+        }
+        id
     }
 
-    /// Makes appended messages durable.
-    pub fn sync(&mut self) -> Result<(), SpoolError> {
+    /// Makes appended messages durable. Off disk, this is when the rewrite is retried.
+    pub fn sync(&mut self) {
+        if self.off_disk_since.is_some() {
+            self.retry_rewrite();
+            return;
+        }
         let path = self.dir.join("spool.log");
-        self.log.sync_data().map_err(err(&path))
+        if let Err(e) = self.log.sync_data() {
+            self.went_off_disk(err(&path)(e));
+        }
+    }
+
+    /// Whether every queued message is also in the log on disk.
+    pub fn on_disk(&self) -> bool {
+        self.off_disk_since.is_none()
+    }
+
+    fn went_off_disk(&mut self, e: SpoolError) {
+        tracing::error!(error = %e, queued = self.pending.len(),
+            "cannot write the spool (disk full?): messages are kept in memory and still delivered, but a restart now would lose them; retrying");
+        let now = Instant::now();
+        self.off_disk_since = Some(now);
+        self.last_rewrite_attempt = Some(now);
+    }
+
+    fn retry_rewrite(&mut self) {
+        if self
+            .last_rewrite_attempt
+            .is_some_and(|t| t.elapsed() < REWRITE_RETRY)
+        {
+            return;
+        }
+        self.last_rewrite_attempt = Some(Instant::now());
+        match self.rewrite_log() {
+            Ok(()) => {
+                let since = self.off_disk_since.take().map(|t| t.elapsed());
+                tracing::info!(
+                    queued = self.pending.len(),
+                    off_disk_s = since.map_or(0.0, |d| d.as_secs_f64()),
+                    "the spool is on disk again"
+                );
+            }
+            Err(e) => tracing::debug!(error = %e, "spool still cannot be written"),
+        }
     }
 
     /// Pending entries from the oldest.
@@ -167,19 +233,22 @@ impl Spool {
 
     /// The broker acknowledged `id` (PUBACKs come in publish order, so everything before
     /// it that is still pending was acknowledged as well or dropped).
-    pub fn ack(&mut self, id: u64) -> Result<(), SpoolError> {
+    pub fn ack(&mut self, id: u64) {
         while self.pending.front().is_some_and(|e| e.id <= id) {
             let e = self.pending.pop_front().expect("checked");
             self.pending_bytes -= e.size();
         }
         self.acked = self.acked.max(id);
         // The mark is cheap to lose (duplicates, not loss): write it every 64 acks and
-        // when the queue drains.
-        if self.pending.is_empty() || self.acked - self.acked_written >= 64 {
-            self.write_acked()?;
-            self.compact_if_worth_it()?;
+        // when the queue drains. Off disk, the rewrite (which drops the acknowledged
+        // head) takes its place.
+        if self.off_disk_since.is_some() {
+            self.retry_rewrite();
+        } else if self.pending.is_empty() || self.acked - self.acked_written >= 64 {
+            if let Err(e) = self.write_acked().and_then(|()| self.compact_if_worth_it()) {
+                self.went_off_disk(e);
+            }
         }
-        Ok(())
     }
 
     fn write_acked(&mut self) -> Result<(), SpoolError> {
@@ -195,22 +264,35 @@ impl Spool {
         if self.log_records < 256 || self.pending.len() * 2 > self.log_records {
             return Ok(());
         }
+        self.rewrite_log()
+    }
+
+    /// Replaces the log with the pending queue (written aside, synced, renamed over), and
+    /// records the acknowledged mark.
+    fn rewrite_log(&mut self) -> Result<(), SpoolError> {
         let path = self.dir.join("spool.log");
         let tmp = self.dir.join("spool.log.tmp");
-        let mut f = File::create(&tmp).map_err(err(&tmp))?;
-        for e in &self.pending {
-            let mut line = serde_json::to_string(e).expect("entries serialise");
-            line.push('\n');
-            f.write_all(line.as_bytes()).map_err(err(&tmp))?;
+        let written = (|| {
+            let mut f = File::create(&tmp).map_err(err(&tmp))?;
+            for e in &self.pending {
+                let mut line = serde_json::to_string(e).expect("entries serialise");
+                line.push('\n');
+                f.write_all(line.as_bytes()).map_err(err(&tmp))?;
+            }
+            f.sync_all().map_err(err(&tmp))
+        })();
+        if let Err(e) = written {
+            // A half-written copy would only take the space the disk lacks.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
         }
-        f.sync_all().map_err(err(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(err(&path))?;
         self.log = OpenOptions::new()
             .append(true)
             .open(&path)
             .map_err(err(&path))?;
         self.log_records = self.pending.len();
-        Ok(())
+        self.write_acked()
     }
 
     fn enforce_bound(&mut self) {
@@ -244,11 +326,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         for i in 0..5 {
-            s.append("t/events", false, &format!("{{\"n\":{i}}}"))
-                .unwrap();
+            s.append("t/events", false, &format!("{{\"n\":{i}}}"));
         }
-        s.sync().unwrap();
-        s.ack(2).unwrap();
+        s.sync();
+        s.ack(2);
         drop(s);
         let s = Spool::open(dir.path(), 1 << 20).unwrap();
         let left: Vec<_> = s.pending().map(|e| e.payload.clone()).collect();
@@ -265,20 +346,61 @@ mod tests {
     fn a_drained_spool_reopens_empty_and_ids_keep_rising() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
-        let a = s.append("t", false, "x").unwrap();
-        s.ack(a).unwrap();
+        let a = s.append("t", false, "x");
+        s.ack(a);
         drop(s);
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         assert!(s.is_empty());
-        assert!(s.append("t", false, "y").unwrap() > a);
+        assert!(s.append("t", false, "y") > a);
+    }
+
+    #[test]
+    fn a_full_disk_loses_no_message_and_the_log_is_rewritten_once_there_is_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("spool.log.tmp");
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let first = s.append("t", false, "before");
+        s.sync();
+        assert!(s.on_disk());
+        // The disk fills up: /dev/full fails every write with ENOSPC, the log's appends
+        // and the rewrite's copy alike.
+        s.log = OpenOptions::new().append(true).open("/dev/full").unwrap();
+        std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+        s.append("t", false, "during");
+        s.sync();
+        assert!(!s.on_disk());
+        s.append("t", false, "still full");
+        s.sync();
+        // Delivery goes on from memory, in order; no retry within REWRITE_RETRY.
+        let queued: Vec<&str> = s.pending().map(|e| e.payload.as_str()).collect();
+        assert_eq!(queued, ["before", "during", "still full"]);
+        assert!(tmp.is_symlink(), "retried too soon");
+
+        // A retry while the disk is still full fails and cleans up its half copy.
+        s.last_rewrite_attempt = Some(Instant::now() - REWRITE_RETRY);
+        s.sync();
+        assert!(!s.on_disk());
+        assert!(!tmp.exists() && !tmp.is_symlink());
+        s.ack(first);
+
+        // Room again: the next retry rewrites the queue, and appends go to disk again.
+        s.last_rewrite_attempt = Some(Instant::now() - REWRITE_RETRY);
+        s.sync();
+        assert!(s.on_disk());
+        s.append("t", false, "after");
+        s.sync();
+        drop(s);
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let replayed: Vec<&str> = s.pending().map(|e| e.payload.as_str()).collect();
+        assert_eq!(replayed, ["during", "still full", "after"]);
     }
 
     #[test]
     fn a_torn_last_record_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
-        s.append("t", false, "whole").unwrap();
-        s.sync().unwrap();
+        s.append("t", false, "whole");
+        s.sync();
         drop(s);
         let mut f = OpenOptions::new()
             .append(true)
@@ -293,11 +415,11 @@ mod tests {
     fn when_full_superseded_states_go_first_then_the_oldest_events() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 400).unwrap();
-        s.append("d/zones/a/state", true, "state-1").unwrap();
-        s.append("d/events", false, "event-1").unwrap();
-        s.append("d/zones/a/state", true, "state-2").unwrap();
+        s.append("d/zones/a/state", true, "state-1");
+        s.append("d/events", false, "event-1");
+        s.append("d/zones/a/state", true, "state-2");
         for i in 2..8 {
-            s.append("d/events", false, &format!("event-{i}")).unwrap();
+            s.append("d/events", false, &format!("event-{i}"));
         }
         let left: Vec<_> = s.pending().map(|e| e.payload.clone()).collect();
         assert!(!left.contains(&"state-1".to_string()), "{left:?}");
@@ -315,9 +437,9 @@ mod tests {
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         let mut last = 0;
         for i in 0..600 {
-            last = s.append("t", false, &format!("m{i}")).unwrap();
+            last = s.append("t", false, &format!("m{i}"));
         }
-        s.ack(last - 10).unwrap();
+        s.ack(last - 10);
         let lines = std::fs::read_to_string(dir.path().join("spool.log"))
             .unwrap()
             .lines()
