@@ -242,6 +242,7 @@ fn run_capture(
     let mut open = false;
     // Whether subscribers were told the camera is offline; reported once per outage.
     let mut reported_offline = false;
+    let mut corrupt_log = Throttle::new(CORRUPT_LOG_EVERY);
     while !stopped() {
         if !open {
             match source.open() {
@@ -282,7 +283,10 @@ fn run_capture(
             }
             Err(CaptureError::Corrupt(why)) => {
                 stats.corrupt.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(reason = %why, "corrupt frame skipped");
+                if let Some(not_logged) = corrupt_log.admit(std::time::Instant::now()) {
+                    tracing::warn!(reason = %why, not_logged,
+                        "corrupt frame skipped (logged at most once a minute; health's frames_corrupt counts every one)");
+                }
             }
             Err(CaptureError::End) => {
                 tracing::info!("source finished");
@@ -307,11 +311,58 @@ fn run_capture(
     }
 }
 
+/// A flaky cable can corrupt every frame: one line a minute says so, the count is in
+/// health.
+const CORRUPT_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Lets one event in each period through to the log and counts the rest.
+struct Throttle {
+    every: Duration,
+    last: Option<std::time::Instant>,
+    quiet: u64,
+}
+
+impl Throttle {
+    fn new(every: Duration) -> Self {
+        Self {
+            every,
+            last: None,
+            quiet: 0,
+        }
+    }
+
+    /// `Some(events held back since the last one logged)` when this one is to be logged.
+    fn admit(&mut self, now: std::time::Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < self.every)
+        {
+            self.quiet += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.quiet))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::VecDeque;
     use std::sync::Mutex;
+
+    #[test]
+    fn a_throttle_logs_the_first_event_then_one_a_period_with_the_count_held_back() {
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut t = Throttle::new(Duration::from_secs(60));
+        assert_eq!(t.admit(at(0)), Some(0));
+        assert_eq!(t.admit(at(1)), None);
+        assert_eq!(t.admit(at(59)), None);
+        assert_eq!(t.admit(at(60)), Some(2));
+        assert_eq!(t.admit(at(61)), None);
+        assert_eq!(t.admit(at(500)), Some(1));
+    }
 
     /// A source following a script of outcomes, recording the times it was opened.
     struct Scripted {
