@@ -125,11 +125,12 @@ pub struct CountingConfig {
     /// Labels that hide a zone (its counts are held while they overlap it).
     #[serde(default = "default_occluders")]
     pub occluders: Vec<String>,
-    /// A second model that finds the occluders, run on every frame after the counting
-    /// model, for counting models that know no people (the bundled shelf counter has one
-    /// label, `product`). Only its `occluders` labels are used. Costs one more inference
-    /// per frame; without it, a person standing in front of a shelf hides its products
-    /// and the count drops once the consensus window agrees.
+    /// A second model that finds the occluders, run after the counting model on the
+    /// frames that could move a count (see `ZoneCounter::steady_on`), for counting models
+    /// that know no people (the bundled shelf counter has one label, `product`). Only its
+    /// `occluders` labels are used. Costs one more inference on those frames; without
+    /// it, a person standing in front of a shelf hides its products and the count drops
+    /// once the consensus window agrees.
     #[serde(default)]
     pub occluder_model: Option<PathBuf>,
     /// Minimum score of an occluder found by `occluder-model`.

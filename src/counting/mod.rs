@@ -204,6 +204,21 @@ impl ZoneCounter {
                 .admits(&d.bbox, self.spec.membership, self.spec.overlap_fraction)
     }
 
+    /// Whether this frame's `detections` (occluders not yet among them) leave the zone
+    /// exactly where it stands: a known, non-zero stable total that the frame repeats.
+    /// Such a frame cannot change a count or start a clock whether or not something
+    /// stands in front of the shelf, so the worker need not run the occluder model on
+    /// it. An empty or not yet settled zone is never "steady": there the occluder
+    /// decides whether an empty-looking shelf is empty.
+    pub fn steady_on(&self, detections: &[Detection], params: &CountingParams) -> bool {
+        let Some(stable) = &self.stable else {
+            return false;
+        };
+        let total: u32 = stable.values().sum();
+        let seen = detections.iter().filter(|d| self.admits(d, params)).count();
+        total > 0 && seen == total as usize
+    }
+
     fn occluded_by(&self, detections: &[Detection], params: &CountingParams) -> bool {
         detections.iter().any(|d| {
             params.occluders.contains(&d.label)
@@ -530,6 +545,28 @@ mod tests {
         }
         assert_eq!(z.state().unwrap().counts["Bottle"], 3);
         assert_eq!(z.state().unwrap().status, StockStatus::Ok);
+    }
+
+    #[test]
+    fn only_a_frame_repeating_a_settled_non_zero_count_is_steady() {
+        let mut z = zone();
+        let p = params();
+        let t0 = Instant::now();
+        // Not settled yet: the occluder must be asked.
+        assert!(!z.steady_on(&bottles(3), &p));
+        feed(&mut z, t0, 0, &[bottles(3), bottles(3), bottles(3)]);
+        assert!(z.steady_on(&bottles(3), &p));
+        // One fewer or one more could be a hand or a person: not steady.
+        assert!(!z.steady_on(&bottles(2), &p));
+        assert!(!z.steady_on(&bottles(4), &p));
+        // Products outside the zone do not make a frame unsteady.
+        let mut with_outside = bottles(3);
+        with_outside.push(det("Bottle", 50.0, 90.0));
+        assert!(z.steady_on(&with_outside, &p));
+        // An empty shelf is never steady: only the occluder tells empty from hidden.
+        feed(&mut z, t0, 3, &vec![bottles(0); 6]);
+        assert_eq!(z.state().unwrap().total, 0);
+        assert!(!z.steady_on(&bottles(0), &p));
     }
 
     #[test]

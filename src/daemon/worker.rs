@@ -77,6 +77,8 @@ pub struct WorkerStats {
     /// Crops embedded for identification, and those left for a later frame.
     pub embedded: AtomicU64,
     pub embed_deferred: AtomicU64,
+    /// Frames the occluder model ran on (it is skipped on steady frames).
+    pub occluder_runs: AtomicU64,
 }
 
 impl WorkerStats {
@@ -204,7 +206,15 @@ impl Worker {
                     continue;
                 }
             };
-            if let Some(occluder) = self.occluder.as_mut() {
+            // The occluder model costs a second inference; it only matters on a frame
+            // that could move a count, so steady frames (every zone repeating its
+            // stable total) skip it.
+            let steady = z
+                .counters
+                .iter()
+                .all(|c| c.steady_on(&detections, &rt.params));
+            if let Some(occluder) = self.occluder.as_mut().filter(|_| !steady) {
+                self.stats.occluder_runs.fetch_add(1, Ordering::Relaxed);
                 match occluder.detect(&frame.image) {
                     Ok((found, _)) => detections.extend(
                         found
@@ -309,7 +319,11 @@ impl Worker {
         self.forward_status();
         self.stats.finished.store(true, Ordering::Relaxed);
         self.capture.stop();
-        tracing::info!("worker stopped");
+        tracing::info!(
+            frames = self.stats.processed.load(Ordering::Relaxed),
+            occluder_runs = self.stats.occluder_runs.load(Ordering::Relaxed),
+            "worker stopped"
+        );
     }
 
     fn send(&self, u: Update) {
