@@ -227,14 +227,17 @@ interval-s = 1
     path
 }
 
-fn daemon(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
-        .args(["run", "--config", config.to_str().unwrap()])
+fn daemon_command(config: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shelfwatch"));
+    cmd.args(["run", "--config", config.to_str().unwrap()])
         .env("SHELFWATCH_LOG", "info")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn daemon(config: &Path) -> Child {
+    daemon_command(config).spawn().unwrap()
 }
 
 fn stderr_of(mut child: Child) -> String {
@@ -389,11 +392,7 @@ fn a_broker_outage_of_20_seconds_loses_no_message_and_keeps_order() {
 /// (RLIMIT_FSIZE; writes beyond it fail as they do on a full disk).
 fn daemon_with_file_limit(config: &Path, max_file: u64) -> Child {
     use std::os::unix::process::CommandExt;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shelfwatch"));
-    cmd.args(["run", "--config", config.to_str().unwrap()])
-        .env("SHELFWATCH_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut cmd = daemon_command(config);
     // SAFETY: runs in the forked child before exec; setrlimit and signal are
     // async-signal-safe system calls that touch no memory of the parent.
     unsafe {
