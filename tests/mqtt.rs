@@ -390,7 +390,7 @@ fn a_broker_outage_of_20_seconds_loses_no_message_and_keeps_order() {
 
 /// The daemon as `daemon()` starts it, but unable to grow any file past `max_file` bytes
 /// (RLIMIT_FSIZE; writes beyond it fail as they do on a full disk).
-fn daemon_with_file_limit(config: &Path, max_file: u64) -> Child {
+fn daemon_with_file_limit(config: &Path, max_file: libc::rlim_t) -> Child {
     use std::os::unix::process::CommandExt;
     let mut cmd = daemon_command(config);
     // SAFETY: runs in the forked child before exec; setrlimit and signal are
