@@ -142,20 +142,18 @@ impl Spool {
             payload: payload.to_owned(),
         };
         self.next_id += 1;
-        let mut line = serde_json::to_string(&e).expect("entries serialise");
-        line.push('\n');
+        // Off disk there is nothing to append to: the retry rewrites the whole queue.
+        let line = self.on_disk().then(|| e.line());
         self.pending_bytes += e.size();
         let id = e.id;
         self.pending.push_back(e);
         self.enforce_bound();
-        if self.off_disk_since.is_some() {
-            self.retry_rewrite();
-        } else {
-            let path = self.dir.join("spool.log");
-            match self.log.write_all(line.as_bytes()) {
+        match line {
+            None => self.retry_rewrite(),
+            Some(line) => match self.log.write_all(line.as_bytes()) {
                 Ok(()) => self.log_records += 1,
-                Err(e) => self.went_off_disk(err(&path)(e)),
-            }
+                Err(e) => self.went_off_disk(err(&self.dir.join("spool.log"))(e)),
+            },
         }
         id
     }
@@ -193,7 +191,8 @@ impl Spool {
             return;
         }
         self.last_rewrite_attempt = Some(Instant::now());
-        match self.rewrite_log() {
+        // The mark too: acks went unrecorded while off disk.
+        match self.rewrite_log().and_then(|()| self.write_acked()) {
             Ok(()) => {
                 let since = self.off_disk_since.take().map(|t| t.elapsed());
                 tracing::info!(
@@ -267,17 +266,14 @@ impl Spool {
         self.rewrite_log()
     }
 
-    /// Replaces the log with the pending queue (written aside, synced, renamed over), and
-    /// records the acknowledged mark.
+    /// Replaces the log with the pending queue (written aside, synced, renamed over).
     fn rewrite_log(&mut self) -> Result<(), SpoolError> {
         let path = self.dir.join("spool.log");
         let tmp = self.dir.join("spool.log.tmp");
         let written = (|| {
             let mut f = File::create(&tmp).map_err(err(&tmp))?;
             for e in &self.pending {
-                let mut line = serde_json::to_string(e).expect("entries serialise");
-                line.push('\n');
-                f.write_all(line.as_bytes()).map_err(err(&tmp))?;
+                f.write_all(e.line().as_bytes()).map_err(err(&tmp))?;
             }
             f.sync_all().map_err(err(&tmp))
         })();
@@ -292,7 +288,7 @@ impl Spool {
             .open(&path)
             .map_err(err(&path))?;
         self.log_records = self.pending.len();
-        self.write_acked()
+        Ok(())
     }
 
     fn enforce_bound(&mut self) {
@@ -312,6 +308,13 @@ impl Spool {
 }
 
 impl Entry {
+    /// The entry's record in the log: one JSON line.
+    fn line(&self) -> String {
+        let mut line = serde_json::to_string(self).expect("entries serialise");
+        line.push('\n');
+        line
+    }
+
     fn size(&self) -> usize {
         self.topic.len() + self.payload.len() + 32
     }
