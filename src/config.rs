@@ -342,11 +342,18 @@ pub struct ModelConfig {
     /// Upper bound on detections per frame.
     #[serde(default)]
     pub max_detections: Option<usize>,
-    /// Model input size [width, height] instead of the manifest's, for fully
-    /// convolutional models (the shelf counter: multiples of 32), so that products are
-    /// 3-10 feature cells wide (docs/counting-model.md).
+    /// `"auto"` (the default): a model that declares its trained product sizes (the shelf
+    /// counter's `[scale]`) is run per zone at the scale that puts the zone's products in
+    /// that band, tiled where a zone is large (vision::scale, docs/counting-model.md).
+    /// `[width, height]`: the whole frame at this input size instead, for fully
+    /// convolutional models (multiples of the model's `size-multiple`).
     #[serde(default)]
-    pub input_size: Option<[u32; 2]>,
+    pub input_size: InputSize,
+    /// Seconds between two measurements of a zone's product scale (also measured at
+    /// start and on reload). A fixed camera's scale only changes when the shelf is
+    /// re-stocked with other products, so this is a check, not a tracking loop.
+    #[serde(default = "default_rescale_interval_s")]
+    pub rescale_interval_s: u64,
     /// Threads for the matrix products of an inference: one pool, shared by the cameras
     /// (each of which has its own inference thread). More threads cut a frame's latency;
     /// on a board with a camera per core, the cameras' own threads use the cores already.
@@ -356,6 +363,65 @@ pub struct ModelConfig {
     /// the ONNX parse and graph simplification (vision::cache).
     #[serde(default = "default_model_cache")]
     pub cache: bool,
+}
+
+/// `[model] input-size`: the scale rule, or one fixed size for the whole frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InputSize {
+    #[default]
+    Auto,
+    Fixed([u32; 2]),
+}
+
+impl InputSize {
+    /// The fixed size, if one was asked for.
+    pub fn fixed(self) -> Option<(u32, u32)> {
+        match self {
+            InputSize::Auto => None,
+            InputSize::Fixed([w, h]) => Some((w, h)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for InputSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = InputSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"auto\" or [width, height]")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<InputSize, E> {
+                if v == "auto" {
+                    Ok(InputSize::Auto)
+                } else {
+                    Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<InputSize, A::Error> {
+                let w = a
+                    .next_element()?
+                    .ok_or_else(|| serde::de::Error::invalid_length(0, &self))?;
+                let h = a
+                    .next_element()?
+                    .ok_or_else(|| serde::de::Error::invalid_length(1, &self))?;
+                if a.next_element::<u32>()?.is_some() {
+                    return Err(serde::de::Error::invalid_length(3, &self));
+                }
+                Ok(InputSize::Fixed([w, h]))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Ten minutes: a probe costs a few passes of the model, and a shelf's products keep
+/// their size between restocks.
+pub fn default_rescale_interval_s() -> u64 {
+    600
 }
 
 /// On: a restart of a board on a slow SD card is where load time shows.
@@ -387,7 +453,8 @@ impl Default for ModelConfig {
             label_thresholds: BTreeMap::new(),
             iou_threshold: None,
             max_detections: None,
-            input_size: None,
+            input_size: InputSize::Auto,
+            rescale_interval_s: default_rescale_interval_s(),
             threads: default_threads(),
             cache: default_model_cache(),
         }
@@ -586,7 +653,7 @@ impl LoadedConfig {
             iou_threshold: m.iou_threshold,
             max_detections: m.max_detections,
             label_thresholds: m.label_thresholds.clone(),
-            input_size: m.input_size.map(|[w, h]| (w, h)),
+            input_size: m.input_size.fixed(),
             threads: m.threads,
             cache_dir: m
                 .cache
@@ -652,7 +719,13 @@ impl LoadedConfig {
                 "occluder-model is set: list the labels it should find".into(),
             ));
         }
-        if c.model.input_size.is_some_and(|[w, h]| w == 0 || h == 0) {
+        if c.model.rescale_interval_s == 0 {
+            problems.push((
+                "model.rescale-interval-s".into(),
+                "must be at least 1 (a probe on every frame would multiply its cost)".into(),
+            ));
+        }
+        if matches!(c.model.input_size, InputSize::Fixed([w, h]) if w == 0 || h == 0) {
             problems.push((
                 "model.input-size".into(),
                 "width and height must be positive".into(),
@@ -889,7 +962,7 @@ impl LoadedConfig {
                         ));
                     }
                 }
-                if let Some([w, h]) = m.input_size {
+                if let InputSize::Fixed([w, h]) = m.input_size {
                     if let Err(mult) = manifest.manifest.input.check_size(w, h) {
                         problems.push((
                             "model.input-size".into(),
@@ -1124,6 +1197,19 @@ mod tests {
         );
         // The SSD has people.
         load("[counting]\noccluder-model = \"ssd_mobilenetv2_oidv4.toml\"\n").unwrap();
+    }
+
+    #[test]
+    fn input_size_is_auto_by_default_and_accepts_auto_or_a_size_and_nothing_else() {
+        assert_eq!(load("").unwrap().config.model.input_size, InputSize::Auto);
+        let c = load("[model]\ninput-size = \"auto\"\n").unwrap();
+        assert_eq!(c.detector_options().input_size, None);
+        let e = load("[model]\ninput-size = \"big\"\n").unwrap_err();
+        assert_eq!(e.0[0].key, "model.input-size");
+        let e = load("[model]\ninput-size = [384, 288, 3]\n").unwrap_err();
+        assert_eq!(e.0[0].key, "model.input-size");
+        let e = load("[model]\nrescale-interval-s = 0\n").unwrap_err();
+        assert_eq!(e.0[0].key, "model.rescale-interval-s");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::capture::load_image;
 use crate::config::LoadedConfig;
 use crate::counting::{Polygon, ZoneCounter, ZoneSpec};
 use crate::publish::{rfc3339, Body, Envelope};
+use crate::vision::scale::{ScaleChoice, ScaledDetector};
 use crate::vision::Detector;
 
 #[derive(Debug, clap::Args)]
@@ -96,7 +97,17 @@ impl StageStats {
 #[derive(Debug, Serialize, serde::Deserialize)]
 struct Report {
     model: String,
+    /// The configured input size (the whole frame at it without the scale rule).
     input_size: [u32; 2],
+    /// The scale rule ran (`--input-size auto` on a model with a `[scale]` band).
+    #[serde(default)]
+    scale_rule: bool,
+    /// What it chose per zone, after the warm-up frames measured it.
+    #[serde(default)]
+    zone_scales: Vec<Option<ScaleChoice>>,
+    /// Model passes per frame (tiles of every zone), mean over the timed runs.
+    #[serde(default)]
+    passes_per_frame: f64,
     /// The raw frame the pipeline starts from: YUYV at this size, as a camera delivers.
     camera_frame: [u32; 2],
     images: usize,
@@ -236,7 +247,11 @@ fn bench(
         encoding: YuvEncoding::default(),
     };
     let t = Instant::now();
-    let mut detector = Detector::load(manifest, options)?;
+    let mut detector = ScaledDetector::new(
+        Detector::load(manifest, options)?,
+        options.input_size,
+        std::time::Duration::from_secs(config.config.model.rescale_interval_s),
+    );
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
 
     // The first camera's zones and counting rules, or the frame's two halves.
@@ -269,7 +284,9 @@ fn bench(
             })
             .collect(),
     };
+    let bounds: Vec<_> = specs.iter().map(|z| z.polygon.bounds()).collect();
     let mut counters: Vec<ZoneCounter> = specs.into_iter().map(ZoneCounter::new).collect();
+    let mut passes = 0usize;
     let device = config.config.device.id.clone();
 
     let bar = ProgressBar::new((args.warmup + args.runs) as u64).with_style(
@@ -290,7 +307,13 @@ fn bench(
         to_rgb(&layout, &frames[i % frames.len()], &mut rgb)?;
         let t1 = Instant::now();
         let a1 = crate::alloc::allocations();
-        let (detections, s) = detector.detect(&rgb)?;
+        // As in the daemon: the warm-up's first frame measures each zone's scale, the
+        // timed frames run its tiles.
+        let (detections, frame) = detector.detect(&rgb, &bounds, Instant::now())?;
+        let s = frame.timings;
+        if i >= args.warmup {
+            passes += frame.passes;
+        }
         let t2 = Instant::now();
         let a2 = crate::alloc::allocations();
         let now = Instant::now();
@@ -353,7 +376,7 @@ fn bench(
         let n = args.runs.min(10);
         let mut total: Vec<crate::vision::OpTime> = Vec::new();
         for _ in 0..n {
-            for op in detector.profile(&rgb)? {
+            for op in detector.detector.profile(&rgb)? {
                 match total.iter_mut().find(|t| t.op == op.op) {
                     Some(t) => t.ms += op.ms,
                     None => total.push(op),
@@ -384,16 +407,19 @@ fn bench(
         publish,
         total,
     };
-    let (w, h) = detector.input_size();
+    let (w, h) = detector.detector.input_size();
     let report = Report {
-        model: detector.manifest().manifest.name.clone(),
+        model: detector.detector.manifest().manifest.name.clone(),
         input_size: [w, h],
+        scale_rule: detector.rule().is_some(),
+        zone_scales: detector.choices(),
+        passes_per_frame: passes as f64 / args.runs as f64,
         camera_frame: [cw, ch],
         images: frames.len(),
         warmup: args.warmup,
         runs: args.runs,
         load_ms,
-        kernels: detector.kernels(),
+        kernels: detector.detector.kernels(),
         threads: options.threads.max(1),
         peak_rss_mb: peak_rss_mb(),
         frames_per_second: 1e3 / stages.total.mean,
@@ -404,9 +430,32 @@ fn bench(
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
+    let at = if report.scale_rule {
+        let zones: Vec<String> = report
+            .zone_scales
+            .iter()
+            .map(|c| match c {
+                Some(c) => format!(
+                    "{:.2} ({} tiles, median {} cells)",
+                    c.scale,
+                    c.tiles,
+                    c.median_width_cells
+                        .map_or("-".into(), |m| format!("{m:.1}"))
+                ),
+                None => "-".into(),
+            })
+            .collect();
+        format!(
+            "the scale rule (zone scales {}; {:.1} passes/frame)",
+            zones.join(", "),
+            report.passes_per_frame
+        )
+    } else {
+        format!("{w}x{h}")
+    };
     println!(
-        "model {} at {}x{} from {}x{} YUYV frames, {} threads, {} images, {} runs after {} warm-up",
-        report.model, w, h, cw, ch, report.threads, report.images, report.runs, report.warmup
+        "model {} at {} from {}x{} YUYV frames, {} threads, {} images, {} runs after {} warm-up",
+        report.model, at, cw, ch, report.threads, report.images, report.runs, report.warmup
     );
     println!("kernels {}", report.kernels.join(", "));
     let rss = |r: &Report| r.peak_rss_mb.map_or("-".into(), |v| format!("{v:.1} MB"));

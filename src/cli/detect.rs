@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::{report, ModelArgs};
 use crate::capture::load_image;
+use crate::vision::scale::{ScaleChoice, ScaledDetector};
 use crate::vision::{annotate, Detection, Detector, StageTimings};
 
 #[derive(Debug, clap::Args)]
@@ -29,6 +30,11 @@ struct ImageResult<'a> {
     width: u32,
     height: u32,
     model: &'a str,
+    /// The scale rule's choice for the image (absent with a fixed input size).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scale: Option<ScaleChoice>,
+    /// Model passes run: probes, aims and tiles.
+    passes: usize,
     detections: Vec<Detection>,
     timings_ms: Timings,
 }
@@ -52,7 +58,7 @@ pub fn run(args: DetectArgs) -> ExitCode {
         Err(code) => return code,
     };
     let mut detector = match Detector::load(&manifest, &options) {
-        Ok(d) => d,
+        Ok(d) => ScaledDetector::new(d, options.input_size, std::time::Duration::MAX),
         Err(e) => {
             report(&e.into());
             return ExitCode::FAILURE;
@@ -88,14 +94,16 @@ pub fn run(args: DetectArgs) -> ExitCode {
 }
 
 fn detect_one(
-    detector: &mut Detector,
+    detector: &mut ScaledDetector,
     path: &Path,
     annotate_dir: Option<&Path>,
 ) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let img = load_image(path)?;
     let decode_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let (detections, stages) = detector.detect(&img)?;
+    // Every image is its own camera: its scale is measured afresh.
+    detector.reset();
+    let (detections, frame) = detector.detect(&img, &[], Instant::now())?;
     if let Some(dir) = annotate_dir {
         let mut copy = img.clone();
         annotate::draw_detections(&mut copy, &detections);
@@ -107,11 +115,13 @@ fn detect_one(
         file: path,
         width: img.width(),
         height: img.height(),
-        model: &detector.manifest().manifest.name,
+        model: &detector.detector.manifest().manifest.name,
+        scale: detector.choices().first().copied().flatten(),
+        passes: frame.passes,
         detections,
         timings_ms: Timings {
             decode_image: decode_ms,
-            stages,
+            stages: frame.timings,
         },
     };
     println!(

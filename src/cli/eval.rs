@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::{report, ModelArgs};
 use crate::capture::load_image;
 use crate::vision::eval::{Dataset, Evaluator, Summary};
+use crate::vision::scale::ScaledDetector;
 use crate::vision::{Detector, DetectorOptions};
 
 #[derive(Debug, clap::Args)]
@@ -93,14 +94,19 @@ fn eval(args: &EvalArgs, manifest: &Path, options: DetectorOptions) -> anyhow::R
         "--ap-floor must be in (0, 1), got {}",
         args.ap_floor
     );
-    let (mut detector, operating) = ranked_detector(manifest, &options, args.ap_floor)?;
+    let (detector, operating) = ranked_detector(manifest, &options, args.ap_floor)?;
     let labels = detector.labels().to_vec();
+    // The same scale rule as the daemon, measured on what the operating threshold
+    // reports (the ranked detections below it must not move the scale).
+    let mut detector = ScaledDetector::new(detector, options.input_size, std::time::Duration::MAX);
+    detector.set_measure_min_score(operating.iter().copied().fold(f32::INFINITY, f32::min));
     let dataset = Dataset::load(&args.dataset, &labels)?;
     let mut reference = match &args.reference_model {
         Some(m) => {
             let r = Detector::load(m, &options)?;
+            let r = ScaledDetector::new(r, options.input_size, std::time::Duration::MAX);
             anyhow::ensure!(
-                r.labels() == labels.as_slice(),
+                r.detector.labels() == labels.as_slice(),
                 "{}: its labels differ from those of {}; agreement needs the same label set",
                 m.display(),
                 manifest.display()
@@ -119,30 +125,38 @@ fn eval(args: &EvalArgs, manifest: &Path, options: DetectorOptions) -> anyhow::R
     for sample in &dataset.samples {
         let image = load_image(&sample.image)?;
         let truth = match reference.as_mut() {
-            Some(r) => r
-                .detect(&image)?
-                .0
-                .into_iter()
-                .map(|d| (d.class_id, d.bbox))
-                .collect(),
+            Some(r) => {
+                r.reset();
+                r.detect(&image, &[], std::time::Instant::now())?
+                    .0
+                    .into_iter()
+                    .map(|d| (d.class_id, d.bbox))
+                    .collect()
+            }
             None => sample.truth.to_pixels(image.width(), image.height()),
         };
-        let (detections, _) = detector.detect(&image)?;
+        detector.reset();
+        let (detections, _) = detector.detect(&image, &[], std::time::Instant::now())?;
         evaluator.add(&detections, &truth, |class| operating[class]);
         bar.inc(1);
     }
     bar.finish_and_clear();
 
-    let default_threshold = options
-        .score_threshold
-        .unwrap_or(detector.manifest().manifest.postprocess.score_threshold);
+    let default_threshold = options.score_threshold.unwrap_or(
+        detector
+            .detector
+            .manifest()
+            .manifest
+            .postprocess
+            .score_threshold,
+    );
     let report = Report {
         dataset: &args.dataset,
         format: dataset.format,
-        model: &detector.manifest().manifest.name,
+        model: &detector.detector.manifest().manifest.name,
         truth: reference
             .as_ref()
-            .map(|r| r.manifest().manifest.name.clone())
+            .map(|r| r.detector.manifest().manifest.name.clone())
             .unwrap_or_else(|| "labels".into()),
         operating_threshold: default_threshold,
         images_without_labels: dataset.images_without_labels,

@@ -87,9 +87,12 @@ pub struct ModelArgs {
     /// Score threshold for every label, instead of the configured one.
     #[arg(long)]
     pub threshold: Option<f32>,
-    /// Model input size WIDTHxHEIGHT, for fully convolutional models.
-    #[arg(long, value_parser = parse_size)]
-    pub input_size: Option<(u32, u32)>,
+    /// `auto`: the scale rule (a model with a `[scale]` band runs where its products
+    /// are the trained size, tiled where needed; docs/counting-model.md), or
+    /// WIDTHxHEIGHT: the whole image at this input size (fully convolutional models).
+    /// Default: the config's `[model] input-size`, which defaults to auto.
+    #[arg(long, value_parser = parse_input_size, value_name = "auto|WxH")]
+    pub input_size: Option<crate::config::InputSize>,
     /// Threads for one inference, instead of the configured `[model] threads`.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=crate::config::MAX_THREADS as i64))]
     pub threads: Option<u16>,
@@ -97,6 +100,13 @@ pub struct ModelArgs {
     /// directory (`[model] cache`); without it, these commands read the ONNX file.
     #[arg(long, value_name = "DIR")]
     pub model_cache: Option<PathBuf>,
+}
+
+fn parse_input_size(s: &str) -> Result<crate::config::InputSize, String> {
+    if s == "auto" {
+        return Ok(crate::config::InputSize::Auto);
+    }
+    parse_size(s).map(|(w, h)| crate::config::InputSize::Fixed([w, h]))
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
@@ -131,6 +141,13 @@ impl ModelArgs {
     /// The config (or defaults) with command-line overrides applied. A config error is
     /// reported and becomes exit status 78.
     fn load(&self) -> Result<(PathBuf, crate::vision::DetectorOptions), ExitCode> {
+        self.load_with_config().map(|(m, o, _)| (m, o))
+    }
+
+    /// [`ModelArgs::load`], with the config it came from.
+    fn load_with_config(
+        &self,
+    ) -> Result<(PathBuf, crate::vision::DetectorOptions, LoadedConfig), ExitCode> {
         let loaded = self.config()?;
         let manifest = self.model.clone().unwrap_or_else(|| loaded.manifest_path());
         let mut options = loaded.detector_options();
@@ -142,13 +159,15 @@ impl ModelArgs {
             options.score_threshold = Some(t);
             options.label_thresholds.clear();
         }
-        options.input_size = self.input_size;
+        if let Some(size) = self.input_size {
+            options.input_size = size.fixed();
+        }
         if let Some(t) = self.threads {
             options.threads = usize::from(t);
         }
         // One-off commands do not write into the daemon's state directory.
         options.cache_dir = self.model_cache.clone();
-        Ok((manifest, options))
+        Ok((manifest, options, loaded))
     }
 }
 

@@ -100,6 +100,7 @@ fn runtime_of(
         detector: loaded.detector_options(),
         occluder: loaded.occluder_model().map(|(_, o)| o),
         identify: identify.clone(),
+        rescale_interval: std::time::Duration::from_secs(loaded.config.model.rescale_interval_s),
     }
 }
 
@@ -310,7 +311,11 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         let slot = handle.slot.clone();
         let worker = Worker {
             camera: cam.id.clone(),
-            detector: detector.fork()?,
+            detector: crate::vision::scale::ScaledDetector::new(
+                detector.fork()?,
+                loaded.detector_options().input_size,
+                std::time::Duration::from_secs(loaded.config.model.rescale_interval_s),
+            ),
             occluder: occluder.as_ref().map(Detector::fork).transpose()?,
             embedder: embedder.as_ref().map(Embedder::fork).transpose()?,
             capture: handle,

@@ -14,6 +14,7 @@ use super::Update;
 use crate::capture::{CaptureHandle, Frame, SourceStatus, Take};
 use crate::counting::{CountingParams, EventKind, ZoneCounter, ZoneSpec, ZoneState};
 use crate::identify::{check_mismatch, Gallery, TrackParams, Tracker};
+use crate::vision::scale::ScaledDetector;
 use crate::vision::{annotate, Detection, Detector, DetectorOptions, Embedder};
 
 /// What a reload may change while the camera and model keep running.
@@ -28,6 +29,8 @@ pub struct CameraRuntime {
     pub occluder: Option<DetectorOptions>,
     /// The gallery and tracking parameters, when identification is configured.
     pub identify: Option<Arc<IdentifyRuntime>>,
+    /// How often each zone's product scale is measured again (`model.rescale-interval-s`).
+    pub rescale_interval: Duration,
 }
 
 /// Identification as a reload leaves it: one gallery shared by every camera.
@@ -111,7 +114,8 @@ impl WorkerStats {
 /// Everything one worker needs.
 pub struct Worker {
     pub camera: String,
-    pub detector: Detector,
+    /// The counting model with the scale rule: each zone at its products' scale.
+    pub detector: ScaledDetector,
     /// Present when `counting.occluder-model` is set: finds people in front of shelves
     /// for a counting model that knows none.
     pub occluder: Option<Detector>,
@@ -161,7 +165,7 @@ impl Worker {
             if g != generation {
                 generation = g;
                 rt = current;
-                if let Err(e) = self.detector.set_options(&rt.detector) {
+                if let Err(e) = self.detector.detector.set_options(&rt.detector) {
                     tracing::error!(error = %e, "new thresholds rejected; keeping the old ones");
                 }
                 if let (Some(d), Some(o)) = (self.occluder.as_mut(), &rt.occluder) {
@@ -172,6 +176,10 @@ impl Worker {
                 if let Some(z) = zones.as_mut() {
                     rebuild(z, &rt);
                 }
+                // Zones may have moved, and a reload is the user's way to ask for a
+                // new measurement (a shelf re-stocked with other products).
+                self.detector.reset();
+                self.detector.set_interval(rt.rescale_interval);
                 // SKUs of tracked products may differ under a new gallery or thresholds.
                 tracker.clear();
                 tracing::info!("configuration reloaded");
@@ -196,10 +204,33 @@ impl Worker {
                 // follow it; counts are kept.
                 z.size = size;
                 rebuild(z, &rt);
+                self.detector.reset();
             }
             let t = Instant::now();
-            let mut detections = match self.detector.detect(&frame.image) {
-                Ok((d, _)) => d,
+            let bounds: Vec<_> = z
+                .counters
+                .iter()
+                .map(|c| c.spec().polygon.bounds())
+                .collect();
+            let mut detections = match self.detector.detect(&frame.image, &bounds, t) {
+                Ok((d, report)) => {
+                    let choices = self.detector.choices();
+                    for &i in &report.rescaled {
+                        let (Some(Some(c)), Some(counter)) = (choices.get(i), z.counters.get(i))
+                        else {
+                            continue;
+                        };
+                        tracing::info!(
+                            zone = %counter.spec().name,
+                            scale = c.scale,
+                            tiles = c.tiles,
+                            median_width_cells = c.median_width_cells,
+                            passes = report.passes,
+                            "zone scale chosen"
+                        );
+                    }
+                    d
+                }
                 Err(e) => {
                     self.stats.inference_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, "inference failed; frame skipped");

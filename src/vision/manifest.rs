@@ -32,6 +32,22 @@ pub struct Manifest {
     pub decoder: DecoderSpec,
     #[serde(default)]
     pub postprocess: Postprocess,
+    /// For fully convolutional counters: the product sizes the model was trained on, so
+    /// shelfwatch can scale each shelf zone to them (`vision::scale`). Absent: the model
+    /// runs on the whole frame at its input size.
+    #[serde(default)]
+    pub scale: Option<ScaleSpec>,
+}
+
+/// The band of product widths, in heat-map cells (`decoder.stride` input pixels), that
+/// a fully convolutional counter was trained to find, and the width the scale rule aims
+/// the median product of a zone at.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ScaleSpec {
+    pub min_width_cells: f32,
+    pub max_width_cells: f32,
+    pub target_width_cells: f32,
 }
 
 /// Where the weights came from, for the model card and for audits.
@@ -289,6 +305,29 @@ impl Manifest {
                         "input.resize = \"centre-crop\" needs input.resize-shorter-side".into(),
                     ))
                 }
+            }
+        }
+        if let Some(sc) = &manifest.scale {
+            let ordered = sc.min_width_cells > 0.0
+                && sc.min_width_cells <= sc.target_width_cells
+                && sc.target_width_cells <= sc.max_width_cells
+                && sc.max_width_cells.is_finite();
+            if !ordered {
+                return Err(invalid(format!(
+                    "scale: needs 0 < min-width-cells <= target-width-cells <= \
+                     max-width-cells, got {} / {} / {}",
+                    sc.min_width_cells, sc.target_width_cells, sc.max_width_cells
+                )));
+            }
+            if manifest.input.size_multiple.is_none()
+                || manifest.input.resize != ResizePolicy::Stretch
+                || !matches!(manifest.decoder, DecoderSpec::Heatmap(_))
+            {
+                return Err(invalid(
+                    "scale: only a heat-map model with input.size-multiple and \
+                     input.resize = \"stretch\" can be run at the scale of a zone"
+                        .into(),
+                ));
             }
         }
         let labels = match (&manifest.labels, &manifest.decoder) {

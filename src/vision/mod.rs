@@ -12,6 +12,7 @@ pub mod eval;
 pub mod manifest;
 pub mod nms;
 pub mod preprocess;
+pub mod scale;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -145,9 +146,9 @@ pub struct OpTime {
     pub ms: f64,
 }
 
-/// A loaded, optimised model with its pre- and post-processing.
-pub struct Detector {
-    manifest: LoadedManifest,
+/// One optimised plan at one pinned input size, with its execution state and buffers.
+struct SizedPlan {
+    size: (u32, u32),
     /// The optimised model, shared by every fork: weights are in memory once however
     /// many cameras run inference in parallel.
     plan: Arc<TypedSimplePlan>,
@@ -156,6 +157,41 @@ pub struct Detector {
     input: Arc<Tensor>,
     preprocessor: Preprocessor,
     decoder: Decoder,
+    /// When it last ran (the detector's call counter), for evicting the oldest size.
+    last_used: u64,
+}
+
+impl SizedPlan {
+    fn fork(&self) -> Result<Self, VisionError> {
+        let state = self
+            .plan
+            .spawn()
+            .map_err(|e| VisionError::Inference(format!("{e:#}")))?;
+        Ok(Self {
+            size: self.size,
+            plan: self.plan.clone(),
+            state,
+            input: Arc::new(self.preprocessor.new_tensor()),
+            preprocessor: self.preprocessor.fork(),
+            decoder: self.decoder.clone(),
+            last_used: self.last_used,
+        })
+    }
+}
+
+/// Input sizes a detector keeps optimised at once. The scale rule (`vision::scale`)
+/// needs one per zone scale plus its full tile size; a probe at a passing size must not
+/// evict those, and every plan holds its own packed weights, so this stays small.
+pub const MAX_PLANS: usize = 6;
+
+/// A loaded, optimised model with its pre- and post-processing.
+pub struct Detector {
+    manifest: LoadedManifest,
+    /// Plans by input size; the first is the configured size and is never evicted.
+    plans: Vec<SizedPlan>,
+    threads: usize,
+    cache_dir: Option<PathBuf>,
+    calls: u64,
     thresholds: Thresholds,
     iou_threshold: f32,
     max_detections: usize,
@@ -171,35 +207,12 @@ impl Detector {
         let (width, height) = options
             .input_size
             .unwrap_or((spec.input.width, spec.input.height));
-        if let Err(m) = spec.input.check_size(width, height) {
-            return Err(VisionError::Outputs {
-                model: spec.name.clone(),
-                message: format!(
-                    "input size {width}x{height}: this model runs at multiples of {m} \
-                     (e.g. {}x{}); it was trained at {}x{}",
-                    (width / m).max(1) * m,
-                    (height / m).max(1) * m,
-                    spec.input.width,
-                    spec.input.height
-                ),
-            });
-        }
-        let shape: [usize; 4] = match spec.input.layout {
-            manifest::Layout::Nchw => [1, 3, height as usize, width as usize],
-            manifest::Layout::Nhwc => [1, height as usize, width as usize, 3],
-        };
-        let loaded = load_plan(
+        let plan = sized_plan(
             &manifest,
-            shape,
+            (width, height),
             options.threads,
             options.cache_dir.as_ref(),
-            |names| Decoder::new(&manifest, names, (width, height)),
-            Decoder::output_names,
         )?;
-        let (plan, decoder) = (loaded.plan, loaded.reader);
-        let state = plan
-            .spawn()
-            .map_err(|e| VisionError::Inference(format!("{e:#}")))?;
         let thresholds = Thresholds::new(
             &manifest,
             options
@@ -207,22 +220,7 @@ impl Detector {
                 .unwrap_or(spec.postprocess.score_threshold),
             &options.label_thresholds,
         )?;
-        let preprocessor = Preprocessor::new(&spec.input, width, height);
-        let input = Arc::new(preprocessor.new_tensor());
-        tracing::info!(
-            model = %spec.name,
-            file = %manifest.model_path.display(),
-            width,
-            height,
-            labels = manifest.labels.len(),
-            threads = options.threads.max(1),
-            cached = loaded.cached,
-            read_ms = loaded.read_ms,
-            optimise_ms = loaded.optimise_ms,
-            "model loaded"
-        );
         Ok(Self {
-            plan,
             iou_threshold: options
                 .iou_threshold
                 .unwrap_or(spec.postprocess.iou_threshold),
@@ -230,10 +228,10 @@ impl Detector {
                 .max_detections
                 .unwrap_or(spec.postprocess.max_detections),
             manifest,
-            state,
-            input,
-            preprocessor,
-            decoder,
+            plans: vec![plan],
+            threads: options.threads,
+            cache_dir: options.cache_dir.clone(),
+            calls: 0,
             thresholds,
             candidates: Vec::new(),
         })
@@ -242,17 +240,16 @@ impl Detector {
     /// A detector on the same loaded model with its own execution state and buffers, for
     /// another inference thread.
     pub fn fork(&self) -> Result<Self, VisionError> {
-        let state = self
-            .plan
-            .spawn()
-            .map_err(|e| VisionError::Inference(format!("{e:#}")))?;
         Ok(Self {
             manifest: self.manifest.clone(),
-            plan: self.plan.clone(),
-            state,
-            input: Arc::new(self.preprocessor.new_tensor()),
-            preprocessor: self.preprocessor.fork(),
-            decoder: self.decoder.clone(),
+            plans: self
+                .plans
+                .iter()
+                .map(SizedPlan::fork)
+                .collect::<Result<_, _>>()?,
+            threads: self.threads,
+            cache_dir: self.cache_dir.clone(),
+            calls: self.calls,
             thresholds: self.thresholds.clone(),
             iou_threshold: self.iou_threshold,
             max_detections: self.max_detections,
@@ -288,10 +285,9 @@ impl Detector {
     /// the CPU (`shelfwatch bench` prints them; docs/arm.md lists them per board).
     pub fn kernels(&self) -> Vec<String> {
         let mut names: Vec<String> = self
-            .plan
-            .model()
-            .nodes()
+            .plans
             .iter()
+            .flat_map(|p| p.plan.model().nodes().iter())
             .filter_map(|n| n.op_as::<tract_onnx::tract_core::ops::matmul::optimized::OptMatMul>())
             .flat_map(|op| op.mmm.iter().map(|k| k.name().to_string()))
             .collect();
@@ -300,9 +296,15 @@ impl Detector {
         names
     }
 
-    /// Model input size (width, height) in use.
+    /// The configured model input size (width, height): what [`Detector::detect`] runs
+    /// the whole frame at.
     pub fn input_size(&self) -> (u32, u32) {
-        self.preprocessor.size()
+        self.plans[0].size
+    }
+
+    /// The input sizes optimised so far, the configured one first.
+    pub fn plan_sizes(&self) -> Vec<(u32, u32)> {
+        self.plans.iter().map(|p| p.size).collect()
     }
 
     /// Runs inference once on `frame`, timing every node of the plan; the times are
@@ -310,10 +312,11 @@ impl Detector {
     /// it shows where a model spends its time (float vs int8 kernels, layout changes,
     /// (de)quantisation) on this CPU.
     pub fn profile(&mut self, frame: &RgbImage) -> Result<Vec<OpTime>, VisionError> {
-        let mut input = self.preprocessor.new_tensor();
-        self.preprocessor.run(frame, &mut input);
+        let p = &mut self.plans[0];
+        let mut input = p.preprocessor.new_tensor();
+        p.preprocessor.run(frame, &mut input);
         let mut by_op: BTreeMap<String, (usize, f64)> = BTreeMap::new();
-        self.state
+        p.state
             .run_plan_with_eval(tvec!(input.into_tvalue()), |ctx, state, node, inputs| {
                 let t = Instant::now();
                 let result = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
@@ -331,28 +334,73 @@ impl Detector {
         Ok(times)
     }
 
-    /// Runs the whole detector on one RGB frame.
+    /// Runs the whole detector on one RGB frame at the configured input size.
     pub fn detect(
         &mut self,
         frame: &RgbImage,
     ) -> Result<(Vec<Detection>, StageTimings), VisionError> {
+        self.run(frame, None, 0)
+    }
+
+    /// Runs the detector on `region` (left, top, width, height in frame pixels, inside
+    /// the frame) stretched over a model input of `size`, which must suit the model
+    /// (`input.size-multiple`). Detections are in frame pixels. A size not run before is
+    /// optimised first (once; the least recently used of more than [`MAX_PLANS`] sizes
+    /// is dropped).
+    pub fn detect_region(
+        &mut self,
+        frame: &RgbImage,
+        region: (f64, f64, f64, f64),
+        size: (u32, u32),
+    ) -> Result<(Vec<Detection>, StageTimings), VisionError> {
+        let index = self.plan_for(size)?;
+        self.run(frame, Some(region), index)
+    }
+
+    fn plan_for(&mut self, size: (u32, u32)) -> Result<usize, VisionError> {
+        if let Some(i) = self.plans.iter().position(|p| p.size == size) {
+            return Ok(i);
+        }
+        let plan = sized_plan(&self.manifest, size, self.threads, self.cache_dir.as_ref())?;
+        if self.plans.len() >= MAX_PLANS {
+            let oldest = (1..self.plans.len())
+                .min_by_key(|&i| self.plans[i].last_used)
+                .expect("MAX_PLANS > 1");
+            self.plans.swap_remove(oldest);
+        }
+        self.plans.push(plan);
+        Ok(self.plans.len() - 1)
+    }
+
+    fn run(
+        &mut self,
+        frame: &RgbImage,
+        region: Option<(f64, f64, f64, f64)>,
+        index: usize,
+    ) -> Result<(Vec<Detection>, StageTimings), VisionError> {
+        self.calls += 1;
+        let p = &mut self.plans[index];
+        p.last_used = self.calls;
         let t0 = Instant::now();
         let a0 = crate::alloc::allocations();
-        if Arc::get_mut(&mut self.input).is_none() {
-            self.input = Arc::new(self.preprocessor.new_tensor());
+        if Arc::get_mut(&mut p.input).is_none() {
+            p.input = Arc::new(p.preprocessor.new_tensor());
         }
-        let input = Arc::get_mut(&mut self.input).expect("input tensor was just made unique");
-        let geometry = self.preprocessor.run(frame, input);
+        let input = Arc::get_mut(&mut p.input).expect("input tensor was just made unique");
+        let geometry = match region {
+            Some(r) => p.preprocessor.run_region(frame, r, input),
+            None => p.preprocessor.run(frame, input),
+        };
         let t1 = Instant::now();
         let a1 = crate::alloc::allocations();
-        let outputs = self
+        let outputs = p
             .state
-            .run(tvec!(self.input.clone().into_tvalue()))
+            .run(tvec!(p.input.clone().into_tvalue()))
             .map_err(|e| VisionError::Inference(format!("{e:#}")))?;
         let t2 = Instant::now();
         let a2 = crate::alloc::allocations();
         self.candidates.clear();
-        self.decoder
+        p.decoder
             .decode(&outputs, &self.thresholds, &mut self.candidates)?;
         drop(outputs);
         let kept = nms::nms(
@@ -381,6 +429,73 @@ impl Detector {
             },
         ))
     }
+
+    /// The IoU threshold and detection cap in use, for merging tiles the same way.
+    pub(crate) fn nms_params(&self) -> (f32, usize) {
+        (self.iou_threshold, self.max_detections)
+    }
+}
+
+/// Loads and optimises the manifest's model at one input size.
+fn sized_plan(
+    manifest: &LoadedManifest,
+    (width, height): (u32, u32),
+    threads: usize,
+    cache_dir: Option<&PathBuf>,
+) -> Result<SizedPlan, VisionError> {
+    let spec = &manifest.manifest;
+    if let Err(m) = spec.input.check_size(width, height) {
+        return Err(VisionError::Outputs {
+            model: spec.name.clone(),
+            message: format!(
+                "input size {width}x{height}: this model runs at multiples of {m} \
+                 (e.g. {}x{}); it was trained at {}x{}",
+                (width / m).max(1) * m,
+                (height / m).max(1) * m,
+                spec.input.width,
+                spec.input.height
+            ),
+        });
+    }
+    let shape: [usize; 4] = match spec.input.layout {
+        manifest::Layout::Nchw => [1, 3, height as usize, width as usize],
+        manifest::Layout::Nhwc => [1, height as usize, width as usize, 3],
+    };
+    let loaded = load_plan(
+        manifest,
+        shape,
+        threads,
+        cache_dir,
+        |names| Decoder::new(manifest, names, (width, height)),
+        Decoder::output_names,
+    )?;
+    let (plan, decoder) = (loaded.plan, loaded.reader);
+    let state = plan
+        .spawn()
+        .map_err(|e| VisionError::Inference(format!("{e:#}")))?;
+    let preprocessor = Preprocessor::new(&spec.input, width, height);
+    let input = Arc::new(preprocessor.new_tensor());
+    tracing::info!(
+        model = %spec.name,
+        file = %manifest.model_path.display(),
+        width,
+        height,
+        labels = manifest.labels.len(),
+        threads = threads.max(1),
+        cached = loaded.cached,
+        read_ms = loaded.read_ms,
+        optimise_ms = loaded.optimise_ms,
+        "model loaded"
+    );
+    Ok(SizedPlan {
+        size: (width, height),
+        plan,
+        state,
+        input,
+        preprocessor,
+        decoder,
+        last_used: 0,
+    })
 }
 
 /// An optimised plan and what reads its outputs.

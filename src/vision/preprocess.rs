@@ -81,6 +81,24 @@ impl Geometry {
         }
     }
 
+    /// `region` (left, top, width, height in source pixels) stretched over the whole
+    /// input: the scale rule's crops and tiles (`vision::scale`).
+    pub fn region(src: (u32, u32), input: (u32, u32), region: (f64, f64, f64, f64)) -> Self {
+        let (left, top, width, height) = region;
+        let scale_x = input.0 as f32 / width.max(1e-3) as f32;
+        let scale_y = input.1 as f32 / height.max(1e-3) as f32;
+        Self {
+            src_width: src.0,
+            src_height: src.1,
+            input_width: input.0,
+            input_height: input.1,
+            scale_x,
+            scale_y,
+            pad_x: -(left as f32) * scale_x,
+            pad_y: -(top as f32) * scale_y,
+        }
+    }
+
     /// The centre-crop geometry for a shorter side scaled to `shorter_side` pixels.
     pub fn with_shorter_side(src: (u32, u32), input: (u32, u32), shorter_side: u32) -> Self {
         let scale = shorter_side as f32 / src.0.min(src.1).max(1) as f32;
@@ -208,16 +226,40 @@ impl Preprocessor {
     /// Resizes `frame` as the policy says and writes the normalised result into `out`
     /// (which must come from [`Preprocessor::new_tensor`]).
     pub fn run(&mut self, frame: &RgbImage, out: &mut Tensor) -> Geometry {
+        self.run_in(frame, None, out)
+    }
+
+    /// Like [`Preprocessor::run`], on `region` (left, top, width, height in frame
+    /// pixels, inside the frame) of the frame, stretched over the whole input.
+    pub fn run_region(
+        &mut self,
+        frame: &RgbImage,
+        region: (f64, f64, f64, f64),
+        out: &mut Tensor,
+    ) -> Geometry {
+        self.run_in(frame, Some(region), out)
+    }
+
+    fn run_in(
+        &mut self,
+        frame: &RgbImage,
+        region: Option<(f64, f64, f64, f64)>,
+        out: &mut Tensor,
+    ) -> Geometry {
         let input = (self.width, self.height);
-        let geometry = match (self.policy, self.shorter_side) {
-            (ResizePolicy::CentreCrop, Some(s)) => {
+        let geometry = match (region, self.policy, self.shorter_side) {
+            (Some(r), _, _) => Geometry::region(frame.dimensions(), input, r),
+            (None, ResizePolicy::CentreCrop, Some(s)) => {
                 Geometry::with_shorter_side(frame.dimensions(), input, s)
             }
-            (policy, _) => Geometry::new(policy, frame.dimensions(), input),
+            (None, policy, _) => Geometry::new(policy, frame.dimensions(), input),
         };
-        let (cw, ch) = match self.policy {
-            ResizePolicy::CentreCrop => input,
-            _ => geometry.content_size(),
+        // A region is cropped by the resizer, like centre-crop, and fills the input.
+        let cropped = region.is_some() || self.policy == ResizePolicy::CentreCrop;
+        let (cw, ch) = if cropped {
+            input
+        } else {
+            geometry.content_size()
         };
         if self.resized.width() != cw || self.resized.height() != ch {
             self.resized = Image::new(cw, ch, PixelType::U8x3);
@@ -233,7 +275,9 @@ impl Preprocessor {
         // unlike plain interpolation it averages every source pixel when downscaling.
         let mut options =
             ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-        if self.policy == ResizePolicy::CentreCrop {
+        if let Some((left, top, width, height)) = region {
+            options = options.crop(left, top, width, height);
+        } else if self.policy == ResizePolicy::CentreCrop {
             let (left, top, width, height) = geometry.crop_region();
             options = options.crop(left, top, width, height);
         }
