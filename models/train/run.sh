@@ -5,10 +5,13 @@
 #   models/train/run.sh --finetune DIR     the same, with your own labelled frames mixed in
 #   QUICK=1 models/train/run.sh            a smoke run (a few dozen images, 1 epoch)
 #
-# Sizes (environment): TRAIN_IMAGES (6000), VAL_IMAGES (300), TEST_IMAGES (300), EPOCHS (14),
-# THREADS (2). Everything goes to models/train/out/ (gitignored): data/, features/,
-# head.npz, train_log.json, shelf_counter.onnx/.toml/.labels, eval_*.json.
-# Needs python3 (with venv) and the PyPI registry, like models/build.sh, whose venv it shares.
+# Sizes (environment): TRAIN_IMAGES (5000), VAL_IMAGES (300), TEST_IMAGES (400),
+# HEAD_EPOCHS (4, head only on cached features), FT_EPOCHS (2, end to end through blocks
+# 11-15), FT_IMAGES (1200 per end-to-end epoch), THREADS (2). Everything goes to
+# models/train/out/ (gitignored): data/, features/, checkpoint.npz, train_log.json,
+# shelf_counter.onnx/.toml/.labels, eval_*.json.
+# Needs python3 (with venv) and the PyPI registry, like models/build.sh, whose venv it
+# shares; the training's own pins (JAX, optax) are in models/train/requirements.txt.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 models=$(cd "$here/.." && pwd)
@@ -24,6 +27,8 @@ fi
 work=${SHELFWATCH_MODEL_WORK:-$models/.build}
 venv=$work/venv
 mkdir -p "$work"
+t_all=$(date +%s.%N)
+t_venv=$t_all
 want=$(sha256sum "$models/requirements.txt" | cut -d' ' -f1)
 have=$(cat "$venv/.requirements.sha256" 2>/dev/null || true)
 if [ ! -x "$venv/bin/python" ] || [ "$want" != "$have" ]; then
@@ -31,20 +36,29 @@ if [ ! -x "$venv/bin/python" ] || [ "$want" != "$have" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$models/requirements.txt"
   echo "$want" >"$venv/.requirements.sha256"
 fi
+# the training's extra pins, on top (their own marker, so models/build.sh's is untouched)
+want_t=$(cat "$models/requirements.txt" "$here/requirements.txt" | sha256sum | cut -d' ' -f1)
+have_t=$(cat "$venv/.train-requirements.sha256" 2>/dev/null || true)
+if [ "$want_t" != "$have_t" ]; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$models/requirements.txt" \
+    -r "$here/requirements.txt"
+  echo "$want_t" >"$venv/.train-requirements.sha256"
+fi
 py="$venv/bin/python"
 
 threads=${THREADS:-2}
 export PYTHONHASHSEED=0 OMP_NUM_THREADS=$threads OPENBLAS_NUM_THREADS=$threads MKL_NUM_THREADS=$threads
 if [ "${QUICK:-0}" = 1 ]; then
-  ntrain=${TRAIN_IMAGES:-64}; nval=${VAL_IMAGES:-16}; ntest=${TEST_IMAGES:-16}; epochs=${EPOCHS:-1}
+  ntrain=${TRAIN_IMAGES:-64}; nval=${VAL_IMAGES:-16}; ntest=${TEST_IMAGES:-16}
+  head_epochs=${HEAD_EPOCHS:-1}; ft_epochs=${FT_EPOCHS:-1}; ft_images=${FT_IMAGES:-32}
 else
-  ntrain=${TRAIN_IMAGES:-6000}; nval=${VAL_IMAGES:-300}; ntest=${TEST_IMAGES:-300}; epochs=${EPOCHS:-14}
+  ntrain=${TRAIN_IMAGES:-5000}; nval=${VAL_IMAGES:-300}; ntest=${TEST_IMAGES:-400}
+  head_epochs=${HEAD_EPOCHS:-4}; ft_epochs=${FT_EPOCHS:-2}; ft_images=${FT_IMAGES:-1200}
 fi
 out=${SHELF_TRAIN_OUT:-$here/out}
 export SHELF_TRAIN_OUT=$out
 mkdir -p "$out"
 
-t_all=$(date +%s.%N)
 since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
 stage() {
   local name=$1; shift
@@ -54,6 +68,7 @@ stage() {
   echo "== $name: $(since "$t0") s" | tee -a "$out/stages.txt" >&2
 }
 : >"$out/stages.txt"
+echo "== venv: $(since "$t_venv") s" | tee -a "$out/stages.txt" >&2
 rm -rf "$out/data"
 stage check-decoder "$py" "$here/test_decode.py"
 stage generate-train "$py" "$here/generate.py" --split train --count "$ntrain" --workers "$threads"
@@ -61,7 +76,8 @@ stage generate-val "$py" "$here/generate.py" --split val --count "$nval" --seed 
 stage generate-test "$py" "$here/generate.py" --split test --count "$ntest" --seed 3 --workers "$threads"
 stage features-train "$py" "$here/features.py" --split train --threads "$threads"
 stage features-val "$py" "$here/features.py" --split val --threads "$threads"
-stage train "$py" "$here/train.py" --epochs "$epochs" --threads "$threads" "${finetune[@]}"
+stage train "$py" "$here/train.py" --head-epochs "$head_epochs" --ft-epochs "$ft_epochs" \
+  --ft-images "$ft_images" --threads "$threads" "${finetune[@]}"
 stage export "$py" "$here/export.py"
 stage evaluate "$py" "$here/evaluate.py" --split test --sweep --json "$out/eval_test.json"
 if [ -f "$root/tests/fixtures/shelves/expected.json" ]; then

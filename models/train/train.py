@@ -1,24 +1,35 @@
-"""Train the counting head (numpy, Adam, fixed seed) on cached frozen features.
+"""Train the counter end to end with JAX + optax (CPU, fixed seeds) on cached features.
 
-    python train.py [--epochs 10] [--finetune DIR [--finetune-share 0.3]] [--init HEAD.npz]
+    python train.py [--head-epochs 4] [--ft-epochs 2] [--ft-images 1200]
+                    [--finetune DIR [--finetune-share 0.3]] [--init OUT/checkpoint.npz]
 
-Head, per stride-8 cell (48x36 at the 384x288 input): per scale a 1x1 projection to 64
-channels (features normalised per channel first; the normalisation is folded into the
-projection at export), nearest-neighbour upsampling to stride 8, sum + bias, ReLU, a 3x3
-convolution to 5 channels: centre heat logit, dx, dy, log w, log h (cells).
+Network (net.py): EfficientNet-Lite0's blocks 11-15 (the stride-32 stage 6 and block 15,
+read from models/efficientnet_lite0.onnx) and the counting head. The frozen part
+(blocks 0-10) ran once in features.py: its block4/add (stride 8) and block10/add (stride
+16) outputs are cached as float16, with block15/project/conv of the original weights.
+
+Two phases, because on this CPU a step through the blocks costs ~8x a head-only step:
+1. `--head-epochs` over all training images with the blocks frozen, on the cached
+   block15 output (the head learns to count on ImageNet features);
+2. `--ft-epochs` end to end: the blocks (learning rate --ft-lr, 10x below the head's)
+   and the head, each epoch on `--ft-images` images drawn from the training split (a
+   different sample each epoch), running the blocks from the cached block10/add.
+A linear-probe-then-fine-tune order is also what keeps the pretrained blocks from being
+wrecked by the large early gradients of a randomly initialised head.
+
 Loss: CenterNet's focal loss (alpha 2, beta 4) on the heat against anisotropic Gaussian
 targets (sigma = max(0.5, 0.15 x size in cells) per axis), normalised by the number of
 centres; plus L1 on the box terms over each object's core (cells whose Gaussian value is
-at least 0.3, weighted by it), so a peak one cell off still carries the right box.
-Products marked `ignore` (mostly cut off or hidden) are neither centres nor negatives.
+at least 0.3, weighted by it). Products marked `ignore` are neither centres nor negatives.
+AdamW (weight decay on the head's kernels only), cosine learning rate per phase.
 
---finetune DIR mixes a user's own frames into training: images with a .txt beside them
-(same stem), each line either YOLO `class cx cy w h` (normalised; class ignored) or a
-centre click `cx cy` (normalised if both <= 1, else pixels of that image). Centre-only
-frames train the heat only (no box terms); their Gaussian size is taken from the distance
-to the nearest other centre. They make up --finetune-share of each epoch (oversampled).
+--finetune DIR mixes a user's own frames into both phases (see README.md: YOLO lines or
+centre clicks; frames rescaled so their median product lands in the trained width band).
+--init continues from a checkpoint.npz (blocks + head), e.g. with --head-epochs 0
+--ft-epochs 2 --finetune DIR.
 
-Writes OUT/head.npz (weights, feature normalisation, chosen threshold) and
+Writes OUT/checkpoint.npz (the blocks' weights under their ONNX initializer names, the
+head as head/<name>, the feature normalisation, the chosen threshold) and
 OUT/train_log.json. The score threshold is chosen on the validation split (training
 textures, other seeds) by F1 at the evaluation's centre tolerance.
 """
@@ -33,9 +44,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import net  # noqa: E402
 
 GW, GH, S = common.GRID_W, common.GRID_H, common.STRIDE
 FEAT = os.path.join(common.OUT, "features")
+BLOCKS_FROM, BLOCKS_TO = "block10/add", "block15/project/conv"
 
 
 # --- Targets ------------------------------------------------------------------------------
@@ -91,6 +104,16 @@ def synthetic_objects(entry):
     return out
 
 
+
+def synthetic_objects(entry):
+    out = []
+    for o in entry["objects"]:
+        out.append({"cx": o["cx"] * common.INPUT_W, "cy": o["cy"] * common.INPUT_H,
+                    "w": o["w"] * common.INPUT_W, "h": o["h"] * common.INPUT_H,
+                    "ignore": o["ignore"], "type": o["type"]})
+    return out
+
+
 def read_user_labels(txt, img_size):
     """A user's label file -> objects in model-input pixels (see the module doc)."""
     from_w, from_h = img_size
@@ -125,31 +148,22 @@ def read_user_labels(txt, img_size):
 
 
 def load_finetune(folder, threads):
-    from PIL import Image
-
+    """A user's frames -> (features [s8, s16, s32], objects): each frame rescaled so its
+    median labelled product width lands in the trained band (finetune.py), then the
+    frozen features extracted once and cached by content hash."""
     import features
+    import finetune
 
-    exts = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-    files = sorted(f for f in os.listdir(folder) if f.lower().endswith(exts))
-    items = []
-    for f in files:
-        txt = os.path.join(folder, os.path.splitext(f)[0] + ".txt")
-        if not os.path.exists(txt):
-            continue
-        with Image.open(os.path.join(folder, f)) as im:
-            size = im.size
-        items.append((os.path.join(folder, f), read_user_labels(txt, size)))
-    if not items:
-        raise SystemExit(f"{folder}: no image with a .txt label beside it")
+    items = finetune.prepare(folder, read_user_labels,
+                             os.path.join(common.OUT, "finetune_frames"))
     h = hashlib.sha256()
     for p, _ in items:
-        h.update(p.encode())
         h.update(common.file_sha256(p).encode())
     prefix = os.path.join(FEAT, "finetune_" + h.hexdigest()[:16])
     if not os.path.exists(prefix + "_s32.npy"):
         os.makedirs(FEAT, exist_ok=True)
         features.extract([p for p, _ in items], prefix, threads)
-    feats = [np.load(f"{prefix}_s{s}.npy", mmap_mode="r") for _, _, s in common.TAPS]
+    feats = [np.load(f"{prefix}_s{s}.npy") for _, _, s in common.TAPS]
     return feats, [objs for _, objs in items]
 
 
@@ -160,75 +174,23 @@ def load_split(split):
     return feats, [synthetic_objects(e) for e in labels]
 
 
-# --- Head: forward and backward -----------------------------------------------------------
+# --- Loss ----------------------------------------------------------------------------------
 
-def mm(w, f):
-    """[O, C] x [B, C, H, W] -> [B, O, H, W] as one matrix product."""
-    b, c, h, wd = f.shape
-    return np.matmul(w, f.reshape(b, c, h * wd)).reshape(b, w.shape[0], h, wd)
+def loss_fn(out, Y, negw, T, bw):
+    """out [B, 5, GH, GW]; CenterNet focal loss + weighted L1 on the box terms."""
+    import jax
+    import jax.numpy as jnp
 
-
-def mm_grad(d, f):
-    """dL/dW for mm: [B, O, H, W], [B, C, H, W] -> [O, C]."""
-    b, o, h, w = d.shape
-    c = f.shape[1]
-    return np.matmul(d.transpose(1, 0, 2, 3).reshape(o, -1),
-                     f.transpose(1, 0, 2, 3).reshape(c, -1).T)
-
-
-def forward(P, f8, f16, f32):
-    s = mm(P["p8"], f8)
-    s += common.upsample(mm(P["p16"], f16), 2)
-    s += common.upsample(mm(P["p32"], f32), 4)
-    s += P["pb"][None, :, None, None]
-    a = np.maximum(s, 0)
-    b, c, h, w = a.shape
-    ap = np.pad(a, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    out = np.zeros((b, 5, h, w), ap.dtype)
-    for i in range(3):
-        for j in range(3):
-            out += mm(P["k"][:, :, i, j], np.ascontiguousarray(ap[:, :, i:i + h, j:j + w]))
-    out += P["kb"][None, :, None, None]
-    return out, (s, ap)
-
-
-def backward(P, cache, dout, f8, f16, f32):
-    s, ap = cache
-    b, c, h, w = s.shape
-    G = {"kb": dout.sum((0, 2, 3)), "k": np.zeros_like(P["k"])}
-    dap = np.zeros_like(ap)
-    for i in range(3):
-        for j in range(3):
-            win = np.ascontiguousarray(ap[:, :, i:i + h, j:j + w])
-            G["k"][:, :, i, j] = mm_grad(dout, win)
-            dap[:, :, i:i + h, j:j + w] += mm(P["k"][:, :, i, j].T, dout)
-    ds = dap[:, :, 1:-1, 1:-1] * (s > 0)
-    G["pb"] = ds.sum((0, 2, 3))
-    G["p8"] = mm_grad(ds, f8)
-    d16 = ds.reshape(b, c, h // 2, 2, w // 2, 2).sum((3, 5))
-    G["p16"] = mm_grad(d16, f16)
-    d32 = ds.reshape(b, c, h // 4, 4, w // 4, 4).sum((3, 5))
-    G["p32"] = mm_grad(d32, f32)
-    return G
-
-
-def loss_and_grad(out, Y, negw, T, bw, box_weight=1.0):
     z = out[:, 0]
-    p = np.clip(common.sigmoid(z), 1e-6, 1 - 1e-6)
-    pos = Y >= 1.0
-    npos = max(1.0, float(pos.sum()))
-    lp, l1p = np.log(p), np.log(1 - p)
-    neg_w = ((1 - Y) ** 4) * negw * (~pos)
-    loss_heat = -(np.sum(((1 - p) ** 2 * lp)[pos]) + np.sum(neg_w * p * p * l1p)) / npos
-    gz = np.where(pos, -((1 - p) ** 2) * ((1 - p) - 2 * p * lp),
-                  neg_w * (p ** 3 - 2 * p * p * (1 - p) * l1p)) / npos
-    dout = np.zeros_like(out)
-    dout[:, 0] = gz
-    wsum = max(1.0, float(bw.sum()))
-    diff = out[:, 1:5] - T
-    loss_box = float(np.sum(np.abs(diff) * bw[:, None])) / wsum
-    dout[:, 1:5] = box_weight * np.sign(diff) * bw[:, None] / wsum
-    return loss_heat + box_weight * loss_box, loss_heat, loss_box, dout
+    p = jnp.clip(jax.nn.sigmoid(z), 1e-6, 1 - 1e-6)
+    pos = (Y >= 1.0).astype(z.dtype)
+    npos = jnp.maximum(1.0, pos.sum())
+    # log(sigmoid) computed stably from the logit
+    lp, l1p = jax.nn.log_sigmoid(z), jax.nn.log_sigmoid(-z)
+    neg_w = ((1 - Y) ** 4) * negw * (1 - pos)
+    heat = -(jnp.sum(pos * (1 - p) ** 2 * lp) + jnp.sum(neg_w * p * p * l1p)) / npos
+    box = jnp.sum(jnp.abs(out[:, 1:5] - T) * bw[:, None]) / jnp.maximum(1.0, bw.sum())
+    return heat + box, (heat, box)
 
 
 # --- Validation: decode and match like evaluate.py -------------------------------------------
@@ -260,13 +222,25 @@ def match(dets, objects):
     return tp, fp, used
 
 
-def validate(P, feats, objs, norm, thresholds, batch=32):
-    heats = []
-    for i in range(0, len(objs), batch):
-        f = [(np.asarray(a[i:i + batch], np.float32) - m) / s for a, (m, s) in zip(feats, norm)]
-        out, _ = forward(P, *f)
-        heats.append(out)
-    out = np.concatenate(heats)
+def predict(params, blocks, norm, feats, frozen_blocks, batch=32):
+    """Head outputs for a whole split (numpy [N, 5, GH, GW]). frozen_blocks: use the
+    cached block15 output instead of running the blocks (phase 1)."""
+    import jax
+
+    @jax.jit
+    def run(params, f8, f16, f32):
+        if not frozen_blocks:
+            f32 = blocks(params["blocks"], f16)
+        return net.head_apply(params["head"], *net.normalise(norm, f8, f16, f32))
+
+    outs = []
+    for i in range(0, len(feats[0]), batch):
+        f = [np.asarray(a[i:i + batch], np.float32) for a in feats]
+        outs.append(np.asarray(run(params, *f)))
+    return np.concatenate(outs)
+
+
+def validate(out, objs, thresholds):
     res = {}
     for t in thresholds:
         tp = fp = n = 0
@@ -286,32 +260,153 @@ def validate(P, feats, objs, norm, thresholds, batch=32):
     return res
 
 
-# --- Main ----------------------------------------------------------------------------------------
+# --- Checkpoints -------------------------------------------------------------------------------
+
+def save_checkpoint(path, params, norm, threshold):
+    arrays = {k: np.asarray(v, np.float32) for k, v in params["blocks"].items()}
+    arrays.update({f"head/{k}": np.asarray(v, np.float32) for k, v in params["head"].items()})
+    for (m, s), (_, _, st) in zip(norm, common.TAPS):
+        arrays[f"norm/mean{st}"] = np.asarray(m, np.float32).reshape(-1)
+        arrays[f"norm/std{st}"] = np.asarray(s, np.float32).reshape(-1)
+    arrays["threshold"] = np.float32(threshold)
+    np.savez(path, **arrays)
+
+
+def load_checkpoint(path):
+    z = np.load(path)
+    blocks = {k: z[k] for k in z.files if k.startswith("block")}
+    head = {k[5:]: z[k] for k in z.files if k.startswith("head/")}
+    norm = [(z[f"norm/mean{s}"].reshape(1, -1, 1, 1), z[f"norm/std{s}"].reshape(1, -1, 1, 1))
+            for _, _, s in common.TAPS]
+    return {"blocks": blocks, "head": head}, norm, float(z["threshold"])
+
+
+# --- Training ------------------------------------------------------------------------------------
+
+class Batches:
+    """Synthetic and fine-tune items, as (source, index), gathered into float32 batches
+    with their targets."""
+
+    def __init__(self, feats, tg, ft_feats, ft_tg):
+        self.src = {"s": (feats, tg), "f": (ft_feats, ft_tg)}
+
+    def get(self, chunk, need_s32):
+        taps = (0, 1, 2) if need_s32 else (0, 1)
+        f = {k: [] for k in taps}
+        t = [[], [], [], []]
+        for src, i in chunk:
+            fs, tg = self.src[src]
+            for k in taps:
+                f[k].append(fs[k][i])
+            for a, b in zip(t, tg[i]):
+                a.append(b)
+        f = [np.asarray(np.stack(f[k]), np.float32) for k in taps]
+        return f, [np.stack(a) for a in t]
+
+
+def make_step(opt, blocks, norm, end_to_end):
+    import jax
+    import optax
+
+    def loss_of(params, f, t):
+        if end_to_end:
+            out = net.forward(params, blocks, norm, f[0], f[1])
+        else:
+            out = net.head_apply(params["head"], *net.normalise(norm, *f))
+        return loss_fn(out, *t)
+
+    @jax.jit
+    def step(params, state, f, t):
+        (loss, parts), g = jax.value_and_grad(loss_of, has_aux=True)(params, f, t)
+        upd, state = opt.update(g, state, params)
+        return optax.apply_updates(params, upd), state, loss, parts
+
+    return step
+
+
+def optimiser(head_lr, block_lr, steps, train_blocks):
+    """AdamW with a cosine schedule; weight decay on the head's kernels only (the blocks'
+    pretrained weights are held in place by their small learning rate instead)."""
+    import jax
+    import optax
+
+    def sched(lr):
+        return optax.cosine_decay_schedule(lr, max(1, steps), alpha=0.05)
+
+    def decay_mask(params):
+        return {"blocks": jax.tree_util.tree_map(lambda _: False, params["blocks"]),
+                "head": {k: k in ("p8", "p16", "p32", "m", "k") for k in params["head"]}}
+
+    def labels(params):
+        return {"blocks": jax.tree_util.tree_map(lambda _: "blocks", params["blocks"]),
+                "head": jax.tree_util.tree_map(lambda _: "head", params["head"])}
+
+    head = optax.adamw(sched(head_lr), weight_decay=1e-4, mask=decay_mask)
+    blocks = optax.adam(sched(block_lr)) if train_blocks else optax.set_to_zero()
+    return optax.multi_transform({"head": head, "blocks": blocks}, labels)
+
+
+def run_phase(name, params, step_fn, opt, batches, order_fn, epochs, batch, need_s32, val,
+              log):
+    import jax
+
+    state = opt.init(params)
+    for epoch in range(epochs):
+        te = time.time()
+        order = order_fn(epoch)
+        sums, nb = np.zeros(3), 0
+        for bi in range(len(order) // batch):
+            f, t = batches.get(order[bi * batch:(bi + 1) * batch], need_s32)
+            params, state, loss, (lh, lb) = step_fn(params, state, f, t)
+            sums += (float(loss), float(lh), float(lb))
+            nb += 1
+        ev = val(params)
+        rec = {"phase": name, "epoch": epoch + 1, "images": len(order),
+               "loss": round(sums[0] / max(1, nb), 4), "heat": round(sums[1] / max(1, nb), 4),
+               "box": round(sums[2] / max(1, nb), 4), "val@0.3": ev[0.3],
+               "seconds": round(time.time() - te, 1)}
+        log["epochs"].append(rec)
+        print(json.dumps(rec), flush=True)
+    return jax.device_get(params)
+
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--head-epochs", type=int, default=4)
+    ap.add_argument("--ft-epochs", type=int, default=2)
+    ap.add_argument("--ft-images", type=int, default=1200,
+                    help="images per end-to-end epoch (a fresh sample each epoch)")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=2e-3, help="head, phase 1")
+    ap.add_argument("--ft-head-lr", type=float, default=5e-4, help="head, phase 2")
+    ap.add_argument("--ft-lr", type=float, default=5e-5, help="blocks, phase 2")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--finetune", help="a folder of your own labelled frames")
     ap.add_argument("--finetune-share", type=float, default=0.3)
-    ap.add_argument("--init", help="start from this head.npz (e.g. to fine-tune briefly)")
+    ap.add_argument("--init", help="start from this checkpoint.npz")
     ap.add_argument("--threads", type=int, default=2, help="for finetune features")
-    ap.add_argument("--out", default=os.path.join(common.OUT, "head.npz"))
+    ap.add_argument("--out", default=os.path.join(common.OUT, "checkpoint.npz"))
     args = ap.parse_args()
     t0 = time.time()
     rng = np.random.default_rng(args.seed)
+    import onnx
 
+    blocks = net.Blocks(onnx.load(common.BACKBONE), BLOCKS_FROM, BLOCKS_TO)
     feats, objs = load_split("train")
     n_syn = len(objs)
-    # per-channel feature normalisation from the training features
-    norm = []
-    for a in feats:
-        sample = a[: min(len(a), 1000)].astype(np.float32)
-        m = sample.mean((0, 2, 3))[None, :, None, None]
-        s = sample.std((0, 2, 3))[None, :, None, None] + 1e-3
-        norm.append((m.astype(np.float32), s.astype(np.float32)))
+    if args.init:
+        params, norm, _ = load_checkpoint(args.init)
+    else:
+        # per-channel feature normalisation from (a sample of) the training features;
+        # for stride 32 from the original blocks' output, fixed while they fine-tune
+        norm = []
+        for a in feats:
+            sample = np.asarray(a[: min(len(a), 1000)], np.float32)
+            norm.append((sample.mean((0, 2, 3))[None, :, None, None],
+                         sample.std((0, 2, 3))[None, :, None, None] + 1e-3))
+        params = {"blocks": blocks.params,
+                  "head": net.init_head(rng, *[c for _, c, _ in common.TAPS])}
+    norm = [(np.asarray(m, np.float32), np.asarray(s, np.float32)) for m, s in norm]
     tg = [targets(o) for o in objs]
     ft_feats, ft_tg = None, []
     if args.finetune:
@@ -320,70 +415,46 @@ def main():
         print(json.dumps({"finetune_frames": len(ft_tg),
                           "finetune_products": sum(len(o) for o in ft_objs)}))
     val_feats, val_objs = load_split("val")
+    batches = Batches(feats, tg, ft_feats, ft_tg)
 
-    if args.init:
-        z = np.load(args.init)
-        P = {k: z[k].astype(np.float32) for k in ("p8", "p16", "p32", "pb", "k", "kb")}
-    else:
-        C = common.HEAD_CH
-        P = {"p8": rng.normal(0, np.sqrt(1 / (3 * 40)), (C, 40)),
-             "p16": rng.normal(0, np.sqrt(1 / (3 * 112)), (C, 112)),
-             "p32": rng.normal(0, np.sqrt(1 / (3 * 320)), (C, 320)),
-             "pb": np.zeros(C), "k": rng.normal(0, 0.01, (5, C, 3, 3)),
-             "kb": np.array([-2.19, 0.0, 0.0, 1.3, 1.5])}
-        P = {k: v.astype(np.float32) for k, v in P.items()}
-    M = {k: np.zeros_like(v) for k, v in P.items()}
-    V = {k: np.zeros_like(v) for k, v in P.items()}
-    step, b1, b2 = 0, 0.9, 0.999
+    def order_fn(count):
+        """A shuffled epoch of `count` synthetic images (a fresh sample when fewer than
+        the split), plus the fine-tune frames oversampled to --finetune-share."""
+        def order(epoch):
+            n = min(count, n_syn)
+            items = [("s", int(i)) for i in rng.permutation(n_syn)[:n]]
+            if ft_tg:
+                n_ft = int(round(args.finetune_share * n / (1 - args.finetune_share)))
+                items += [("f", int(i) % len(ft_tg)) for i in rng.permutation(max(n_ft, 1))]
+            return [items[i] for i in rng.permutation(len(items))]
+        return order
 
-    n_ft = 0
-    if ft_tg:
-        n_ft = int(round(args.finetune_share * n_syn / (1 - args.finetune_share)))
-    per_epoch = n_syn + n_ft
-    total_steps = args.epochs * (per_epoch // args.batch)
-    log = {"epochs": []}
-    for epoch in range(args.epochs):
-        te = time.time()
-        order = [("s", i) for i in range(n_syn)]
-        if n_ft:
-            order += [("f", int(i) % len(ft_tg)) for i in rng.permutation(n_ft)]
-        order = [order[i] for i in rng.permutation(len(order))]
-        sums = np.zeros(3)
-        nb = 0
-        for bi in range(len(order) // args.batch):
-            chunk = order[bi * args.batch:(bi + 1) * args.batch]
-            f = [np.empty((len(chunk),) + a.shape[1:], np.float32) for a in feats]
-            Yb, Nb, Tb, Wb = [], [], [], []
-            for j, (src, i) in enumerate(chunk):
-                fs, t = (feats, tg[i]) if src == "s" else (ft_feats, ft_tg[i])
-                for k in range(3):
-                    f[k][j] = fs[k][i]
-                Yb.append(t[0]); Nb.append(t[1]); Tb.append(t[2]); Wb.append(t[3])
-            f = [(x - m) / s for x, (m, s) in zip(f, norm)]
-            Yb, Nb, Tb, Wb = map(np.stack, (Yb, Nb, Tb, Wb))
-            out, cache = forward(P, *f)
-            loss, lh, lb, dout = loss_and_grad(out, Yb, Nb, Tb, Wb)
-            G = backward(P, cache, dout.astype(np.float32), *f)
-            step += 1
-            lr = args.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * step / total_steps)))
-            for k in P:
-                g = G[k] + (1e-4 * P[k] if k in ("p8", "p16", "p32", "k") else 0)
-                M[k] = b1 * M[k] + (1 - b1) * g
-                V[k] = b2 * V[k] + (1 - b2) * g * g
-                mh = M[k] / (1 - b1 ** step)
-                vh = V[k] / (1 - b2 ** step)
-                P[k] = (P[k] - lr * mh / (np.sqrt(vh) + 1e-8)).astype(np.float32)
-            sums += (loss, lh, lb)
-            nb += 1
-        ev = validate(P, val_feats, val_objs, norm, [0.3])
-        rec = {"epoch": epoch + 1, "loss": round(sums[0] / nb, 4),
-               "heat": round(sums[1] / nb, 4), "box": round(sums[2] / nb, 4),
-               "val@0.3": ev[0.3], "seconds": round(time.time() - te, 1)}
-        log["epochs"].append(rec)
-        print(json.dumps(rec), flush=True)
+    log = {"epochs": [], "blocks": f"{BLOCKS_FROM} -> {BLOCKS_TO}", "seed": args.seed}
+
+    def val_frozen(p):
+        return validate(predict(p, blocks, norm, val_feats, True), val_objs, [0.3])
+
+    def val_e2e(p):
+        return validate(predict(p, blocks, norm, val_feats, False), val_objs, [0.3])
+
+    per_epoch = lambda n: (min(n, n_syn) + (int(round(args.finetune_share * min(n, n_syn) /
+                           (1 - args.finetune_share))) if ft_tg else 0)) // args.batch
+    if args.head_epochs:
+        steps = args.head_epochs * per_epoch(n_syn)
+        opt = optimiser(args.lr, 0.0, steps, False)
+        step = make_step(opt, blocks, norm, False)
+        params = run_phase("head", params, step, opt, batches, order_fn(n_syn),
+                           args.head_epochs, args.batch, True, val_frozen, log)
+    if args.ft_epochs:
+        steps = args.ft_epochs * per_epoch(args.ft_images)
+        opt = optimiser(args.ft_head_lr, args.ft_lr, steps, True)
+        step = make_step(opt, blocks, norm, True)
+        params = run_phase("end-to-end", params, step, opt, batches, order_fn(args.ft_images),
+                           args.ft_epochs, args.batch, False, val_e2e, log)
 
     thresholds = [round(x, 2) for x in np.arange(0.15, 0.66, 0.05)]
-    ev = validate(P, val_feats, val_objs, norm, thresholds)
+    out = predict(params, blocks, norm, val_feats, False)
+    ev = validate(out, val_objs, thresholds)
     best = max(thresholds, key=lambda t: (ev[t]["f1"], -ev[t]["count_mae"]))
     log["val_thresholds"] = {str(k): v for k, v in ev.items()}
     log["threshold"] = best
@@ -391,10 +462,7 @@ def main():
     log["train_images"] = n_syn
     log["finetune_frames"] = len(ft_tg)
     print(json.dumps({"threshold": best, "val": ev[best], "seconds": log["seconds"]}))
-    np.savez(args.out, **P, **{f"mean{s}": m.reshape(-1) for (m, _), (_, _, s)
-                               in zip(norm, common.TAPS)},
-             **{f"std{s}": sd.reshape(-1) for (_, sd), (_, _, s) in zip(norm, common.TAPS)},
-             threshold=np.float32(best))
+    save_checkpoint(args.out, params, norm, best)
     common.write_json(os.path.join(os.path.dirname(args.out), "train_log.json"), log)
 
 
