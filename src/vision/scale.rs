@@ -134,6 +134,24 @@ impl Region {
     }
 }
 
+impl Region {
+    /// The smallest region holding both: cores and contexts joined.
+    pub fn union(&self, other: &Region) -> Region {
+        let (a, b) = (self.context, other.context);
+        let (x1, y1) = (a.0.min(b.0), a.1.min(b.1));
+        let (x2, y2) = ((a.0 + a.2).max(b.0 + b.2), (a.1 + a.3).max(b.1 + b.3));
+        Region {
+            core: BBox {
+                x1: self.core.x1.min(other.core.x1),
+                y1: self.core.y1.min(other.core.y1),
+                x2: self.core.x2.max(other.core.x2),
+                y2: self.core.y2.max(other.core.y2),
+            },
+            context: (x1, y1, x2 - x1, y2 - y1),
+        }
+    }
+}
+
 /// What the rule chose for one region, for logs, `detect` output and health.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
 pub struct ScaleChoice {
@@ -600,6 +618,10 @@ impl RegionScales {
         let mut all = Vec::new();
         let mut timings = StageTimings::default();
         let mut passes = 0;
+        // Regions measured before run together where they can: neighbouring zones of
+        // one shelf at about one scale are one pass, not one each (their margins
+        // overlap, and every pass has a fixed cost).
+        let mut steady: Vec<(Region, ScaleChoice)> = Vec::new();
         for (i, region) in regions.iter().enumerate() {
             let due = match self.chosen[i] {
                 None => true,
@@ -612,30 +634,38 @@ impl RegionScales {
                     now.duration_since(at) >= every
                 }
             };
-            let r = if due {
-                let r = rule.choose(detector, frame, region)?;
-                let keep = self.chosen[i].and_then(|(old, _)| {
-                    let close = (r.choice.scale / old.scale - 1.0).abs() < RESCALE_HYSTERESIS
-                        && r.choice.levels == old.levels;
-                    (close && r.choice.median_width_cells.is_some()).then_some(old)
-                });
-                let choice = match keep {
-                    Some(old) => ScaleChoice {
-                        median_width_cells: r.choice.median_width_cells,
-                        median_size_px: r.choice.median_size_px,
-                        ..old
-                    },
-                    None => {
-                        changed.push(i);
-                        r.choice
-                    }
-                };
-                self.chosen[i] = Some((choice, now));
-                r
-            } else {
+            if !due {
                 let (c, _) = self.chosen[i].expect("not due means chosen");
-                rule.run_at(detector, frame, region, c.scale, c.levels)?
+                match steady.iter_mut().find(|(r, g)| mergeable(r, g, region, &c)) {
+                    Some((r, _)) => *r = r.union(region),
+                    None => steady.push((*region, c)),
+                }
+                continue;
+            }
+            let r = rule.choose(detector, frame, region)?;
+            let keep = self.chosen[i].and_then(|(old, _)| {
+                let close = (r.choice.scale / old.scale - 1.0).abs() < RESCALE_HYSTERESIS
+                    && r.choice.levels == old.levels;
+                (close && r.choice.median_width_cells.is_some()).then_some(old)
+            });
+            let choice = match keep {
+                Some(old) => ScaleChoice {
+                    median_width_cells: r.choice.median_width_cells,
+                    median_size_px: r.choice.median_size_px,
+                    ..old
+                },
+                None => {
+                    changed.push(i);
+                    r.choice
+                }
             };
+            self.chosen[i] = Some((choice, now));
+            passes += r.passes;
+            add_timings(&mut timings, &r.timings);
+            all.extend(r.detections);
+        }
+        for (region, c) in &steady {
+            let r = rule.run_at(detector, frame, region, c.scale, c.levels)?;
             passes += r.passes;
             add_timings(&mut timings, &r.timings);
             all.extend(r.detections);
@@ -755,6 +785,21 @@ impl ScaledDetector {
             },
         ))
     }
+}
+
+/// Whether `region` at `choice` can run in one pass with `group` at `at`: one level,
+/// scales within the hysteresis of each other, and their union hardly larger than the
+/// two (they overlap or touch, as neighbouring zones of one shelf do).
+fn mergeable(group: &Region, at: &ScaleChoice, region: &Region, choice: &ScaleChoice) -> bool {
+    if at.levels != 1 || choice.levels != 1 {
+        return false;
+    }
+    if (choice.scale / at.scale - 1.0).abs() >= RESCALE_HYSTERESIS {
+        return false;
+    }
+    let area = |r: &Rect| r.2 * r.3;
+    let union = group.union(region);
+    area(&union.context) <= 1.1 * (area(&group.context) + area(&region.context))
 }
 
 fn centre(b: &BBox) -> (f32, f32) {
@@ -899,6 +944,46 @@ mod tests {
         assert_eq!(merged.len(), 2);
         assert_eq!(merged[0].score, 0.8);
         assert_eq!(merged[1].score, 0.7);
+    }
+
+    #[test]
+    fn neighbouring_zones_at_one_scale_run_as_one_region_and_distant_or_other_scales_do_not() {
+        let frame = (640, 480);
+        let zone = |y1: f32, y2: f32| {
+            Region::around(
+                BBox {
+                    x1: 0.0,
+                    y1,
+                    x2: 640.0,
+                    y2,
+                },
+                40.0,
+                frame,
+            )
+        };
+        let at = |scale: f32| ScaleChoice {
+            scale,
+            levels: 1,
+            tiles: 1,
+            median_width_cells: Some(5.0),
+            median_size_px: Some(40.0),
+        };
+        let (top, bottom) = (zone(0.0, 240.0), zone(240.0, 480.0));
+        assert!(mergeable(&top, &at(0.6), &bottom, &at(0.65)));
+        let both = top.union(&bottom);
+        assert_eq!(both.context, (0.0, 0.0, 640.0, 480.0));
+        assert_eq!((both.core.y1, both.core.y2), (0.0, 480.0));
+        // Another product size: its own pass.
+        assert!(!mergeable(&top, &at(0.6), &bottom, &at(0.9)));
+        // Two small zones far apart: one pass over the frame between them costs more.
+        let (a, b) = (zone(0.0, 40.0), zone(440.0, 480.0));
+        assert!(!mergeable(&a, &at(0.6), &b, &at(0.6)));
+        // A perspective pyramid stays on its own.
+        let levels = ScaleChoice {
+            levels: 2,
+            ..at(0.6)
+        };
+        assert!(!mergeable(&top, &levels, &bottom, &at(0.6)));
     }
 
     #[test]
