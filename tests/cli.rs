@@ -595,3 +595,19 @@ fn a_mistyped_log_filter_is_named_and_the_command_still_runs() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("examples/demo.toml: ok"));
 }
+
+#[test]
+fn an_image_without_products_costs_the_scale_rule_one_pass_not_a_pyramid() {
+    // An empty shelf is common (out of stock); its zone is probed again every 30 s.
+    let dir = tempfile::tempdir().unwrap();
+    let blank = dir.path().join("blank.png");
+    image::RgbImage::from_pixel(1280, 720, image::Rgb([128, 128, 128]))
+        .save(&blank)
+        .unwrap();
+    let out = shelfwatch(&["detect", blank.to_str().unwrap()]);
+    assert!(out.status.success());
+    let v = &stdout_json(&out)[0];
+    assert_eq!(v["detections"].as_array().unwrap().len(), 0);
+    assert_eq!(v["passes"], 1, "{v}");
+    assert!(v["scale"]["median_width_cells"].is_null(), "{v}");
+}

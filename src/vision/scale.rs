@@ -10,7 +10,8 @@
 //!
 //! 1. **Probe.** Run the region fitted into one tile, then at twice and four times that
 //!    scale, coarse to fine, until the median predicted product width is inside the
-//!    trained band (or too large, which a smaller scale fixes).
+//!    trained band (or too large, which a smaller scale fixes). A probe that finds
+//!    nothing ends it: an empty shelf costs one pass.
 //! 2. **Aim.** The scale that puts that median at `target-width-cells`; run there and,
 //!    if the median still misses the target by more than a third, aim once more.
 //! 3. **Tile.** A region scaled beyond the largest tile is cut into tiles of one size
@@ -462,7 +463,10 @@ impl ScaleRule {
                     break;
                 }
             }
-            if probe >= finest {
+            // Nothing at all (an empty shelf, or no products in view): finer probes
+            // would cost four times the pixels each to find nothing again. Products
+            // too small to count at this scale still show as a few peaks.
+            if probe >= finest || level.found.is_empty() {
                 break;
             }
             probe = (probe * 2.0).min(finest);
