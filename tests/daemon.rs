@@ -232,6 +232,18 @@ fn shelf_scene_config(dir: &Path, occluder_model: bool) -> PathBuf {
     replay_config(dir, &replay, "*.jpg", false)
 }
 
+/// Two of three frames agreeing, as a shelf camera that reacts faster would configure
+/// it. What the counter sees of a person (a product or two left visible, parts of the
+/// person read as boxes) varies from frame to frame, so a five-frame window may find no
+/// majority and hold a count by luck, and the occluder tests would prove nothing.
+fn fast_window(config: PathBuf) -> PathBuf {
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("window-frames = 5", "window-frames = 3");
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
 /// Runs the daemon over a non-looping replay until it exits; a daemon that does not is
 /// killed before the test fails, so no stray process outlives the test.
 fn run_to_end(config: &Path) -> Vec<Value> {
@@ -250,12 +262,7 @@ fn the_default_counter_counts_unseen_products_and_holds_a_count_while_a_person_h
     let dir = tempfile::tempdir().unwrap();
     // The window of the test below, where the counter alone drops the count: here the
     // occluder model is what holds it, not a window too slow to agree.
-    let config = shelf_scene_config(dir.path(), true);
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("window-frames = 5", "window-frames = 3");
-    std::fs::write(&config, text).unwrap();
-    let msgs = run_to_end(&config);
+    let msgs = run_to_end(&fast_window(shelf_scene_config(dir.path(), true)));
     // expected.json: top 6 -> 4; bottom 5, held while the person (found by the SSD)
     // hides four of its products, emptied, restocked with 5.
     let expected: Value = serde_json::from_str(
@@ -296,16 +303,7 @@ fn without_an_occluder_model_a_person_in_front_of_the_shelf_drops_its_count() {
     // What `counting.occluder-model` is for: the counter alone knows no people, sees
     // the one product the person leaves visible, and reports a false low stock.
     let dir = tempfile::tempdir().unwrap();
-    let config = shelf_scene_config(dir.path(), false);
-    // Two of three frames agreeing, as a shelf camera that reacts faster would
-    // configure it: what the counter sees of a person (a product or two left visible,
-    // parts of the person read as boxes) varies from frame to frame, and a five-frame
-    // window may simply find no majority and hold by luck.
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("window-frames = 5", "window-frames = 3");
-    std::fs::write(&config, text).unwrap();
-    let msgs = run_to_end(&config);
+    let msgs = run_to_end(&fast_window(shelf_scene_config(dir.path(), false)));
     let bottom = label_counts(&msgs, "bottom-shelf", "product");
     assert_eq!(bottom.len(), 5, "{bottom:?}");
     assert_eq!((bottom[0], bottom[2], bottom[3], bottom[4]), (5, 5, 0, 5));
