@@ -27,7 +27,7 @@ stage "shipped configs" bash -c '
   done'
 # The shelf counter's training pipeline from this clone, one command (README of
 # models/train), on a few dozen images, fine-tuning on labelled frames included; then the
-# binary reads what it exported. The full run (17 min) is not repeated here.
+# binary reads what it exported. The full run (35 min) is not repeated here.
 stage "shelf counter: retrain and fine-tune with one command, smoke run" bash -c '
   out=$PWD/target/train-smoke
   rm -rf "$out"
