@@ -36,6 +36,20 @@ impl Tally {
     fn relative(&self) -> f64 {
         self.error as f64 / self.truth.max(1) as f64
     }
+    /// At most `relative` count error and at least `exact` images exact.
+    fn assert_within(&self, relative: f64, exact: usize, report: &[String]) {
+        assert!(
+            self.relative() <= relative,
+            "relative count error {:.3}: {report:#?}",
+            self.relative()
+        );
+        assert!(
+            self.exact >= exact,
+            "exact on {} of {}: {report:#?}",
+            self.exact,
+            self.images
+        );
+    }
 }
 
 /// Counts every image of a fixture set with the bundled counter at its defaults; the
@@ -84,19 +98,9 @@ fn the_shelf_counter_counts_composed_shelves_with_gaps_within_five_percent() {
     let (all, _, report) = count_set("tests/fixtures/shelves");
     assert_eq!(all.images, 8);
     // Issue #16's target for the count error: at most 5% of the true count (3.3% today).
-    assert!(
-        all.relative() <= 0.05,
-        "relative count error {:.3}: {report:#?}",
-        all.relative()
-    );
-    // Issue #16 asks for 70% of images exact; 5 of 8 on x86_64 today. One frame of
-    // slack for float differences between platforms (this test runs under qemu too).
-    assert!(
-        all.exact >= 4,
-        "exact on {} of {}: {report:#?}",
-        all.exact,
-        all.images
-    );
+    // It asks for 70% of images exact; 5 of 8 on x86_64 today. One frame of slack for
+    // float differences between platforms (this test runs under qemu too).
+    all.assert_within(0.05, 4, &report);
 }
 
 /// A regression guard at today's level, not issue #16's target (5% and 70% exact),
@@ -112,17 +116,7 @@ fn the_shelf_counter_counts_dense_far_and_perspective_shelves_within_eight_perce
         "conditions: {:?}",
         by_condition.keys()
     );
-    assert!(
-        all.relative() <= 0.08,
-        "relative count error {:.3}: {report:#?}",
-        all.relative()
-    );
-    assert!(
-        all.exact >= 3,
-        "exact on {} of {}: {report:#?}",
-        all.exact,
-        all.images
-    );
+    all.assert_within(0.08, 3, &report);
     // No condition may hide behind the others.
     for (c, t) in &by_condition {
         assert!(

@@ -104,16 +104,6 @@ def synthetic_objects(entry):
     return out
 
 
-
-def synthetic_objects(entry):
-    out = []
-    for o in entry["objects"]:
-        out.append({"cx": o["cx"] * common.INPUT_W, "cy": o["cy"] * common.INPUT_H,
-                    "w": o["w"] * common.INPUT_W, "h": o["h"] * common.INPUT_H,
-                    "ignore": o["ignore"], "type": o["type"]})
-    return out
-
-
 def read_user_labels(txt, img_size):
     """A user's label file -> objects in model-input pixels (see the module doc)."""
     from_w, from_h = img_size

@@ -214,7 +214,11 @@ impl Worker {
                 .collect();
             let mut detections = match self.detector.detect(&frame.image, &bounds, t) {
                 Ok((d, report)) => {
-                    let choices = self.detector.choices();
+                    let choices = if report.rescaled.is_empty() {
+                        Vec::new()
+                    } else {
+                        self.detector.choices()
+                    };
                     for &i in &report.rescaled {
                         let (Some(Some(c)), Some(counter)) = (choices.get(i), z.counters.get(i))
                         else {

@@ -344,22 +344,22 @@ impl ScaleRule {
                 .filter(|d| (min..max).contains(&self.cells(d, level.scale)))
                 .cloned()
                 .collect();
-            let merged = self.merge(inside, iou_threshold);
-            let f = self.suppression / 2.0;
-            for d in merged {
-                let (cx, cy) = centre(&d.bbox);
-                let seen = kept.iter().any(|k| {
-                    let (kx, ky) = centre(&k.bbox);
-                    k.class_id == d.class_id
-                        && (cx - kx).abs() <= f * k.bbox.width()
-                        && (cy - ky).abs() <= f * k.bbox.height()
-                });
-                if !seen {
+            for d in self.merge(inside, iou_threshold) {
+                if !kept.iter().any(|k| self.inside(k, &d)) {
                     kept.push(d);
                 }
             }
         }
         kept
+    }
+
+    /// The merged detections of a set of levels.
+    fn detections(&self, levels: &[Level], iou_threshold: f32) -> Vec<Detection> {
+        if levels.len() == 1 {
+            self.merge(levels[0].found.clone(), iou_threshold)
+        } else {
+            self.combine(levels, iou_threshold)
+        }
     }
 
     /// The result of a set of levels, measured at the coarsest (the anchor).
@@ -371,29 +371,22 @@ impl ScaleRule {
         passes: usize,
     ) -> RegionResult {
         let t = Instant::now();
-        let detections = if levels.len() == 1 {
-            self.merge(levels[0].found.clone(), iou_threshold)
-        } else {
-            self.combine(levels, iou_threshold)
-        };
+        let detections = self.detections(levels, iou_threshold);
         let mut timings = timings;
         timings.postprocess_ms += t.elapsed().as_secs_f64() * 1e3;
         let anchor = levels[0].scale;
-        let measured = || {
-            detections
-                .iter()
-                .filter(|d| d.score >= self.measure_min_score)
-        };
-        let enough = measured().count() >= MIN_PROBE_DETECTIONS;
-        let median_px = median(measured().map(|d| d.bbox.width())).filter(|_| enough);
+        let median_width_cells = self.median_cells(&detections, anchor);
         RegionResult {
             choice: ScaleChoice {
                 scale: anchor,
                 levels: levels.len(),
                 tiles: levels.iter().map(|l| l.tiles).sum(),
-                median_width_cells: median_px.map(|w| w * anchor / self.stride),
-                median_size_px: median(measured().map(|d| d.bbox.width().max(d.bbox.height())))
-                    .filter(|_| enough),
+                median_width_cells,
+                median_size_px: median(
+                    measured(&detections, self.measure_min_score)
+                        .map(|d| d.bbox.width().max(d.bbox.height())),
+                )
+                .filter(|_| median_width_cells.is_some()),
             },
             detections,
             timings,
@@ -441,17 +434,7 @@ impl ScaleRule {
             *passes += level.tiles;
             Ok::<Level, VisionError>(level)
         };
-        let median_cells = |level: &Level| {
-            let widths = level
-                .found
-                .iter()
-                .filter(|d| d.score >= self.measure_min_score)
-                .map(|d| self.cells(d, level.scale));
-            let v: Vec<f32> = widths.collect();
-            (v.len() >= MIN_PROBE_DETECTIONS)
-                .then(|| median(v.into_iter()))
-                .flatten()
-        };
+        let median_cells = |level: &Level| self.median_cells(&level.found, level.scale);
         // 1. Coarse to fine until the products are at least the band's smallest width.
         let mut probe = coarse;
         let mut level = run(probe, &mut timings, &mut passes)?;
@@ -497,10 +480,7 @@ impl ScaleRule {
         // 3. Finer levels while each adds products: smaller ones, farther along a shelf
         //    seen in perspective, than the coarser levels can separate.
         let mut levels = vec![level];
-        let mut count = self
-            .result(&levels, iou, StageTimings::default(), 0)
-            .detections
-            .len();
+        let mut count = self.detections(&levels, iou).len();
         loop {
             let last = &levels[levels.len() - 1];
             let next = last.scale * 2.0;
@@ -510,20 +490,14 @@ impl ScaleRule {
             // Only where the finest level so far sees products below the band: a
             // finer level is four times the pixels, and on a shelf of one product
             // size it would only find the pictures printed on large boxes.
-            let small = last
-                .found
-                .iter()
-                .filter(|d| d.score >= self.measure_min_score)
+            let small = measured(&last.found, self.measure_min_score)
                 .filter(|d| self.cells(d, last.scale) < band.min_width_cells)
                 .count();
             if small < MIN_PROBE_DETECTIONS.max(last.found.len() / 10) {
                 break;
             }
             levels.push(run(next, &mut timings, &mut passes)?);
-            let with = self
-                .result(&levels, iou, StageTimings::default(), 0)
-                .detections
-                .len();
+            let with = self.detections(&levels, iou).len();
             let gain = with.saturating_sub(count);
             if gain < MIN_PROBE_DETECTIONS.max(count / 20) {
                 levels.pop();
@@ -539,22 +513,39 @@ impl ScaleRule {
     /// seen twice; then the usual IoU suppression.
     pub fn merge(&self, mut found: Vec<Detection>, iou_threshold: f32) -> Vec<Detection> {
         found.sort_by(|a, b| b.score.total_cmp(&a.score));
-        let f = self.suppression / 2.0;
         let mut kept: Vec<Detection> = Vec::with_capacity(found.len());
         for d in found {
-            let (cx, cy) = centre(&d.bbox);
             let duplicate = kept.iter().any(|k| {
-                let (kx, ky) = centre(&k.bbox);
-                k.class_id == d.class_id
-                    && ((cx - kx).abs() <= f * k.bbox.width()
-                        && (cy - ky).abs() <= f * k.bbox.height()
-                        || k.bbox.iou(&d.bbox) > iou_threshold)
+                self.inside(k, &d)
+                    || k.class_id == d.class_id && k.bbox.iou(&d.bbox) > iou_threshold
             });
             if !duplicate {
                 kept.push(d);
             }
         }
         kept
+    }
+
+    /// `d`'s centre lies inside the suppression fraction of `k`'s box (same class): the
+    /// decoder's size-aware suppression, across tiles, levels and regions.
+    fn inside(&self, k: &Detection, d: &Detection) -> bool {
+        let f = self.suppression / 2.0;
+        let ((cx, cy), (kx, ky)) = (centre(&d.bbox), centre(&k.bbox));
+        k.class_id == d.class_id
+            && (cx - kx).abs() <= f * k.bbox.width()
+            && (cy - ky).abs() <= f * k.bbox.height()
+    }
+
+    /// The median width in cells at `scale` of the detections at or above the
+    /// measuring score, when there are enough of them to tell.
+    fn median_cells(&self, detections: &[Detection], scale: f32) -> Option<f32> {
+        let widths: Vec<f32> = measured(detections, self.measure_min_score)
+            .map(|d| self.cells(d, scale))
+            .collect();
+        if widths.len() < MIN_PROBE_DETECTIONS {
+            return None;
+        }
+        median(widths.into_iter())
     }
 }
 
@@ -804,6 +795,11 @@ fn mergeable(group: &Region, at: &ScaleChoice, region: &Region, choice: &ScaleCh
     let area = |r: &Rect| r.2 * r.3;
     let union = group.union(region);
     area(&union.context) <= 1.1 * (area(&group.context) + area(&region.context))
+}
+
+/// The detections that may measure a product width (see `ScaleRule::measure_min_score`).
+fn measured(detections: &[Detection], min_score: f32) -> impl Iterator<Item = &Detection> {
+    detections.iter().filter(move |d| d.score >= min_score)
 }
 
 fn centre(b: &BBox) -> (f32, f32) {
