@@ -17,6 +17,29 @@ use crate::vision::{DetectorOptions, Manifest};
 /// The commented default configuration, as shipped in `examples/shelfwatch.toml`.
 pub const DEFAULT_CONFIG: &str = include_str!("../examples/shelfwatch.toml");
 
+/// An MQTT topic filter a request may reply on: valid syntax, not a `$` topic.
+fn check_topic_filter(f: &str) -> Result<(), String> {
+    let max = crate::identify::requests::MAX_REPLY_TOPIC_BYTES;
+    if f.is_empty() || f.len() > max || f.contains('\0') {
+        return Err(format!("must be a topic filter of 1 to {max} bytes"));
+    }
+    if f.starts_with('$') || f.starts_with('+') || f.starts_with('#') {
+        return Err(format!(
+            "{f:?} would match broker ($) topics or every topic; name a first level"
+        ));
+    }
+    let levels: Vec<&str> = f.split('/').collect();
+    for (n, level) in levels.iter().enumerate() {
+        let wild = level.contains(['+', '#']);
+        if wild && *level != "+" && *level != "#" || *level == "#" && n + 1 != levels.len() {
+            return Err(format!(
+                "{f:?}: + and # stand for whole levels, and # only at the end"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Exit status for a configuration error (sysexits.h EX_CONFIG).
 pub const EX_CONFIG: u8 = 78;
 
@@ -44,6 +67,9 @@ pub struct Config {
     /// per detector label.
     #[serde(default)]
     pub identify: Option<IdentifyConfig>,
+    /// Bounds on every image decoded: files cameras' images and MJPEG frames.
+    #[serde(default)]
+    pub decode: crate::capture::DecodeLimits,
 }
 
 impl Default for Config {
@@ -58,6 +84,7 @@ impl Default for Config {
             health: HealthConfig::default(),
             snapshots: SnapshotConfig::default(),
             identify: None,
+            decode: crate::capture::DecodeLimits::default(),
         }
     }
 }
@@ -719,6 +746,7 @@ impl LoadedConfig {
                 "occluder-model is set: list the labels it should find".into(),
             ));
         }
+        c.decode.validate("decode", &mut problems);
         if c.model.rescale_interval_s == 0 {
             problems.push((
                 "model.rescale-interval-s".into(),
@@ -1017,6 +1045,29 @@ impl LoadedConfig {
                     i.top_k
                 ),
             ));
+        }
+        if !(i.requests_per_s.is_finite() && i.requests_per_s > 0.0) {
+            problems.push((
+                "identify.requests-per-s".into(),
+                format!("must be a positive rate, got {}", i.requests_per_s),
+            ));
+        }
+        if i.request_burst == 0 {
+            problems.push(("identify.request-burst".into(), "must be at least 1".into()));
+        }
+        if i.max_request_pixels < 64 * 64 {
+            problems.push((
+                "identify.max-request-pixels".into(),
+                format!(
+                    "must be at least 4096 (64 x 64), got {}",
+                    i.max_request_pixels
+                ),
+            ));
+        }
+        for (n, f) in i.reply_topics.iter().enumerate() {
+            if let Err(m) = check_topic_filter(f) {
+                problems.push((format!("identify.reply-topics[{n}]"), m));
+            }
         }
         if i.max_embeddings_per_frame == 0 {
             problems.push((

@@ -139,6 +139,35 @@ fn detect_reports_each_bad_image_processes_the_rest_and_exits_non_zero() {
     assert!(stderr.contains("3 of 4 images failed"), "{stderr}");
 }
 
+// Issue #19: a 274-byte PNG declaring 60000 x 60000 aborted `detect` (exit 134) and the
+// good image after it was never processed.
+#[test]
+fn a_decompression_bomb_is_an_error_line_and_the_next_image_is_still_detected() {
+    let out = shelfwatch(&[
+        "detect",
+        "--model",
+        SSD,
+        "tests/fixtures/bad/bomb-60000x60000.png",
+        "tests/fixtures/photos/chelsea.png",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = stdout_json(&out);
+    assert_eq!(lines.len(), 2, "one line per image");
+    let err = lines[0]["error"].as_str().unwrap();
+    assert!(
+        err.contains("bomb-60000x60000.png")
+            && err.contains("60000x60000")
+            && err.contains("decode limit"),
+        "{err}"
+    );
+    assert_eq!(lines[1]["detections"][0]["label"], "Cat");
+}
+
 #[test]
 fn detect_annotate_writes_a_copy_with_boxes_drawn() {
     let dir = tempfile::tempdir().unwrap();

@@ -219,6 +219,51 @@ fn the_daemon_over_the_composed_scenes_publishes_exactly_the_known_stable_counts
     );
 }
 
+// Issue #19: a decompression bomb in a files camera's directory aborted `run`, which
+// under systemd is a crash loop.
+#[test]
+fn a_decompression_bomb_among_a_cameras_frames_is_skipped_and_the_counts_still_come() {
+    let dir = tempfile::tempdir().unwrap();
+    let frames = dir.path().join("frames");
+    std::fs::create_dir(&frames).unwrap();
+    let scenes = root().join("tests/fixtures/scenes/frames");
+    for entry in std::fs::read_dir(&scenes).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "jpg") {
+            std::fs::copy(&path, frames.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    // Sorted between two frames of the same scene: its absence changes no majority.
+    std::fs::copy(
+        root().join("tests/fixtures/bad/bomb-60000x60000.png"),
+        frames.join("001b.png"),
+    )
+    .unwrap();
+    let config = scene_config(dir.path(), "*.jpg", false);
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &scenes.join("*.jpg").display().to_string(),
+        &frames.join("*").display().to_string(),
+    );
+    std::fs::write(&config, text).unwrap();
+
+    let mut child = spawn(&config);
+    let Some(status) = wait_exit(&mut child, Duration::from_secs(120)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the daemon did not end with its input");
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(
+        stderr.contains("corrupt frame skipped") && stderr.contains("001b.png"),
+        "{stderr}"
+    );
+    let msgs = messages(dir.path());
+    assert_eq!(zone_counts(&msgs, "top-shelf"), [3, 2]);
+    assert_eq!(zone_counts(&msgs, "bottom-shelf"), [2, 0, 4]);
+}
+
 /// The default model (the shelf counter) over tests/fixtures/shelf-scenes, with or
 /// without the SSD as occluder model.
 fn shelf_scene_config(dir: &Path, occluder_model: bool) -> PathBuf {

@@ -948,7 +948,8 @@ fn mqtt5_delivers_every_message_commands_and_the_last_will_like_3_1_1() {
 }
 
 /// A daemon with a two-SKU gallery answering scanner requests over `protocol`.
-fn scanner_daemon(dir: &Path, broker: &Broker, protocol: &str) -> Child {
+/// `identify` adds keys to `[identify]`.
+fn scanner_daemon_with(dir: &Path, broker: &Broker, protocol: &str, identify: &str) -> Child {
     let gallery = dir.join("gallery");
     for (sku, photo) in [("GUITAR-1", "guitar.jpg"), ("CAM-100", "camera.jpg")] {
         let out = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
@@ -976,9 +977,17 @@ fn scanner_daemon(dir: &Path, broker: &Broker, protocol: &str) -> Child {
         5.0,
     );
     let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str("\n[identify]\ngallery = \"gallery\"\ntop-k = 2\nmax-request-bytes = 200000\n");
+    text.push_str(concat!(
+        "\n[identify]\ngallery = \"gallery\"\ntop-k = 2\nmax-request-bytes = 200000\n",
+        "reply-topics = [\"scanners/+/replies\"]\n",
+    ));
+    text.push_str(identify);
     std::fs::write(&cfg, text).unwrap();
     daemon(&cfg)
+}
+
+fn scanner_daemon(dir: &Path, broker: &Broker, protocol: &str) -> Child {
+    scanner_daemon_with(dir, broker, protocol, "")
 }
 
 fn wait_online(port: u16) {
@@ -1138,6 +1147,195 @@ fn a_mqtt_3_1_1_scanner_uses_the_json_envelope_and_gets_its_request_id_back() {
     let bad = by("scan-42");
     assert_eq!(bad["status"], "error");
     assert!(bad["error"].as_str().unwrap().contains("decode"), "{bad}");
+    assert!(d.try_wait().unwrap().is_none(), "daemon died");
+    signal(&d, Signal::SIGTERM);
+    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+}
+
+/// Publishes one JSON envelope request as MQTT 3.1.1 (from stdin: topics and ids may be
+/// longer than a command line should carry).
+fn publish_request(port: u16, payload: &str) {
+    use std::io::Write;
+    let mut c = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-V", "mqttv311", "-q", "1"])
+        .args(["-t", "shelfwatch/dev-1/identify/request", "-s"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(payload.as_bytes())
+        .unwrap();
+    assert!(c.wait().unwrap().success());
+}
+
+// Issue #19: a request's reply topic was used as is, so a request made the daemon
+// publish onto its own state topics, Home Assistant's discovery and another device's
+// cmd/reload, and a 65,557-byte topic overflowed rumqttc's u16 length and dropped the
+// connection.
+#[test]
+fn hostile_reply_topics_are_answered_on_the_response_topic_and_never_published_to() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let mut d = scanner_daemon(dir.path(), &broker, "3.1.1");
+    wait_online(broker.port);
+    let all = Subscriber::start(broker.port, "everything", &["-V", "mqttv311", "-t", "#"]);
+    let camera = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(root().join("tests/fixtures/products/camera.jpg")).unwrap());
+    let long = format!("scanners/{}/replies", "x".repeat(65_557));
+    let hostile = [
+        "shelfwatch/dev-1/zones/top/state".to_owned(),
+        "shelfwatch/dev-2/cmd/reload".to_owned(),
+        "homeassistant/sensor/fake/config".to_owned(),
+        "$SYS/forged".to_owned(),
+        long,
+    ];
+    for (n, topic) in hostile.iter().enumerate() {
+        publish_request(
+            broker.port,
+            &format!(r#"{{"id": "evil-{n}", "reply-to": "{topic}", "image": "{camera}"}}"#),
+        );
+    }
+    let huge_id = "i".repeat(100_000);
+    publish_request(
+        broker.port,
+        &format!(r#"{{"id": "{huge_id}", "reply-to": "scanners/9/replies", "image": "{camera}"}}"#),
+    );
+    // A well-behaved scanner after them is answered where it asked.
+    publish_request(
+        broker.port,
+        &format!(r#"{{"id": "good", "reply-to": "scanners/9/replies", "image": "{camera}"}}"#),
+    );
+    all.wait_for(
+        |m| {
+            m.iter()
+                .any(|(_, t, p)| t == "scanners/9/replies" && p.contains("\"good\""))
+        },
+        Duration::from_secs(60),
+    );
+    let msgs = all.messages();
+    let on = |topic: &str| msgs.iter().filter(|(_, t, _)| t == topic).count();
+    assert_eq!(
+        on("shelfwatch/dev-2/cmd/reload"),
+        0,
+        "a request published a command"
+    );
+    assert_eq!(on("homeassistant/sensor/fake/config"), 0);
+    assert_eq!(on("$SYS/forged"), 0);
+    assert!(
+        msgs.iter()
+            .filter(|(_, t, _)| t == "shelfwatch/dev-1/zones/top/state")
+            .all(|(_, _, p)| !p.contains("identify-reply")),
+        "a reply landed on a state topic"
+    );
+    assert!(
+        !msgs
+            .iter()
+            .any(|(_, t, p)| t.ends_with("/status") && p.starts_with("offline")),
+        "the daemon's connection dropped (or a will was forged)"
+    );
+    let refused: Vec<Value> = msgs
+        .iter()
+        .filter(|(_, t, _)| t == "shelfwatch/dev-1/identify/response")
+        .map(|(_, _, p)| serde_json::from_str(p).unwrap())
+        .collect();
+    for n in 0..hostile.len() {
+        let r = refused
+            .iter()
+            .find(|r| r["id"] == format!("evil-{n}"))
+            .unwrap_or_else(|| panic!("no refusal for evil-{n}: {refused:?}"));
+        assert_eq!(r["status"], "error", "{r}");
+        assert!(r["error"].as_str().unwrap().contains("reply topic"), "{r}");
+    }
+    let id_reply = msgs
+        .iter()
+        .find(|(_, t, p)| t == "scanners/9/replies" && p.contains("longer than 128"))
+        .expect("the long id is refused on the scanner's topic");
+    assert!(
+        id_reply.2.len() < 2000,
+        "the id was echoed: {} bytes",
+        id_reply.2.len()
+    );
+    assert!(d.try_wait().unwrap().is_none(), "daemon died");
+    signal(&d, Signal::SIGTERM);
+    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+}
+
+// Issue #19: requests had no rate limit; one scanner could keep the request thread busy.
+#[test]
+fn a_scanner_over_its_request_rate_is_told_busy_while_another_is_still_answered() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    // Two at once, then one every 10 s: twelve requests published back to back cannot
+    // all be in budget, however slow the machine.
+    let mut d = scanner_daemon_with(
+        dir.path(),
+        &broker,
+        "3.1.1",
+        "requests-per-s = 0.1\nrequest-burst = 2\n",
+    );
+    wait_online(broker.port);
+    let all = Subscriber::start(
+        broker.port,
+        "replies",
+        &["-V", "mqttv311", "-t", "scanners/#"],
+    );
+    let camera = base64::engine::general_purpose::STANDARD
+        .encode(std::fs::read(root().join("tests/fixtures/products/camera.jpg")).unwrap());
+    let t0 = Instant::now();
+    for n in 0..12 {
+        publish_request(
+            broker.port,
+            &format!(
+                r#"{{"id": "flood-{n}", "reply-to": "scanners/1/replies", "image": "{camera}"}}"#
+            ),
+        );
+    }
+    let took = t0.elapsed();
+    publish_request(
+        broker.port,
+        &format!(r#"{{"id": "other", "reply-to": "scanners/2/replies", "image": "{camera}"}}"#),
+    );
+    all.wait_for(
+        |m| {
+            m.iter()
+                .filter(|(_, t, _)| t == "scanners/1/replies")
+                .count()
+                >= 12
+                && m.iter().any(|(_, t, _)| t == "scanners/2/replies")
+        },
+        Duration::from_secs(120),
+    );
+    let msgs = all.messages();
+    let flood: Vec<Value> = msgs
+        .iter()
+        .filter(|(_, t, _)| t == "scanners/1/replies")
+        .map(|(_, _, p)| serde_json::from_str(p).unwrap())
+        .collect();
+    let busy = flood
+        .iter()
+        .filter(|r| r["error"].as_str().is_some_and(|e| e.starts_with("busy")))
+        .count();
+    let answered = flood.iter().filter(|r| r["status"] == "ok").count();
+    // Served: the burst plus what the rate refilled while they arrived, at most (the
+    // full queue's own "busy" may hold back more).
+    let budget = 2 + (took.as_secs_f64() * 0.1).ceil() as usize;
+    assert!(busy >= 12 - budget, "too few held back: {flood:?}");
+    assert!(answered >= 1, "nothing was served: {flood:?}");
+    assert!(
+        answered <= budget,
+        "{answered} answered, over the budget {budget}"
+    );
+    let other: Value = msgs
+        .iter()
+        .find(|(_, t, _)| t == "scanners/2/replies")
+        .map(|(_, _, p)| serde_json::from_str(p).unwrap())
+        .unwrap();
+    assert_eq!(other["status"], "ok", "{other}");
     assert!(d.try_wait().unwrap().is_none(), "daemon died");
     signal(&d, Signal::SIGTERM);
     assert!(wait_exit(&mut d, Duration::from_secs(10)).success());

@@ -13,7 +13,7 @@ use yuvutils_rs::{
     YuvStandardMatrix,
 };
 
-use super::decode::{decode_image, DecodeError};
+use super::decode::{decode_image_within, DecodeError, DecodeLimits};
 
 /// Pixel formats shelfwatch converts, by their V4L2 fourcc.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -141,6 +141,8 @@ pub struct RawLayout {
     /// Bytes per line of the first plane (V4L2 bytesperline).
     pub stride: u32,
     pub encoding: YuvEncoding,
+    /// Bounds on a compressed (MJPEG) frame's picture, on top of its negotiated size.
+    pub limits: DecodeLimits,
 }
 
 /// Why a frame could not be converted; the frame is skipped and counted.
@@ -172,9 +174,10 @@ pub fn to_rgb(layout: &RawLayout, data: &[u8], out: &mut RgbImage) -> Result<(),
         height,
         stride,
         encoding,
+        limits,
     } = *layout;
     if format == PixelFormat::Mjpg {
-        let img = decode_image(data)?;
+        let img = decode_image_within(data, &limits.for_frame(width, height))?;
         *out = img;
         return Ok(());
     }
@@ -331,6 +334,7 @@ mod tests {
             height,
             stride,
             encoding: YuvEncoding::default(),
+            limits: DecodeLimits::default(),
         }
     }
 
@@ -476,6 +480,24 @@ mod tests {
             let err = to_rgb(&layout(f, 64, 48, 128), &[0u8; 100], &mut out);
             assert!(err.is_err(), "{f}");
         }
+    }
+
+    #[test]
+    fn an_mjpeg_frame_declaring_more_than_the_negotiated_size_is_refused() {
+        let img = RgbImage::from_pixel(32, 16, image::Rgb([0, 0, 200]));
+        let mut jpeg = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut jpeg, image::ImageFormat::Jpeg).unwrap();
+        let mut out = RgbImage::new(1, 1);
+        let err = to_rgb(
+            &layout(PixelFormat::Mjpg, 16, 8, 0),
+            &jpeg.into_inner(),
+            &mut out,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ConvertError::Jpeg(DecodeError::TooLarge { .. })),
+            "{err}"
+        );
     }
 
     #[test]

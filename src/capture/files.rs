@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 
-use super::{load_image, CaptureError, Frame, FrameSource};
+use super::{load_image_within, CaptureError, DecodeLimits, Frame, FrameSource};
 
 /// `[cameras.source]` with `kind = "files"`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -82,6 +82,7 @@ pub struct FileSource {
     seq: u64,
     started: Option<Instant>,
     delivered: u64,
+    limits: DecodeLimits,
 }
 
 impl FileSource {
@@ -93,7 +94,15 @@ impl FileSource {
             seq: 0,
             started: None,
             delivered: 0,
+            limits: DecodeLimits::default(),
         }
+    }
+
+    /// Bounds every image decoded (a decompression bomb in the directory is a skipped,
+    /// counted frame, not an abort).
+    pub fn with_limits(mut self, limits: DecodeLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The files being played, once opened.
@@ -152,7 +161,8 @@ impl FrameSource for FileSource {
         self.delivered += 1;
         let seq = self.seq;
         self.seq += 1;
-        let image = load_image(&path).map_err(|e| CaptureError::Corrupt(e.to_string()))?;
+        let image = load_image_within(&path, &self.limits)
+            .map_err(|e| CaptureError::Corrupt(e.to_string()))?;
         Ok(Frame {
             seq,
             captured_at: SystemTime::now(),

@@ -19,7 +19,9 @@ use image::RgbImage;
 use serde::Deserialize;
 
 pub use convert::PixelFormat;
-pub use decode::{decode_image, decode_image_within, load_image, DecodeError};
+pub use decode::{
+    decode_image, decode_image_within, load_image, load_image_within, DecodeError, DecodeLimits,
+};
 pub use files::{FileSettings, FileSource};
 pub use slot::{LatestSlot, Take};
 pub use v4l2::{V4l2Settings, V4l2Source};
@@ -118,13 +120,21 @@ pub enum SourceSettings {
 
 impl SourceSettings {
     /// Builds the source; `resolve` makes config-relative paths usable.
-    pub fn build(&self, resolve: impl Fn(&std::path::Path) -> PathBuf) -> Box<dyn FrameSource> {
+    /// Every image it decodes stays within `limits`.
+    pub fn build(
+        &self,
+        resolve: impl Fn(&std::path::Path) -> PathBuf,
+        limits: DecodeLimits,
+    ) -> Box<dyn FrameSource> {
         match self {
-            SourceSettings::V4l2(s) => Box::new(V4l2Source::new(s.clone())),
-            SourceSettings::Files(s) => Box::new(FileSource::new(FileSettings {
-                path: resolve(&s.path),
-                ..s.clone()
-            })),
+            SourceSettings::V4l2(s) => Box::new(V4l2Source::new(s.clone()).with_limits(limits)),
+            SourceSettings::Files(s) => Box::new(
+                FileSource::new(FileSettings {
+                    path: resolve(&s.path),
+                    ..s.clone()
+                })
+                .with_limits(limits),
+            ),
         }
     }
 }

@@ -19,7 +19,7 @@ use v4l::video::Capture;
 use v4l::{Device, Format, FourCC};
 
 use super::convert::{to_rgb, PixelFormat, RawLayout, YuvEncoding};
-use super::{CaptureError, Frame, FrameSource};
+use super::{CaptureError, DecodeLimits, Frame, FrameSource};
 
 /// `[cameras.source]` with `kind = "v4l2"`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -106,6 +106,7 @@ pub struct V4l2Source {
     device: Option<Device>,
     negotiated: Option<Negotiated>,
     buffer: RgbImage,
+    limits: DecodeLimits,
 }
 
 impl V4l2Source {
@@ -116,7 +117,14 @@ impl V4l2Source {
             device: None,
             negotiated: None,
             buffer: RgbImage::new(0, 0),
+            limits: DecodeLimits::default(),
         }
+    }
+
+    /// Bounds MJPEG frames (further capped at the negotiated size).
+    pub fn with_limits(mut self, limits: DecodeLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The format in use, once opened.
@@ -269,6 +277,7 @@ impl FrameSource for V4l2Source {
                 full_range: n.full_range,
                 bt709: false,
             },
+            limits: self.limits,
         };
         let kernel_timestamp = Some(Duration::new(
             meta.timestamp.sec.max(0) as u64,

@@ -245,6 +245,7 @@ fn bench(
         height: ch,
         stride: cw * 2,
         encoding: YuvEncoding::default(),
+        limits: crate::capture::DecodeLimits::default(),
     };
     let t = Instant::now();
     let mut detector = ScaledDetector::new(

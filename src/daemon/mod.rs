@@ -135,6 +135,11 @@ fn answering(loaded: &LoadedConfig, id: &IdentifyRuntime) -> Option<Answering> {
         top_k: c.top_k,
         unknown_threshold: c.unknown_threshold,
         max_request_bytes: c.max_request_bytes,
+        decode: Answering::request_limits(
+            &loaded.config.decode,
+            c.max_request_pixels,
+            c.max_request_bytes,
+        ),
     })
 }
 
@@ -218,8 +223,19 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
                 answer_cells.push(cell.clone());
                 let fork = e.fork()?;
                 let device = config.device.id.clone();
-                let reply_topic =
-                    publish::mqtt::Topics::new(&m.prefix, &device).identify_response();
+                let discovery = m
+                    .home_assistant
+                    .as_ref()
+                    .map_or_else(publish::mqtt::default_discovery_prefix, |ha| {
+                        ha.discovery_prefix.clone()
+                    });
+                let policy = Arc::new(crate::identify::requests::ReplyPolicy::new(
+                    &m.prefix,
+                    &device,
+                    &discovery,
+                    c.reply_topics.clone(),
+                ));
+                let thread_policy = policy.clone();
                 std::thread::Builder::new()
                     .name("identify-requests".into())
                     .spawn(move || {
@@ -229,12 +245,17 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
                             req_rx,
                             rep_tx,
                             device,
-                            reply_topic,
+                            thread_policy,
                         )
                     })?;
                 Some(publish::mqtt::ScannerLink {
                     requests: req_tx,
                     replies: rep_rx,
+                    policy,
+                    limiter: crate::identify::requests::RateLimiter::new(
+                        c.requests_per_s,
+                        c.request_burst,
+                    ),
                 })
             }
             _ => None,
@@ -293,7 +314,7 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         .map(Duration::from_secs);
     let mut cameras = Vec::new();
     for cam in &config.cameras {
-        let source = cam.source.build(|p| loaded.resolve(p));
+        let source = cam.source.build(|p| loaded.resolve(p), config.decode);
         let (status_tx, status_rx) = std::sync::mpsc::sync_channel(64);
         let handle = capture::spawn(cam.id.clone(), source, Backoff::default(), Some(status_tx))?;
         let runtime = Arc::new(RuntimeCell::new(runtime_of(&loaded, cam, &identify)));

@@ -62,6 +62,21 @@ pub struct IdentifyConfig {
     /// Largest request image accepted, in bytes.
     #[serde(default = "default_max_request_bytes")]
     pub max_request_bytes: usize,
+    /// Largest request image in pixels (width x height): the decoded picture, not the
+    /// upload, is what costs memory and CPU.
+    #[serde(default = "default_max_request_pixels")]
+    pub max_request_pixels: u64,
+    /// Topics (MQTT filters, `+` and `#` allowed) a request may name as its reply topic,
+    /// besides `<prefix>/<device>/identify/reply/<name>`. Never under the daemon's own
+    /// prefix, a `$` topic or the Home Assistant discovery prefix.
+    #[serde(default)]
+    pub reply_topics: Vec<String>,
+    /// Requests answered per second for one reply topic (one scanner), on average.
+    #[serde(default = "default_requests_per_s")]
+    pub requests_per_s: f64,
+    /// Requests one reply topic may send at once before `requests-per-s` applies.
+    #[serde(default = "default_request_burst")]
+    pub request_burst: u32,
 }
 
 pub fn default_embedder() -> PathBuf {
@@ -92,6 +107,18 @@ fn default_requests() -> bool {
 }
 pub fn default_max_request_bytes() -> usize {
     4 << 20
+}
+/// A 12-megapixel phone photo (4032 x 3024) fits; 16-bit or larger pictures do not.
+pub fn default_max_request_pixels() -> u64 {
+    12_600_000
+}
+/// One identification takes ~50 ms on a Pi 4: two a second from one scanner leaves the
+/// thread to the others.
+fn default_requests_per_s() -> f64 {
+    2.0
+}
+fn default_request_burst() -> u32 {
+    4
 }
 
 /// The answer to "what is this?".

@@ -71,7 +71,7 @@ pub struct HomeAssistantSettings {
     pub discovery_prefix: String,
 }
 
-fn default_discovery_prefix() -> String {
+pub fn default_discovery_prefix() -> String {
     "homeassistant".into()
 }
 
@@ -263,6 +263,10 @@ impl Sink for MqttSink {
 pub struct ScannerLink {
     pub requests: mpsc::Sender<Incoming>,
     pub replies: mpsc::Receiver<ScannerReply>,
+    /// Where a "busy" answer may go (the same rule as every reply).
+    pub policy: std::sync::Arc<crate::identify::requests::ReplyPolicy>,
+    /// Requests per reply topic, counted on arrival (`identify.requests-per-s`).
+    pub limiter: crate::identify::requests::RateLimiter,
 }
 
 /// The client task's half.
@@ -614,19 +618,27 @@ impl MqttClient {
                 correlation,
             } => {
                 if topic == self.topics.identify_request() {
-                    if let Some(scanner) = &self.scanner {
+                    if let Some(scanner) = &mut self.scanner {
                         let request = Incoming {
                             payload,
                             response_topic,
                             correlation,
+                            received: std::time::Instant::now(),
                         };
-                        if let Err(mpsc::error::TrySendError::Full(request)) =
+                        if let Err(reply) = crate::identify::requests::admit(
+                            &request,
+                            &scanner.policy,
+                            &mut scanner.limiter,
+                            &self.device,
+                        ) {
+                            link.untracked(client.try_publish_reply(reply));
+                        } else if let Err(mpsc::error::TrySendError::Full(request)) =
                             scanner.requests.try_send(request)
                         {
                             let reply = crate::identify::requests::busy(
                                 &request,
                                 &self.device,
-                                &self.topics.identify_response(),
+                                &scanner.policy,
                             );
                             link.untracked(client.try_publish_reply(reply));
                         }
@@ -865,6 +877,22 @@ enum Client {
     V5(rumqttc::v5::AsyncClient),
 }
 
+/// MQTT's limit on a topic name (a u16 length prefix).
+const MAX_TOPIC_BYTES: usize = u16::MAX as usize;
+
+/// Every topic is checked here before rumqttc encodes it: its encoder writes the length
+/// as a u16 unchecked, so a longer topic would wrap and corrupt the stream (a forged
+/// packet on the broker's side).
+fn check_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() || topic.len() > MAX_TOPIC_BYTES || topic.contains(['+', '#', '\0']) {
+        return Err(format!(
+            "refusing to publish on a topic of {} bytes that is not a valid topic name",
+            topic.len()
+        ));
+    }
+    Ok(())
+}
+
 impl Client {
     fn try_publish(
         &self,
@@ -873,6 +901,7 @@ impl Client {
         retain: bool,
         payload: Vec<u8>,
     ) -> Result<(), String> {
+        check_topic(&topic)?;
         match self {
             Client::V311(c) => c
                 .try_publish(topic, qos, retain, payload)
@@ -886,6 +915,7 @@ impl Client {
     /// An identify reply (QoS 1, not retained); on MQTT 5 with the request's
     /// correlation data.
     fn try_publish_reply(&self, reply: ScannerReply) -> Result<(), String> {
+        check_topic(&reply.topic)?;
         match (self, reply.correlation) {
             (Client::V5(c), Some(data)) => {
                 let properties = rumqttc::v5::mqttbytes::v5::PublishProperties {
