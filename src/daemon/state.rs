@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::counting::ZoneState;
+use crate::fsutil::{self, Durability};
 
 const STATE_SCHEMA: u32 = 1;
 
@@ -105,29 +106,25 @@ impl StateStore {
 
     /// Replaces the state file atomically and durably.
     pub fn save(&self, state: &SavedState) -> Result<(), StateError> {
-        let path = self.path();
-        let tmp = self.dir.join("state.json.tmp");
-        let io = |p: &Path| {
-            let p = p.to_owned();
-            move |error| StateError::Io { path: p, error }
-        };
+        self.save_with(state, |f, bytes| f.write_all(bytes))
+    }
+
+    /// [`StateStore::save`] with the write of the bytes supplied, so tests can make it
+    /// fail as a full disk would.
+    fn save_with(
+        &self,
+        state: &SavedState,
+        write: impl FnOnce(&mut File, &[u8]) -> std::io::Result<()>,
+    ) -> Result<(), StateError> {
         let mut s = state.clone();
         s.schema = STATE_SCHEMA;
         let bytes = serde_json::to_vec_pretty(&s).expect("state serialises");
-        let written = File::create(&tmp)
-            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
-            .map_err(io(&tmp));
-        if let Err(e) = written {
-            // A half-written copy would only take the space a full disk lacks.
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        std::fs::rename(&tmp, &path).map_err(io(&path))?;
-        // The rename itself is only durable once the directory entry is on disk.
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))?;
-        Ok(())
+        fsutil::write_atomic(&self.path(), Durability::Synced, |f| write(f, &bytes)).map_err(|e| {
+            StateError::Io {
+                path: e.path,
+                error: e.error,
+            }
+        })
     }
 }
 
@@ -174,17 +171,48 @@ mod tests {
             ..Default::default()
         };
         store.save(&s).unwrap();
-        // The copy is written aside first: on a full disk (/dev/full: ENOSPC) that fails.
-        let tmp = dir.path().join("state.json.tmp");
-        std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+        // The copy is written aside first: on a full disk that write fails.
         let later = SavedState { seq: 8, ..s };
-        let err = store.save(&later).unwrap_err().to_string();
+        let err = store
+            .save_with(&later, |f, bytes| {
+                f.write_all(&bytes[..bytes.len() / 2])?;
+                Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            })
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("state.json.tmp"), "{err}");
-        assert!(!tmp.exists() && !tmp.is_symlink(), "half copy left behind");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(
+            names.iter().all(|n| !n.contains(".tmp")),
+            "half copy left behind: {names:?}"
+        );
         assert_eq!(store.load().unwrap().seq, 7);
         // Room again: the next batch's save goes through.
         store.save(&later).unwrap();
         assert_eq!(store.load().unwrap().seq, 8);
+    }
+
+    // Issue #19: the state was written through `state.json.tmp`, a fixed name a symlink
+    // planted there redirected.
+    #[test]
+    fn a_symlink_at_the_old_temporary_name_does_not_redirect_the_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join("state.json.tmp")).unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        store
+            .save(&SavedState {
+                seq: 3,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(store.load().unwrap().seq, 3);
     }
 
     #[test]
