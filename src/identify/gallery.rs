@@ -16,13 +16,16 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::fsutil::{self, Durability};
 use crate::vision::embed::{cosine, ModelId};
 
 const MAGIC: &[u8; 8] = b"SWGALLRY";
 /// The only format version; a newer file is refused with its version named.
 pub const VERSION: u32 = 1;
 pub const FILE_NAME: &str = "gallery.swg";
-const TEMP_PREFIX: &str = "gallery.swg.tmp.";
+/// Temporary copies as versions before issue #19 named them (`gallery.swg.tmp.<pid>`),
+/// cleared like today's (fsutil::temp_prefix) when a writer died mid-write.
+const LEGACY_TEMP_PREFIX: &str = "gallery.swg.tmp.";
 /// The SKU reported when nothing in the gallery is similar enough.
 pub const UNKNOWN: &str = "unknown";
 
@@ -376,30 +379,17 @@ impl Gallery {
         dir: &Path,
         write: impl FnOnce(&mut File, &[u8]) -> std::io::Result<()>,
     ) -> Result<(), GalleryError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |error| GalleryError::Io { path, error }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let path = Self::path(dir);
-        let tmp = dir.join(format!("{TEMP_PREFIX}{}", std::process::id()));
+        std::fs::create_dir_all(dir).map_err(|error| GalleryError::Io {
+            path: dir.to_owned(),
+            error,
+        })?;
         let bytes = self.encode();
-        let result = (|| {
-            let mut f = File::create(&tmp).map_err(io(&tmp))?;
-            write(&mut f, &bytes).map_err(io(&tmp))?;
-            f.sync_all().map_err(io(&tmp))?;
-            drop(f);
-            std::fs::rename(&tmp, &path).map_err(io(&path))?;
-            // The rename is durable only once the directory is synced.
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io(dir))?;
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        fsutil::write_atomic(&Self::path(dir), Durability::Synced, |f| write(f, &bytes)).map_err(
+            |e| GalleryError::Io {
+                path: e.path,
+                error: e.error,
+            },
+        )
     }
 }
 
@@ -426,9 +416,12 @@ impl GalleryLock {
                 error: e.into(),
             })
             .map(|locked| {
+                let prefix = fsutil::temp_prefix(FILE_NAME);
                 if let Ok(entries) = std::fs::read_dir(dir) {
                     for e in entries.flatten() {
-                        if e.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                        let name = e.file_name();
+                        let name = name.to_string_lossy();
+                        if name.starts_with(&prefix) || name.starts_with(LEGACY_TEMP_PREFIX) {
                             tracing::info!(file = %e.path().display(), "removing an unfinished gallery write");
                             let _ = std::fs::remove_file(e.path());
                         }
@@ -522,11 +515,16 @@ mod tests {
         assert_eq!(g.len(), 3, "the old gallery, whole");
         // A process killed outright leaves its temporary file behind: loading ignores
         // it and the next writer clears it.
-        let stale = dir.path().join(format!("{TEMP_PREFIX}99999"));
-        std::fs::write(&stale, &bigger.encode()[..40]).unwrap();
+        let stale = dir
+            .path()
+            .join(format!("{}abc123", fsutil::temp_prefix(FILE_NAME)));
+        let legacy = dir.path().join(format!("{LEGACY_TEMP_PREFIX}99999"));
+        for f in [&stale, &legacy] {
+            std::fs::write(f, &bigger.encode()[..40]).unwrap();
+        }
         assert_eq!(Gallery::load(dir.path()).unwrap().len(), 3);
         let _lock = GalleryLock::acquire(dir.path()).unwrap();
-        assert!(!stale.exists());
+        assert!(!stale.exists() && !legacy.exists());
     }
 
     #[test]
@@ -541,6 +539,23 @@ mod tests {
         std::fs::write(&path, b"hello").unwrap();
         let e = Gallery::load(dir.path()).unwrap_err().to_string();
         assert!(e.contains("not a shelfwatch gallery"), "{e}");
+    }
+
+    // Issue #19: a gallery's temporary copy had a predictable name (pid), which a
+    // symlink planted there redirected.
+    #[test]
+    fn a_symlink_at_the_old_temporary_name_does_not_redirect_a_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let planted = dir
+            .path()
+            .join(format!("{LEGACY_TEMP_PREFIX}{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        two_skus().save(dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(Gallery::load_for(dir.path(), &model()).unwrap().len(), 3);
     }
 
     #[test]
