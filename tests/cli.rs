@@ -611,3 +611,40 @@ fn an_image_without_products_costs_the_scale_rule_one_pass_not_a_pyramid() {
     assert_eq!(v["passes"], 1, "{v}");
     assert!(v["scale"]["median_width_cells"].is_null(), "{v}");
 }
+
+// Issue #19: a gallery whose header says 0 dimensions loaded, then `gallery remove`
+// panicked cutting its vectors into rows of 0 (the panic hook aborts the binary).
+#[test]
+fn gallery_remove_on_a_gallery_of_zero_dimensions_is_an_error_naming_the_file() {
+    use shelfwatch::identify::gallery::{Gallery, Reference};
+    use shelfwatch::vision::embed::ModelId;
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Gallery::new(ModelId {
+        name: "hostile".into(),
+        sha256: "ab".repeat(32),
+        dimensions: 0,
+    });
+    let reference = Reference {
+        sku: "A".into(),
+        name: None,
+        source: "a.jpg".into(),
+        added: "2026-01-01T00:00:00Z".into(),
+    };
+    g.add(reference, &[]).unwrap();
+    g.save(dir.path()).unwrap();
+    let out = shelfwatch(&[
+        "gallery",
+        "remove",
+        "--gallery",
+        dir.path().to_str().unwrap(),
+        "--sku",
+        "A",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let file = dir.path().join("gallery.swg");
+    assert!(
+        stderr.contains(&file.display().to_string()) && stderr.contains("0 dimensions"),
+        "{stderr}"
+    );
+}
