@@ -648,3 +648,36 @@ fn gallery_remove_on_a_gallery_of_zero_dimensions_is_an_error_naming_the_file() 
         "{stderr}"
     );
 }
+
+// Issue #19: docs/mqtt.md asked for a password file of mode 0640, but a world-readable
+// one was used as is.
+#[test]
+fn check_config_with_a_world_readable_password_file_exits_78_naming_key_and_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("mqtt-password");
+    std::fs::write(&password, "secret\n").unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let file = dir.path().join("mqtt.toml");
+    std::fs::write(
+        &file,
+        "[[sinks]]\nkind = \"mqtt\"\nusername = \"shelf\"\npassword-file = \"mqtt-password\"\n",
+    )
+    .unwrap();
+    let out = shelfwatch(&["check-config", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("mqtt.toml:4: sinks[0].password-file")
+            && stderr.contains(&password.display().to_string())
+            && stderr.contains("world-readable"),
+        "{stderr}"
+    );
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = shelfwatch(&["check-config", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
