@@ -917,11 +917,8 @@ impl LoadedConfig {
                 problems.push((format!("{key}.password-file"), "needs a username".into()));
             }
             if let Some(p) = &m.password_file {
-                if let Err(e) = std::fs::metadata(self.resolve(p)) {
-                    problems.push((
-                        format!("{key}.password-file"),
-                        format!("{}: {e}", self.resolve(p).display()),
-                    ));
+                if let Err(e) = crate::fsutil::check_secret_file(&self.resolve(p)) {
+                    problems.push((format!("{key}.password-file"), e));
                 }
             }
             if let Some(t) = &m.tls {
@@ -930,6 +927,11 @@ impl LoadedConfig {
                         format!("{key}.tls.ca-file"),
                         format!("{}: {e}", self.resolve(&t.ca_file).display()),
                     ));
+                }
+                if let Some(k) = &t.client_key {
+                    if let Err(e) = crate::fsutil::check_secret_file(&self.resolve(k)) {
+                        problems.push((format!("{key}.tls.client-key"), e));
+                    }
                 }
             }
             if m.keep_alive_s < 5 || m.keep_alive_s > 3600 {
@@ -1275,6 +1277,43 @@ mod tests {
         );
         let c = load("[model]\ninput-size = [512, 384]\n").unwrap();
         assert_eq!(c.detector_options().input_size, Some((512, 384)));
+    }
+
+    // Issue #19: the MQTT password and TLS key files were read whatever their mode.
+    #[test]
+    fn secret_files_others_can_read_are_refused_naming_the_key_and_the_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (pw, key, ca) = (
+            dir.path().join("mqtt-password"),
+            dir.path().join("client.key"),
+            dir.path().join("ca.pem"),
+        );
+        for f in [&pw, &key, &ca] {
+            std::fs::write(f, "x\n").unwrap();
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let text = format!(
+            "[[sinks]]\nkind = \"mqtt\"\nusername = \"u\"\npassword-file = {pw:?}\n\
+             [sinks.tls]\nca-file = {ca:?}\nclient-key = {key:?}\n"
+        );
+        let e = load(&text).unwrap_err();
+        let problems: Vec<_> = e.0.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert_eq!(
+            problems,
+            [
+                ("sinks[0].password-file", Some(4)),
+                ("sinks[0].tls.client-key", Some(7))
+            ],
+            "{e}"
+        );
+        assert!(e.0[0].message.contains(&pw.display().to_string()), "{e}");
+        assert!(e.0[1].message.contains(&key.display().to_string()), "{e}");
+        assert!(e.to_string().contains("world-readable"), "{e}");
+        for f in [&pw, &key] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o640)).unwrap();
+        }
+        load(&text).unwrap();
     }
 
     #[test]

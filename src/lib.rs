@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod counting;
 pub mod daemon;
+pub mod fsutil;
 pub mod identify;
 pub mod publish;
 pub mod vision;

@@ -640,3 +640,73 @@ fn an_image_without_products_costs_the_scale_rule_one_pass_not_a_pyramid() {
     assert_eq!(v["passes"], 1, "{v}");
     assert!(v["scale"]["median_width_cells"].is_null(), "{v}");
 }
+
+// Issue #19: a gallery whose header says 0 dimensions loaded, then `gallery remove`
+// panicked cutting its vectors into rows of 0 (the panic hook aborts the binary).
+#[test]
+fn gallery_remove_on_a_gallery_of_zero_dimensions_is_an_error_naming_the_file() {
+    use shelfwatch::identify::gallery::{Gallery, Reference};
+    use shelfwatch::vision::embed::ModelId;
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Gallery::new(ModelId {
+        name: "hostile".into(),
+        sha256: "ab".repeat(32),
+        dimensions: 0,
+    });
+    let reference = Reference {
+        sku: "A".into(),
+        name: None,
+        source: "a.jpg".into(),
+        added: "2026-01-01T00:00:00Z".into(),
+    };
+    g.add(reference, &[]).unwrap();
+    g.save(dir.path()).unwrap();
+    let out = shelfwatch(&[
+        "gallery",
+        "remove",
+        "--gallery",
+        dir.path().to_str().unwrap(),
+        "--sku",
+        "A",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let file = dir.path().join("gallery.swg");
+    assert!(
+        stderr.contains(&file.display().to_string()) && stderr.contains("0 dimensions"),
+        "{stderr}"
+    );
+}
+
+// Issue #19: docs/mqtt.md asked for a password file of mode 0640, but a world-readable
+// one was used as is.
+#[test]
+fn check_config_with_a_world_readable_password_file_exits_78_naming_key_and_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("mqtt-password");
+    std::fs::write(&password, "secret\n").unwrap();
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let file = dir.path().join("mqtt.toml");
+    std::fs::write(
+        &file,
+        "[[sinks]]\nkind = \"mqtt\"\nusername = \"shelf\"\npassword-file = \"mqtt-password\"\n",
+    )
+    .unwrap();
+    let out = shelfwatch(&["check-config", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("mqtt.toml:4: sinks[0].password-file")
+            && stderr.contains(&password.display().to_string())
+            && stderr.contains("world-readable"),
+        "{stderr}"
+    );
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = shelfwatch(&["check-config", file.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -572,7 +573,10 @@ fn wrong_credentials_are_reported_and_retries_are_spaced_by_the_backoff() {
         dir.path(),
         &format!("allow_anonymous false\npassword_file {}", pw.display()),
     );
-    std::fs::write(dir.path().join("mqtt-password"), "wrong-password\n").unwrap();
+    let password = dir.path().join("mqtt-password");
+    std::fs::write(&password, "wrong-password\n").unwrap();
+    // As docs/mqtt.md asks: a world-readable password file is a config error.
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o640)).unwrap();
     let cfg = config(
         dir.path(),
         &format!(

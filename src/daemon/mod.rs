@@ -708,11 +708,20 @@ impl Publisher {
                 return;
             }
         };
-        self.saved.seq += 1;
+        // Only after 2^53 messages (load() refuses a state file past that): dropping the
+        // message is then the one way left that keeps `seq` from going back
+        // (state::MAX_SEQ).
+        let Some(seq) = self.saved.next_seq() else {
+            tracing::error!(
+                seq = self.saved.seq,
+                "sequence numbers used up; message not published"
+            );
+            return;
+        };
         let msg = Envelope {
             schema: publish::SCHEMA,
             device: self.device.clone(),
-            seq: self.saved.seq,
+            seq,
             ts: publish::rfc3339(at),
             body,
         };

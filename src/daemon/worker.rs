@@ -2,7 +2,8 @@
 //! counters -> updates for the publisher. Never touches the async runtime.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use image::{Rgb, RgbImage};
 use super::Update;
 use crate::capture::{CaptureHandle, Frame, SourceStatus, Take};
 use crate::counting::{CountingParams, EventKind, ZoneCounter, ZoneSpec, ZoneState};
+use crate::fsutil;
 use crate::identify::{check_mismatch, Gallery, TrackParams, Tracker};
 use crate::vision::scale::ScaledDetector;
 use crate::vision::{annotate, Detection, Detector, DetectorOptions, Embedder};
@@ -405,11 +407,7 @@ impl Worker {
         let jpeg = render_snapshot(&frame.image, detections, &zones.counters);
         if let Some(dir) = &self.snapshot_dir {
             let path = dir.join(format!("{}.jpg", self.camera));
-            let tmp = dir.join(format!(".{}.jpg.tmp", self.camera));
-            let written = std::fs::create_dir_all(dir)
-                .and_then(|_| std::fs::write(&tmp, &jpeg))
-                .and_then(|_| std::fs::rename(&tmp, &path));
-            match written {
+            match write_snapshot(&path, &jpeg) {
                 Ok(()) => tracing::info!(path = %path.display(), "snapshot written"),
                 Err(e) => {
                     tracing::error!(path = %path.display(), error = %e, "cannot write snapshot")
@@ -421,6 +419,18 @@ impl Worker {
             jpeg,
         });
     }
+}
+
+/// Replaces a snapshot whole, so a viewer never reads half a JPEG. Not synced: the next
+/// snapshot replaces it anyway.
+fn write_snapshot(path: &Path, jpeg: &[u8]) -> Result<(), fsutil::WriteError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|error| fsutil::WriteError {
+            path: dir.to_owned(),
+            error,
+        })?;
+    }
+    fsutil::write_atomic(path, fsutil::Durability::Unsynced, |f| f.write_all(jpeg))
 }
 
 fn rebuild(z: &mut Zones, rt: &CameraRuntime) {
@@ -490,4 +500,26 @@ pub fn render_snapshot(
         tracing::error!(error = %e, "cannot encode snapshot");
     }
     out.into_inner()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Issue #19: snapshots went through `.{camera}.jpg.tmp`, a fixed name a symlink
+    // planted there redirected.
+    #[test]
+    fn a_symlink_at_the_old_snapshot_temporary_name_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let snapshots = dir.path().join("snapshots");
+        std::fs::create_dir(&snapshots).unwrap();
+        std::os::unix::fs::symlink(&victim, snapshots.join(".left.jpg.tmp")).unwrap();
+        let path = snapshots.join("left.jpg");
+        write_snapshot(&path, b"jpeg bytes").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(std::fs::read(&path).unwrap(), b"jpeg bytes");
+    }
 }

@@ -16,13 +16,16 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::fsutil::{self, Durability};
 use crate::vision::embed::{cosine, ModelId};
 
 const MAGIC: &[u8; 8] = b"SWGALLRY";
 /// The only format version; a newer file is refused with its version named.
 pub const VERSION: u32 = 1;
 pub const FILE_NAME: &str = "gallery.swg";
-const TEMP_PREFIX: &str = "gallery.swg.tmp.";
+/// Temporary copies as versions before issue #19 named them (`gallery.swg.tmp.<pid>`),
+/// cleared like today's (fsutil::temp_prefix) when a writer died mid-write.
+const LEGACY_TEMP_PREFIX: &str = "gallery.swg.tmp.";
 /// The SKU reported when nothing in the gallery is similar enough.
 pub const UNKNOWN: &str = "unknown";
 
@@ -52,7 +55,9 @@ pub enum GalleryError {
 }
 
 fn short(sha: &str) -> &str {
-    &sha[..sha.len().min(12)]
+    // By characters: a sha256 from a damaged file need not be ASCII, and slicing bytes
+    // could split a character (a panic).
+    sha.char_indices().nth(12).map_or(sha, |(i, _)| &sha[..i])
 }
 
 /// One enrolled reference image.
@@ -223,20 +228,56 @@ impl Gallery {
             .ok_or_else(|| bad("header length beyond the end of the file".into()))?;
         let header: Header = serde_json::from_slice(&body[16..header_end])
             .map_err(|e| bad(format!("header: {e}")))?;
-        let raw = &body[header_end..];
-        let expected = header.references.len() * header.model.dimensions * 4;
-        if raw.len() != expected {
+        // A damaged or hostile header must be an error here, not a panic or a wrong
+        // answer later: vectors are cut into rows of `dimensions` (0 panics), counted
+        // as references x dimensions (which can overflow), compared by cosine (NaN
+        // ranks arbitrarily) and SKUs end up in payloads.
+        let dims = header.model.dimensions;
+        if dims == 0 {
+            return Err(bad("the embedding model has 0 dimensions".into()));
+        }
+        let sha = &header.model.sha256;
+        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad(format!(
-                "{} bytes of vectors for {} references of {} dimensions (expected {expected})",
-                raw.len(),
-                header.references.len(),
-                header.model.dimensions
+                "the embedding model's sha256 {:?} is not 64 hex digits",
+                sha.chars().take(80).collect::<String>()
             )));
         }
-        let vectors = raw
+        if let Some(e) = header
+            .references
+            .iter()
+            .find_map(|r| check_sku(&r.sku).err())
+        {
+            return Err(bad(e.to_string()));
+        }
+        let raw = &body[header_end..];
+        let expected = header
+            .references
+            .len()
+            .checked_mul(dims)
+            .and_then(|n| n.checked_mul(4));
+        if expected != Some(raw.len()) {
+            return Err(bad(format!(
+                "{} bytes of vectors for {} references of {dims} dimensions (expected {})",
+                raw.len(),
+                header.references.len(),
+                expected.map_or("more than memory holds".into(), |n| n.to_string()),
+            )));
+        }
+        let vectors: Vec<f32> = raw
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
             .collect();
+        if let Some(i) = vectors.iter().position(|v| !v.is_finite()) {
+            let r = &header.references[i / dims];
+            return Err(bad(format!(
+                "the vector of reference {} (SKU {}, from {}) holds {}",
+                i / dims,
+                r.sku,
+                r.source,
+                vectors[i]
+            )));
+        }
         Ok(Self {
             model: header.model,
             references: header.references,
@@ -376,30 +417,17 @@ impl Gallery {
         dir: &Path,
         write: impl FnOnce(&mut File, &[u8]) -> std::io::Result<()>,
     ) -> Result<(), GalleryError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |error| GalleryError::Io { path, error }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let path = Self::path(dir);
-        let tmp = dir.join(format!("{TEMP_PREFIX}{}", std::process::id()));
+        std::fs::create_dir_all(dir).map_err(|error| GalleryError::Io {
+            path: dir.to_owned(),
+            error,
+        })?;
         let bytes = self.encode();
-        let result = (|| {
-            let mut f = File::create(&tmp).map_err(io(&tmp))?;
-            write(&mut f, &bytes).map_err(io(&tmp))?;
-            f.sync_all().map_err(io(&tmp))?;
-            drop(f);
-            std::fs::rename(&tmp, &path).map_err(io(&path))?;
-            // The rename is durable only once the directory is synced.
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io(dir))?;
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        fsutil::write_atomic(&Self::path(dir), Durability::Synced, |f| write(f, &bytes)).map_err(
+            |e| GalleryError::Io {
+                path: e.path,
+                error: e.error,
+            },
+        )
     }
 }
 
@@ -426,9 +454,12 @@ impl GalleryLock {
                 error: e.into(),
             })
             .map(|locked| {
+                let prefix = fsutil::temp_prefix(FILE_NAME);
                 if let Ok(entries) = std::fs::read_dir(dir) {
                     for e in entries.flatten() {
-                        if e.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                        let name = e.file_name();
+                        let name = name.to_string_lossy();
+                        if name.starts_with(&prefix) || name.starts_with(LEGACY_TEMP_PREFIX) {
                             tracing::info!(file = %e.path().display(), "removing an unfinished gallery write");
                             let _ = std::fs::remove_file(e.path());
                         }
@@ -522,11 +553,16 @@ mod tests {
         assert_eq!(g.len(), 3, "the old gallery, whole");
         // A process killed outright leaves its temporary file behind: loading ignores
         // it and the next writer clears it.
-        let stale = dir.path().join(format!("{TEMP_PREFIX}99999"));
-        std::fs::write(&stale, &bigger.encode()[..40]).unwrap();
+        let stale = dir
+            .path()
+            .join(format!("{}abc123", fsutil::temp_prefix(FILE_NAME)));
+        let legacy = dir.path().join(format!("{LEGACY_TEMP_PREFIX}99999"));
+        for f in [&stale, &legacy] {
+            std::fs::write(f, &bigger.encode()[..40]).unwrap();
+        }
         assert_eq!(Gallery::load(dir.path()).unwrap().len(), 3);
         let _lock = GalleryLock::acquire(dir.path()).unwrap();
-        assert!(!stale.exists());
+        assert!(!stale.exists() && !legacy.exists());
     }
 
     #[test]
@@ -541,6 +577,113 @@ mod tests {
         std::fs::write(&path, b"hello").unwrap();
         let e = Gallery::load(dir.path()).unwrap_err().to_string();
         assert!(e.contains("not a shelfwatch gallery"), "{e}");
+    }
+
+    /// A gallery file as `save` frames it (magic, version, header, checksum), around
+    /// whatever header and vector bytes a damaged or hostile writer chose.
+    fn framed(header: &serde_json::Value, vectors: &[u8]) -> Vec<u8> {
+        let header = serde_json::to_vec(header).unwrap();
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(vectors);
+        let sum = Sha256::digest(&out);
+        out.extend_from_slice(&sum);
+        out
+    }
+
+    fn header(dimensions: u64, skus: &[&str]) -> serde_json::Value {
+        let references: Vec<_> = skus
+            .iter()
+            .map(|s| serde_json::to_value(reference(s, "x.jpg")).unwrap())
+            .collect();
+        serde_json::json!({
+            "model": {"name": "test", "sha256": "ab".repeat(32), "dimensions": dimensions},
+            "references": references,
+        })
+    }
+
+    fn floats(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|f| f.to_le_bytes()).collect()
+    }
+
+    // Issue #19: a gallery with dimension 0 loaded, then `gallery remove` panicked
+    // (chunks_exact(0)); other header fields had the same class of bug.
+    #[test]
+    fn a_hostile_gallery_header_is_refused_naming_the_file_never_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Gallery::path(dir.path());
+        let mut bad_sha = header(4, &["A"]);
+        bad_sha["model"]["sha256"] = "é".repeat(32).into();
+        let cases = [
+            (
+                "dimension 0",
+                framed(&header(0, &["A"]), &[]),
+                "0 dimensions",
+            ),
+            (
+                // 2 x 2^63 x 4 wraps to 0 bytes of vectors in a release build.
+                "references x dimensions overflowing",
+                framed(&header(1 << 63, &["A", "B"]), &[]),
+                "expected more than memory holds",
+            ),
+            (
+                "vectors shorter than the header says",
+                framed(&header(4, &["A", "B"]), &floats(&[1.0; 7])),
+                "expected 32",
+            ),
+            (
+                "vectors longer than the header says",
+                framed(&header(4, &["A"]), &floats(&[1.0; 5])),
+                "expected 16",
+            ),
+            (
+                "a NaN vector",
+                framed(&header(2, &["A", "B"]), &floats(&[1.0, 0.0, f32::NAN, 0.0])),
+                "reference 1 (SKU B",
+            ),
+            (
+                "an infinite vector",
+                framed(&header(2, &["A"]), &floats(&[f32::INFINITY, 0.0])),
+                "holds inf",
+            ),
+            (
+                "a SKU no enrolment accepts",
+                framed(&header(2, &["a/b"]), &floats(&[1.0, 0.0])),
+                "SKU \"a/b\"",
+            ),
+            (
+                "a sha256 that is not hex (and not ASCII)",
+                framed(&bad_sha, &floats(&[1.0; 4])),
+                "not 64 hex digits",
+            ),
+        ];
+        for (what, bytes, message) in cases {
+            std::fs::write(&path, bytes).unwrap();
+            let e = Gallery::load(dir.path()).unwrap_err().to_string();
+            assert!(
+                e.contains(&path.display().to_string()) && e.contains(message),
+                "{what}: {e}"
+            );
+        }
+    }
+
+    // Issue #19: a gallery's temporary copy had a predictable name (pid), which a
+    // symlink planted there redirected.
+    #[test]
+    fn a_symlink_at_the_old_temporary_name_does_not_redirect_a_save() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let planted = dir
+            .path()
+            .join(format!("{LEGACY_TEMP_PREFIX}{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        two_skus().save(dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(Gallery::load_for(dir.path(), &model()).unwrap().len(), 3);
     }
 
     #[test]

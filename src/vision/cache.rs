@@ -9,11 +9,13 @@
 //! built from its ONNX file again and the entry rewritten.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
 use tract_nnef::framework::Nnef;
 use tract_onnx::prelude::*;
+
+use crate::fsutil::{self, Durability};
 
 /// tract's version as Cargo.lock pins it: a new tract may decode the same NNEF into a
 /// different graph, so it is part of every key.
@@ -134,25 +136,11 @@ impl ModelCache {
     fn write(&self, key: &str, model: &TypedModel, outputs: &[String]) -> Result<(), StoreError> {
         std::fs::create_dir_all(&self.dir)?;
         let (tar, sum) = self.paths(key);
-        let tmp = tar.with_extension(format!("tmp.{}", std::process::id()));
-        let result = self.write_entry(&tmp, &tar, &sum, model, outputs);
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
-    }
-
-    fn write_entry(
-        &self,
-        tmp: &Path,
-        tar: &Path,
-        sum: &Path,
-        model: &TypedModel,
-        outputs: &[String],
-    ) -> Result<(), StoreError> {
-        let file = std::fs::File::create(tmp)?;
+        // Removed on any error below when dropped.
+        let tmp = fsutil::temp_beside(&tar)?;
         let hashing = HashingWriter {
-            inner: std::io::BufWriter::new(file),
+            // A second handle, so that no borrow of `tmp` outlives the writing.
+            inner: std::io::BufWriter::new(tmp.as_file().try_clone()?),
             hasher: Sha256::new(),
         };
         let hashing = nnef()
@@ -164,8 +152,7 @@ impl ModelCache {
                     None => StoreError::Translate(e),
                 }
             })?;
-        let file = hashing.inner.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
+        hashing.inner.into_inner().map_err(|e| e.into_error())?;
         let mut sidecar = hex(&hashing.hasher.finalize());
         for o in outputs {
             sidecar.push('\n');
@@ -173,8 +160,10 @@ impl ModelCache {
         }
         // The sidecar first: a crash between the two renames leaves an entry whose
         // sha256 does not match, which the next load discards.
-        write_atomically(sum, sidecar.as_bytes())?;
-        std::fs::rename(tmp, tar)?;
+        fsutil::write_atomic(&sum, Durability::Synced, |f| {
+            f.write_all(sidecar.as_bytes())
+        })?;
+        fsutil::persist(tmp, &tar, Durability::Synced)?;
         Ok(())
     }
 
@@ -220,6 +209,12 @@ impl From<std::io::Error> for StoreError {
     }
 }
 
+impl From<fsutil::WriteError> for StoreError {
+    fn from(e: fsutil::WriteError) -> Self {
+        StoreError::Io(std::io::Error::new(e.error.kind(), e.to_string()))
+    }
+}
+
 /// Hashes what it writes on the way through.
 struct HashingWriter<W> {
     inner: W,
@@ -237,12 +232,33 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// Temporary file beside `path`, fsync, rename: a crash leaves the old file or the new
-/// one, never half of one.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Issue #19: the entry and its sidecar were written through `<name>.tmp.<pid>`, a
+    // predictable name a symlink planted there redirected.
+    #[test]
+    fn a_symlink_at_the_old_temporary_names_does_not_redirect_a_cache_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let cache = ModelCache::new(dir.path());
+        let key = ModelCache::key("ab", &[1, 3], "test");
+        let pid = std::process::id();
+        let mut victims = Vec::new();
+        for name in [format!("{key}.nnef.tmp.{pid}"), format!("{key}.tmp.{pid}")] {
+            let victim = outside.path().join(&name);
+            std::fs::write(&victim, "precious").unwrap();
+            std::os::unix::fs::symlink(&victim, dir.path().join(&name)).unwrap();
+            victims.push(victim);
+        }
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, 3])).unwrap();
+        model.select_output_outlets(&[x]).unwrap();
+        cache.store(&key, &model, &["x".into()]);
+        for v in &victims {
+            assert_eq!(std::fs::read_to_string(v).unwrap(), "precious");
+        }
+        assert!(cache.load(&key).is_some(), "the entry was written");
+    }
 }
