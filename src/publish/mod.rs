@@ -98,6 +98,9 @@ pub struct MqttHealth {
     pub spooled: u64,
     /// Messages dropped because the spool reached its size limit.
     pub dropped: u64,
+    /// Spool records found damaged (torn by a power cut, corrupted bytes) and skipped;
+    /// every other record was replayed.
+    pub spool_damaged: u64,
     pub connect_attempts: u64,
     /// False while the spool cannot write to disk (full, failing): messages are still
     /// delivered from memory, but a restart would lose the unacknowledged ones.

@@ -161,6 +161,8 @@ pub struct MqttStats {
     pub connect_attempts: AtomicU64,
     pub spooled: AtomicU64,
     pub dropped: AtomicU64,
+    /// Damaged spool records skipped (see [`Spool::damaged`]).
+    pub spool_damaged: AtomicU64,
     /// False while the spool cannot write to disk (messages held in memory only).
     pub spool_on_disk: AtomicBool,
 }
@@ -169,6 +171,7 @@ impl MqttStats {
     fn record(&self, spool: &Spool) {
         self.spooled.store(spool.len() as u64, Ordering::Relaxed);
         self.dropped.store(spool.dropped(), Ordering::Relaxed);
+        self.spool_damaged.store(spool.damaged(), Ordering::Relaxed);
         self.spool_on_disk.store(spool.on_disk(), Ordering::Relaxed);
     }
 }

@@ -55,6 +55,8 @@ pub struct Spool {
     pending_bytes: usize,
     max_bytes: usize,
     dropped: u64,
+    /// Damaged records found in the log at open (skipped, not replayed).
+    damaged: u64,
     /// Set when a write failed: the log on disk misses messages (or ends in a torn
     /// record) and must be rewritten whole; `None` while the disk keeps up.
     off_disk_since: Option<Instant>,
@@ -73,6 +75,10 @@ fn err(path: &Path) -> impl Fn(std::io::Error) -> SpoolError + '_ {
 
 impl Spool {
     /// Opens (or creates) the spool in `dir`, loading what was not yet acknowledged.
+    ///
+    /// The log is read as bytes: a damaged line (invalid UTF-8, a half-written record, a
+    /// record out of order) is skipped and counted, and the rest is replayed. A torn last
+    /// line (a power cut mid-append) is cut off, so the next append starts a fresh line.
     pub fn open(dir: &Path, max_bytes: usize) -> Result<Self, SpoolError> {
         std::fs::create_dir_all(dir).map_err(err(dir))?;
         let log_path = dir.join("spool.log");
@@ -84,21 +90,26 @@ impl Spool {
         let mut pending = VecDeque::new();
         let mut log_records = 0;
         let mut max_id = acked;
-        if let Ok(f) = File::open(&log_path) {
-            for line in BufReader::new(f).lines() {
-                let Ok(line) = line else { break };
-                // A torn last line (power cut mid-append) is skipped, not fatal.
-                let Ok(e) = serde_json::from_str::<Entry>(&line) else {
-                    tracing::warn!(path = %log_path.display(), "skipping a damaged spool record");
-                    continue;
-                };
+        let mut damaged = 0;
+        let scanned = scan(&log_path, line_cap(max_bytes), |line| match line {
+            Scanned::Entry(e) => {
                 log_records += 1;
                 max_id = max_id.max(e.id);
                 if e.id > acked {
                     pending.push_back(e);
                 }
             }
-        }
+            Scanned::Damaged => damaged += 1,
+        });
+        let scanned = match scanned {
+            Ok(s) => s,
+            Err(e) => {
+                // Unreadable from some point on (a failing card): what was read is
+                // replayed; the log is left as it is for the rewrite below.
+                tracing::error!(error = %e, "cannot read the whole spool log");
+                None
+            }
+        };
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -116,20 +127,52 @@ impl Spool {
             pending_bytes,
             max_bytes,
             dropped: 0,
+            damaged,
             off_disk_since: None,
             last_rewrite_attempt: None,
         };
+        if damaged > 0 {
+            tracing::warn!(
+                damaged,
+                path = %log_path.display(),
+                "the spool log held damaged records (torn by a power cut or corrupted); they are skipped, the rest is replayed"
+            );
+        }
+        if let Some(tail) = scanned.and_then(|s| s.tail) {
+            if let Err(e) = spool.repair_tail(tail) {
+                // Appending after a torn line would glue the next record onto it: go
+                // off disk (memory only) until the whole queue can be rewritten.
+                spool.went_off_disk(e);
+            }
+        }
         if !spool.pending.is_empty() {
             tracing::info!(
                 pending = spool.pending.len(),
                 "spooled messages from the last run will be replayed"
             );
         }
-        if let Err(e) = spool.compact_if_worth_it() {
-            // The log is whole as it is, only longer than it needs to be; acks retry.
-            tracing::warn!(error = %e, "cannot compact the spool yet");
+        if spool.on_disk() {
+            if let Err(e) = spool.compact_if_worth_it() {
+                // The log is whole as it is, only longer than it needs to be; acks retry.
+                tracing::warn!(error = %e, "cannot compact the spool yet");
+            }
         }
         Ok(spool)
+    }
+
+    /// Makes the log end with a complete line: a torn fragment is cut off (it was
+    /// counted as damaged), a whole record that only lacks its newline gets one.
+    fn repair_tail(&mut self, tail: Tail) -> Result<(), SpoolError> {
+        let path = self.dir.join("spool.log");
+        match tail {
+            Tail::Torn { whole_end } => {
+                self.log.set_len(whole_end).map_err(err(&path))?;
+            }
+            Tail::Unterminated => {
+                self.log.write_all(b"\n").map_err(err(&path))?;
+            }
+        }
+        self.log.sync_data().map_err(err(&path))
     }
 
     /// Queues a message and appends it to the log (not yet synced: see [`Spool::sync`]).
@@ -230,6 +273,11 @@ impl Spool {
         self.dropped
     }
 
+    /// Damaged records found in the log at open: skipped, the rest was replayed.
+    pub fn damaged(&self) -> u64 {
+        self.damaged
+    }
+
     /// The broker acknowledged `id` (PUBACKs come in publish order, so everything before
     /// it that is still pending was acknowledged as well or dropped).
     pub fn ack(&mut self, id: u64) {
@@ -320,6 +368,146 @@ impl Entry {
     }
 }
 
+/// The longest line the log is read with: a record is far smaller than the bound (a state,
+/// an event, a health record), so a longer "line" is damage (a run of zeros a power cut
+/// left, a missing newline) and is skipped without holding it in memory.
+fn line_cap(max_bytes: usize) -> usize {
+    max_bytes.max(1 << 20)
+}
+
+/// One line of the log, as read.
+enum Scanned {
+    Entry(Entry),
+    /// Not a record: torn, invalid UTF-8 or JSON, too long, or out of order.
+    Damaged,
+}
+
+/// How the log ends when its last line has no newline.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Tail {
+    /// A fragment (counted as damaged); the complete lines end at `whole_end`.
+    Torn { whole_end: u64 },
+    /// A whole record without its newline.
+    Unterminated,
+}
+
+struct ScanEnd {
+    tail: Option<Tail>,
+}
+
+/// Reads the log at `path` line by line, as bytes: invalid UTF-8 or a half-written record
+/// costs its own line, never the rest of the replay. `None` when there is no log.
+fn scan(
+    path: &Path,
+    cap: usize,
+    mut each: impl FnMut(Scanned),
+) -> std::io::Result<Option<ScanEnd>> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut lines = LineReader {
+        inner: BufReader::new(f),
+        cap,
+        offset: 0,
+    };
+    let mut buf = Vec::new();
+    let mut last_id = 0;
+    let mut whole_end = 0;
+    let mut tail = None;
+    while let Some(line) = lines.next(&mut buf)? {
+        // An empty line is no record and no damage either.
+        if line.complete && buf.is_empty() && !line.too_long {
+            whole_end = line.end;
+            continue;
+        }
+        let entry = (!line.too_long)
+            .then(|| serde_json::from_slice::<Entry>(&buf).ok())
+            .flatten()
+            // Ids only rise in a log this spool wrote; a record out of order is a
+            // line the file system duplicated or misplaced, and would break the
+            // replay's order.
+            .filter(|e| e.id > last_id);
+        if line.complete {
+            whole_end = line.end;
+        } else {
+            tail = Some(match entry {
+                Some(_) => Tail::Unterminated,
+                None => Tail::Torn { whole_end },
+            });
+        }
+        match entry {
+            Some(e) => {
+                last_id = e.id;
+                each(Scanned::Entry(e));
+            }
+            None => each(Scanned::Damaged),
+        }
+    }
+    Ok(Some(ScanEnd { tail }))
+}
+
+/// Splits a byte stream into lines without holding more than `cap` bytes of one.
+struct LineReader<R> {
+    inner: R,
+    cap: usize,
+    offset: u64,
+}
+
+struct RawLine {
+    /// Offset just past the line (its newline included).
+    end: u64,
+    /// Ended by a newline; otherwise it is the stream's last, unterminated line.
+    complete: bool,
+    /// Longer than the cap: its bytes were skipped, not kept.
+    too_long: bool,
+}
+
+impl<R: BufRead> LineReader<R> {
+    /// The next line's bytes (without the newline) into `buf`.
+    fn next(&mut self, buf: &mut Vec<u8>) -> std::io::Result<Option<RawLine>> {
+        buf.clear();
+        let mut too_long = false;
+        let mut any = false;
+        loop {
+            let avail = match self.inner.fill_buf() {
+                Ok(a) => a,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if avail.is_empty() {
+                return Ok(any.then_some(RawLine {
+                    end: self.offset,
+                    complete: false,
+                    too_long,
+                }));
+            }
+            any = true;
+            let newline = avail.iter().position(|&b| b == b'\n');
+            let take = newline.unwrap_or(avail.len());
+            if !too_long {
+                if buf.len() + take > self.cap {
+                    too_long = true;
+                    buf.clear();
+                } else {
+                    buf.extend_from_slice(&avail[..take]);
+                }
+            }
+            let used = take + usize::from(newline.is_some());
+            self.inner.consume(used);
+            self.offset += used as u64;
+            if newline.is_some() {
+                return Ok(Some(RawLine {
+                    end: self.offset,
+                    complete: true,
+                    too_long,
+                }));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,20 +586,118 @@ mod tests {
         assert_eq!(replayed, ["during", "still full", "after"]);
     }
 
+    fn log_bytes(dir: &Path) -> Vec<u8> {
+        std::fs::read(dir.join("spool.log")).unwrap()
+    }
+
+    fn payloads(s: &Spool) -> Vec<&str> {
+        s.pending().map(|e| e.payload.as_str()).collect()
+    }
+
+    // Issue #19: a torn last line got the next record glued onto it, and that record (a
+    // retained state) was lost at the next restart.
     #[test]
-    fn a_torn_last_record_is_skipped() {
+    fn a_torn_tail_is_cut_at_open_and_the_next_record_starts_clean() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
-        s.append("t", false, "whole");
+        s.append("d/events", false, "whole");
+        s.append("d/zones/a/state", true, "torn");
         s.sync();
         drop(s);
+        // A power cut in the middle of the second record.
+        let path = dir.path().join("spool.log");
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 20).unwrap();
+        drop(f);
+
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(payloads(&s), ["whole"]);
+        assert_eq!(s.damaged(), 1, "the torn fragment is counted");
+        assert!(log_bytes(dir.path()).ends_with(b"\n"));
+        s.append("d/zones/a/state", true, "after the cut");
+        s.sync();
+        drop(s);
+
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(payloads(&s), ["whole", "after the cut"]);
+        assert!(s.pending().last().unwrap().retain);
+        assert_eq!(
+            s.damaged(),
+            0,
+            "the fragment was cut, not left to count again"
+        );
+    }
+
+    #[test]
+    fn a_last_record_that_only_lacks_its_newline_is_kept_and_the_next_starts_a_new_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.append("t", false, "one");
+        s.append("t", false, "two");
+        drop(s);
+        let path = dir.path().join("spool.log");
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 1).unwrap();
+        drop(f);
+
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!((payloads(&s), s.damaged()), (vec!["one", "two"], 0));
+        s.append("t", false, "three");
+        drop(s);
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            (payloads(&s), s.damaged()),
+            (vec!["one", "two", "three"], 0)
+        );
+    }
+
+    // Issue #19: one line of invalid UTF-8 silently ended the replay (10 of 180 replayed).
+    #[test]
+    fn invalid_bytes_in_the_middle_of_the_log_cost_their_record_and_the_rest_is_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        for i in 0..180 {
+            s.append("d/events", false, &format!("event-{i:03}"));
+        }
+        s.sync();
+        drop(s);
+        // Bad bytes over the payload of the 11th record, its length unchanged.
+        let path = dir.path().join("spool.log");
+        let mut bytes = log_bytes(dir.path());
+        let at = bytes.windows(9).position(|w| w == b"event-010").unwrap();
+        bytes[at..at + 2].copy_from_slice(&[0xff, 0xfe]);
+        std::fs::write(&path, &bytes).unwrap();
+
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let expected: Vec<String> = (0..180)
+            .filter(|&i| i != 10)
+            .map(|i| format!("event-{i:03}"))
+            .collect();
+        assert_eq!(payloads(&s), expected);
+        assert_eq!(s.damaged(), 1);
+    }
+
+    #[test]
+    fn a_long_run_of_zeros_with_no_newline_is_one_damaged_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 10).unwrap();
+        s.append("t", false, "kept");
+        drop(s);
+        // A file system that extended the file but never wrote its data.
         let mut f = OpenOptions::new()
             .append(true)
             .open(dir.path().join("spool.log"))
             .unwrap();
-        f.write_all(b"{\"id\":2,\"topic\":\"t\",\"ret").unwrap();
-        let s = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(s.len(), 1);
+        f.write_all(&vec![0u8; 3 << 20]).unwrap();
+        drop(f);
+        let mut s = Spool::open(dir.path(), 1 << 10).unwrap();
+        assert_eq!((payloads(&s), s.damaged()), (vec!["kept"], 1));
+        s.append("t", false, "next");
+        drop(s);
+        let s = Spool::open(dir.path(), 1 << 10).unwrap();
+        assert_eq!(payloads(&s), ["kept", "next"]);
     }
 
     #[test]
