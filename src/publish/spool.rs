@@ -81,6 +81,7 @@ impl Spool {
     /// line (a power cut mid-append) is cut off, so the next append starts a fresh line.
     pub fn open(dir: &Path, max_bytes: usize) -> Result<Self, SpoolError> {
         std::fs::create_dir_all(dir).map_err(err(dir))?;
+        remove_stale_temp_files(dir);
         let log_path = dir.join("spool.log");
         let acked_path = dir.join("spool.acked");
         let acked: u64 = std::fs::read_to_string(&acked_path)
@@ -299,10 +300,11 @@ impl Spool {
     }
 
     fn write_acked(&mut self) -> Result<(), SpoolError> {
-        let path = self.dir.join("spool.acked");
-        let tmp = self.dir.join("spool.acked.tmp");
-        std::fs::write(&tmp, self.acked.to_string()).map_err(err(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(err(&path))?;
+        let acked = self.acked.to_string();
+        // Not synced: a mark lost to a power cut means duplicates, not loss.
+        replace_file(&self.dir, "spool.acked", false, |f| {
+            f.write_all(acked.as_bytes())
+        })?;
         self.acked_written = self.acked;
         Ok(())
     }
@@ -316,25 +318,15 @@ impl Spool {
 
     /// Replaces the log with the pending queue (written aside, synced, renamed over).
     fn rewrite_log(&mut self) -> Result<(), SpoolError> {
-        let path = self.dir.join("spool.log");
-        let tmp = self.dir.join("spool.log.tmp");
-        let written = (|| {
-            let mut f = File::create(&tmp).map_err(err(&tmp))?;
-            for e in &self.pending {
-                f.write_all(e.line().as_bytes()).map_err(err(&tmp))?;
+        let pending = &self.pending;
+        // The copy's handle, positioned at its end, is the log's from now on.
+        self.log = replace_file(&self.dir, "spool.log", true, |f| {
+            let mut w = std::io::BufWriter::new(f);
+            for e in pending {
+                w.write_all(e.line().as_bytes())?;
             }
-            f.sync_all().map_err(err(&tmp))
-        })();
-        if let Err(e) = written {
-            // A half-written copy would only take the space the disk lacks.
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-        std::fs::rename(&tmp, &path).map_err(err(&path))?;
-        self.log = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(err(&path))?;
+            w.flush()
+        })?;
         self.log_records = self.pending.len();
         Ok(())
     }
@@ -365,6 +357,71 @@ impl Entry {
 
     fn size(&self) -> usize {
         self.topic.len() + self.payload.len() + 32
+    }
+}
+
+/// The prefix and suffix of the spool's temp files: `spool.<random>.tmp`. The fixed names
+/// of earlier versions (`spool.log.tmp`, `spool.acked.tmp`) match as well.
+const TEMP_PREFIX: &str = "spool.";
+const TEMP_SUFFIX: &str = ".tmp";
+
+/// Replaces `dir/name` whole: written to a temp file beside it (an unguessable name
+/// created with O_EXCL, so a symlink planted at a predictable name cannot redirect the
+/// write), synced when `durable`, then renamed over it. On failure the temp file is
+/// removed: a half-written copy would only take the space a full disk lacks. Returns the
+/// new file's handle, positioned at its end.
+fn replace_file(
+    dir: &Path,
+    name: &str,
+    durable: bool,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<File, SpoolError> {
+    let path = dir.join(name);
+    let mut tmp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .suffix(TEMP_SUFFIX)
+        .tempfile_in(dir)
+        .map_err(err(dir))?;
+    #[cfg(test)]
+    tests::fill_disk_if_asked(&mut tmp);
+    let tmp_path = tmp.path().to_owned();
+    write(tmp.as_file_mut())
+        .and_then(|()| {
+            if durable {
+                tmp.as_file().sync_all()
+            } else {
+                Ok(())
+            }
+        })
+        .map_err(err(&tmp_path))?;
+    let file = tmp.persist(&path).map_err(|e| err(&path)(e.error))?;
+    if durable {
+        // The rename is durable only once the directory entry is on disk.
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err(dir))?;
+    }
+    Ok(file)
+}
+
+/// Removes temp files a crash left behind (a kill during a compaction leaves a copy of up
+/// to the whole queue). Only this spool writes in its directory (the daemon holds a lock
+/// on its state), so any `spool.*.tmp` is stale. Symlinks are removed, never followed.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => tracing::debug!(file = %name, "removed a stale spool temp file"),
+                Err(e) => {
+                    tracing::warn!(file = %name, error = %e, "cannot remove a stale spool temp file")
+                }
+            }
+        }
     }
 }
 
@@ -511,6 +568,32 @@ impl<R: BufRead> LineReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Set by a test to make the disk "full" for the spool's temp files (each test
+        /// runs on its own thread).
+        static DISK_FULL: Cell<bool> = const { Cell::new(false) };
+        /// Temp files the spool tried to write while the disk was full.
+        static FULL_WRITES: Cell<u32> = const { Cell::new(0) };
+    }
+
+    /// Called by [`replace_file`] for every temp file: on a "full" disk its writes go to
+    /// /dev/full, which fails every write with ENOSPC as a full disk does.
+    pub(super) fn fill_disk_if_asked(tmp: &mut tempfile::NamedTempFile) {
+        if DISK_FULL.with(Cell::get) {
+            FULL_WRITES.with(|n| n.set(n.get() + 1));
+            *tmp.as_file_mut() = OpenOptions::new().write(true).open("/dev/full").unwrap();
+        }
+    }
+
+    fn temp_files(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect()
+    }
 
     #[test]
     fn unacknowledged_messages_survive_a_reopen_in_order() {
@@ -548,7 +631,6 @@ mod tests {
     #[test]
     fn a_full_disk_loses_no_message_and_the_log_is_rewritten_once_there_is_room() {
         let dir = tempfile::tempdir().unwrap();
-        let tmp = dir.path().join("spool.log.tmp");
         let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
         let first = s.append("t", false, "before");
         s.sync();
@@ -556,7 +638,7 @@ mod tests {
         // The disk fills up: /dev/full fails every write with ENOSPC, the log's appends
         // and the rewrite's copy alike.
         s.log = OpenOptions::new().append(true).open("/dev/full").unwrap();
-        std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+        DISK_FULL.with(|f| f.set(true));
         s.append("t", false, "during");
         s.sync();
         assert!(!s.on_disk());
@@ -565,16 +647,18 @@ mod tests {
         // Delivery goes on from memory, in order; no retry within REWRITE_RETRY.
         let queued: Vec<&str> = s.pending().map(|e| e.payload.as_str()).collect();
         assert_eq!(queued, ["before", "during", "still full"]);
-        assert!(tmp.is_symlink(), "retried too soon");
+        assert_eq!(FULL_WRITES.with(Cell::get), 0, "retried too soon");
 
         // A retry while the disk is still full fails and cleans up its half copy.
         s.last_rewrite_attempt = Some(Instant::now() - REWRITE_RETRY);
         s.sync();
         assert!(!s.on_disk());
-        assert!(!tmp.exists() && !tmp.is_symlink());
+        assert_eq!(FULL_WRITES.with(Cell::get), 1);
+        assert_eq!(temp_files(dir.path()), Vec::<String>::new());
         s.ack(first);
 
         // Room again: the next retry rewrites the queue, and appends go to disk again.
+        DISK_FULL.with(|f| f.set(false));
         s.last_rewrite_attempt = Some(Instant::now() - REWRITE_RETRY);
         s.sync();
         assert!(s.on_disk());
@@ -584,6 +668,60 @@ mod tests {
         let s = Spool::open(dir.path(), 1 << 20).unwrap();
         let replayed: Vec<&str> = s.pending().map(|e| e.payload.as_str()).collect();
         assert_eq!(replayed, ["during", "still full", "after"]);
+    }
+
+    // Issue #19: the temp files had fixed names (spool.log.tmp, spool.acked.tmp) and were
+    // opened by path, so a symlink planted there redirected the write to its target.
+    #[test]
+    fn a_symlink_planted_at_a_temp_path_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let plant = || {
+            for name in ["spool.log.tmp", "spool.acked.tmp"] {
+                let link = dir.path().join(name);
+                let _ = std::fs::remove_file(&link);
+                std::os::unix::fs::symlink(&victim, &link).unwrap();
+            }
+        };
+        // Planted before a start: removed there, not followed.
+        plant();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(temp_files(dir.path()), Vec::<String>::new());
+        // Planted while it runs: the acked mark and a compaction write elsewhere.
+        plant();
+        let mut last = 0;
+        for i in 0..300 {
+            last = s.append("t", false, &format!("m{i}"));
+        }
+        s.ack(last);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("spool.acked")).unwrap(),
+            last.to_string()
+        );
+        assert!(log_bytes(dir.path()).is_empty(), "compacted");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        for name in ["spool.log.tmp", "spool.acked.tmp"] {
+            assert!(dir.path().join(name).is_symlink());
+        }
+        assert!(!std::fs::symlink_metadata(dir.path().join("spool.log"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    #[test]
+    fn temp_files_a_crash_left_behind_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.append("t", false, "kept");
+        drop(s);
+        std::fs::write(dir.path().join("spool.a1B2c3.tmp"), "half a copy").unwrap();
+        std::fs::write(dir.path().join("unrelated.tmp"), "not ours").unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(payloads(&s), ["kept"]);
+        assert_eq!(temp_files(dir.path()), ["unrelated.tmp"]);
     }
 
     fn log_bytes(dir: &Path) -> Vec<u8> {
