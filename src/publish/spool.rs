@@ -2,16 +2,29 @@
 //! leaves only when the broker acknowledged it (PUBACK). On reconnect and on restart the
 //! backlog is replayed in order.
 //!
-//! On disk: `spool.log` holds one JSON record a line (id, topic, retain, payload);
-//! `spool.acked` holds the highest acknowledged id. Appends are synced at the end of each
-//! publisher batch (one fsync per batch, not per message); the acked mark is written
-//! lazily, so after a crash a few acknowledged messages may be sent again (at least once:
-//! subscribers drop duplicates by `seq`). The log is rewritten without its acknowledged
-//! head once that head is more than half of it.
+//! On disk: `spool.log` holds one JSON record a line: messages (id, topic, retain,
+//! payload), drop records (`{"drop":id}`, a message dropped to keep the bound) and, as
+//! the first line of a compacted log, the totals of drops and damaged records it no
+//! longer holds a trace of; `spool.acked` holds the highest acknowledged id. Appends are
+//! synced at the end of each publisher batch (one fsync per batch, not per message): a
+//! killed process loses no append that returned (the kernel has it), a power cut none
+//! before the last sync. The acked mark is written lazily, so after a crash a few
+//! acknowledged messages may be sent again (at least once: subscribers drop duplicates by
+//! `seq`).
 //!
-//! Bounded: when the pending bytes exceed the limit, the oldest messages are dropped,
-//! superseded state messages (a newer one for the same retained topic is queued) first,
-//! then the oldest of anything; drops are counted and reported in health.
+//! The log is read back as bytes, a line at a time: a damaged line (torn, invalid UTF-8
+//! or JSON) is skipped and counted (health: `spool_damaged`), the rest replayed; a torn
+//! last line is cut off at open so the next append starts on a fresh line.
+//!
+//! Bounded, in memory and on disk: when the pending lines exceed `max_bytes`, messages
+//! are dropped: first states that a newer state of the same topic supersedes, then the
+//! oldest other messages (events, health). A topic's newest state is never dropped, so the
+//! broker's retained state of every zone survives any outage. Each drop is counted once
+//! (health: `dropped`, kept across restarts). The log is compacted (rewritten with only
+//! the queue, through a temp file renamed over it) when its acknowledged head is more
+//! than half of it, or when what it holds beyond the queue passes the slack (a quarter of
+//! the bound, at least 4 KiB), so it stays within the bound plus the slack even while the
+//! broker is down; a compaction needs room for the new copy beside the old one.
 //!
 //! A full or failing disk (an SD card that filled up) does not lose messages either: the
 //! queue lives in memory as well, so delivery goes on; the spool says once that it is
@@ -19,9 +32,9 @@
 //! [`REWRITE_RETRY`], and when the disk takes writes again it rewrites the whole queue,
 //! so a restart from then on replays everything again.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -43,20 +56,63 @@ pub struct Entry {
     pub payload: String,
 }
 
+/// A queued entry and the length of its line in the log (what the bound counts).
+#[derive(Debug)]
+struct Queued {
+    entry: Entry,
+    bytes: usize,
+}
+
+/// The log's record that message `drop` was dropped to keep the bound: `{"drop":17}`.
+/// Replayed, it keeps the message dropped and counted once.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Dropped {
+    drop: u64,
+}
+
+/// Drops and damaged records the log no longer holds a trace of, written as the first line
+/// of a compacted log: `{"dropped":3,"damaged":1}`. The counts so survive restarts, and
+/// each drop or damaged record is counted once: either here, or by its trace in the log.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Totals {
+    dropped: u64,
+    damaged: u64,
+}
+
+/// A line of the log. Earlier versions wrote only entries (and skip the other records as
+/// damaged: a downgrade delivers what was dropped rather than losing anything).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Record {
+    Entry(Entry),
+    Dropped(Dropped),
+    Totals(Totals),
+}
+
 pub struct Spool {
     dir: PathBuf,
     log: File,
-    pending: VecDeque<Entry>,
+    pending: VecDeque<Queued>,
+    /// Pending retained entries per topic.
+    retained: HashMap<String, usize>,
+    /// Pending retained entries that a newer one for their topic supersedes.
+    superseded: usize,
     next_id: u64,
     acked: u64,
     acked_written: u64,
-    /// Records in the log file (acknowledged head included).
+    /// Entries in the log file (acknowledged head included).
     log_records: usize,
+    /// The log file's length (while on disk).
+    log_bytes: usize,
+    /// Lines of the pending entries.
     pending_bytes: usize,
     max_bytes: usize,
-    dropped: u64,
-    /// Damaged records found in the log at open (skipped, not replayed).
-    damaged: u64,
+    /// Since the spool was created (persisted in the log).
+    totals: Totals,
+    /// Messages dropped since the last write to the log, whose drop records are due.
+    unwritten_drops: Vec<u64>,
     /// Set when a write failed: the log on disk misses messages (or ends in a torn
     /// record) and must be rewritten whole; `None` while the disk keeps up.
     off_disk_since: Option<Instant>,
@@ -66,11 +122,32 @@ pub struct Spool {
 /// How often a spool that could not write tries again (a whole rewrite of the queue).
 pub const REWRITE_RETRY: Duration = Duration::from_secs(10);
 
+/// How far the log may grow past its live records (acknowledged, dropped, drop records)
+/// before it is compacted: a quarter of the bound, so a full spool rewrites its bound
+/// once per quarter of it appended; at least 4 KiB, so a small bound is not rewritten at
+/// every message.
+fn slack(max_bytes: usize) -> usize {
+    (max_bytes / 4).max(4 << 10)
+}
+
 fn err(path: &Path) -> impl Fn(std::io::Error) -> SpoolError + '_ {
     move |error| SpoolError {
         path: path.to_owned(),
         error,
     }
+}
+
+/// What the first pass over the log learns, for the second to apply.
+#[derive(Default)]
+struct Survey {
+    /// Ids with a drop record.
+    dropped: HashSet<u64>,
+    /// The id of the newest retained entry of each topic.
+    newest_state: HashMap<String, u64>,
+    totals: Totals,
+    damaged: u64,
+    max_id: u64,
+    log_records: usize,
 }
 
 impl Spool {
@@ -79,6 +156,7 @@ impl Spool {
     /// The log is read as bytes: a damaged line (invalid UTF-8, a half-written record, a
     /// record out of order) is skipped and counted, and the rest is replayed. A torn last
     /// line (a power cut mid-append) is cut off, so the next append starts a fresh line.
+    /// The bound is enforced here too, and a log that needs it is compacted.
     pub fn open(dir: &Path, max_bytes: usize) -> Result<Self, SpoolError> {
         std::fs::create_dir_all(dir).map_err(err(dir))?;
         remove_stale_temp_files(dir);
@@ -88,63 +166,101 @@ impl Spool {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(0);
-        let mut pending = VecDeque::new();
-        let mut log_records = 0;
-        let mut max_id = acked;
-        let mut damaged = 0;
-        let scanned = scan(&log_path, line_cap(max_bytes), |line| match line {
-            Scanned::Entry(e) => {
-                log_records += 1;
-                max_id = max_id.max(e.id);
-                if e.id > acked {
-                    pending.push_back(e);
+        let cap = line_cap(max_bytes);
+
+        // Two passes: a drop record follows its entry, and the bound is enforced while
+        // loading (a log an earlier version let grow must not all sit in memory), so the
+        // drops are known before the entries are loaded.
+        let mut survey = Survey::default();
+        let scanned = scan(&log_path, cap, u64::MAX, |line| match line {
+            Scanned::Entry(e, _) => {
+                survey.log_records += 1;
+                survey.max_id = survey.max_id.max(e.id);
+                if e.retain {
+                    survey.newest_state.insert(e.topic, e.id);
                 }
             }
-            Scanned::Damaged => damaged += 1,
-        });
-        let scanned = match scanned {
-            Ok(s) => s,
-            Err(e) => {
-                // Unreadable from some point on (a failing card): what was read is
-                // replayed; the log is left as it is for the rewrite below.
-                tracing::error!(error = %e, "cannot read the whole spool log");
-                None
+            Scanned::Dropped(id) => {
+                survey.max_id = survey.max_id.max(id);
+                survey.dropped.insert(id);
             }
-        };
+            // Only the first line of a log holds totals; a later copy is a leftover.
+            Scanned::Totals(t) => survey.totals = t,
+            Scanned::Damaged => survey.damaged += 1,
+        })
+        .map_err(err(&log_path))?;
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
             .map_err(err(&log_path))?;
-        let pending_bytes = pending.iter().map(Entry::size).sum();
         let mut spool = Self {
             dir: dir.to_owned(),
             log,
-            pending,
-            next_id: max_id + 1,
+            pending: VecDeque::new(),
+            retained: HashMap::new(),
+            superseded: 0,
+            next_id: survey.max_id.max(acked) + 1,
             acked,
             acked_written: acked,
-            log_records,
-            pending_bytes,
+            log_records: survey.log_records,
+            log_bytes: scanned.end as usize,
+            pending_bytes: 0,
             max_bytes,
-            dropped: 0,
-            damaged,
+            totals: Totals {
+                // Each drop record stands for one message dropped since the last
+                // compaction; the totals line for those before it.
+                dropped: survey.totals.dropped + survey.dropped.len() as u64,
+                damaged: survey.totals.damaged + survey.damaged,
+            },
+            unwritten_drops: Vec::new(),
             off_disk_since: None,
             last_rewrite_attempt: None,
         };
-        if damaged > 0 {
+        let loaded = scan(&log_path, cap, scanned.end, |line| {
+            let Scanned::Entry(e, bytes) = line else {
+                return;
+            };
+            if e.id <= acked {
+                return;
+            }
+            if survey.dropped.contains(&e.id) {
+                // A topic's newest state is never dropped (see `victim`); a drop record
+                // for it means the newer state it was dropped for did not reach the disk
+                // (torn or damaged). Kept, so the broker's retained state stays whole.
+                if !(e.retain && survey.newest_state.get(&e.topic) == Some(&e.id)) {
+                    return;
+                }
+                spool.totals.dropped -= 1;
+            }
+            spool.push(Queued { entry: e, bytes });
+            if spool.pending_bytes > max_bytes + slack(max_bytes) {
+                spool.enforce_bound(false);
+            }
+        });
+        let read_error = scanned.error.or_else(|| match loaded {
+            Ok(l) => l.error,
+            Err(e) => Some(e),
+        });
+        if let Some(e) = &read_error {
+            // Unreadable from some point on (a failing card): what was read is replayed,
+            // and the log is rewritten without the rest.
+            tracing::error!(error = %e, path = %log_path.display(), "cannot read the whole spool log");
+        }
+        spool.enforce_bound(false);
+        if survey.damaged > 0 {
             tracing::warn!(
-                damaged,
+                damaged = survey.damaged,
                 path = %log_path.display(),
                 "the spool log held damaged records (torn by a power cut or corrupted); they are skipped, the rest is replayed"
             );
         }
-        if let Some(tail) = scanned.and_then(|s| s.tail) {
-            if let Err(e) = spool.repair_tail(tail) {
-                // Appending after a torn line would glue the next record onto it: go
-                // off disk (memory only) until the whole queue can be rewritten.
-                spool.went_off_disk(e);
-            }
+        if !spool.unwritten_drops.is_empty() {
+            tracing::warn!(
+                dropped = spool.unwritten_drops.len(),
+                max_bytes,
+                "the spool log was over its bound: its oldest messages are dropped"
+            );
         }
         if !spool.pending.is_empty() {
             tracing::info!(
@@ -152,10 +268,26 @@ impl Spool {
                 "spooled messages from the last run will be replayed"
             );
         }
-        if spool.on_disk() {
-            if let Err(e) = spool.compact_if_worth_it() {
-                // The log is whole as it is, only longer than it needs to be; acks retry.
+        let must_rewrite = read_error.is_some()
+            || scanned.tail.is_some()
+            || survey.damaged > 0
+            || !spool.unwritten_drops.is_empty();
+        if must_rewrite || spool.compaction_due() {
+            if let Err(e) = spool.rewrite_log() {
                 tracing::warn!(error = %e, "cannot compact the spool yet");
+                // Appending after a torn line would glue the next record onto it, after
+                // an unreadable stretch would hide it: the log must at least end clean
+                // and record the drops, or the spool goes off disk (memory only) until it
+                // can rewrite the whole queue.
+                let fixed = match read_error {
+                    Some(e) => Err(err(&log_path)(e)),
+                    None => spool
+                        .repair_tail(scanned.tail)
+                        .and_then(|()| spool.write_drops()),
+                };
+                if let Err(e) = fixed {
+                    spool.went_off_disk(e);
+                }
             }
         }
         Ok(spool)
@@ -163,41 +295,81 @@ impl Spool {
 
     /// Makes the log end with a complete line: a torn fragment is cut off (it was
     /// counted as damaged), a whole record that only lacks its newline gets one.
-    fn repair_tail(&mut self, tail: Tail) -> Result<(), SpoolError> {
+    fn repair_tail(&mut self, tail: Option<Tail>) -> Result<(), SpoolError> {
         let path = self.dir.join("spool.log");
         match tail {
-            Tail::Torn { whole_end } => {
+            None => return Ok(()),
+            Some(Tail::Torn { whole_end }) => {
                 self.log.set_len(whole_end).map_err(err(&path))?;
+                self.log_bytes = whole_end as usize;
             }
-            Tail::Unterminated => {
+            Some(Tail::Unterminated) => {
                 self.log.write_all(b"\n").map_err(err(&path))?;
+                self.log_bytes += 1;
             }
         }
         self.log.sync_data().map_err(err(&path))
     }
 
+    /// Appends the drop records that are due.
+    fn write_drops(&mut self) -> Result<(), SpoolError> {
+        let mut buf = Vec::new();
+        self.drop_lines(&mut buf);
+        self.write_log(&buf)
+    }
+
+    fn drop_lines(&mut self, buf: &mut Vec<u8>) {
+        for drop in self.unwritten_drops.drain(..) {
+            serde_json::to_writer(&mut *buf, &Dropped { drop }).expect("serialises");
+            buf.push(b'\n');
+        }
+    }
+
+    fn write_log(&mut self, buf: &[u8]) -> Result<(), SpoolError> {
+        self.log
+            .write_all(buf)
+            .map_err(err(&self.dir.join("spool.log")))?;
+        self.log_bytes += buf.len();
+        Ok(())
+    }
+
     /// Queues a message and appends it to the log (not yet synced: see [`Spool::sync`]).
     /// The message is queued even when the disk refuses it; see the module docs.
     pub fn append(&mut self, topic: &str, retain: bool, payload: &str) -> u64 {
-        let e = Entry {
+        let entry = Entry {
             id: self.next_id,
             topic: topic.to_owned(),
             retain,
             payload: payload.to_owned(),
         };
         self.next_id += 1;
-        // Off disk there is nothing to append to: the retry rewrites the whole queue.
-        let line = self.on_disk().then(|| e.line());
-        self.pending_bytes += e.size();
-        let id = e.id;
-        self.pending.push_back(e);
-        self.enforce_bound();
-        match line {
-            None => self.retry_rewrite(),
-            Some(line) => match self.log.write_all(line.as_bytes()) {
-                Ok(()) => self.log_records += 1,
-                Err(e) => self.went_off_disk(err(&self.dir.join("spool.log"))(e)),
-            },
+        let id = entry.id;
+        let mut buf = entry.line().into_bytes();
+        self.push(Queued {
+            entry,
+            bytes: buf.len(),
+        });
+        self.enforce_bound(true);
+        if !self.on_disk() {
+            // Off disk there is nothing to append to: the retry rewrites the whole queue.
+            self.retry_rewrite();
+            return id;
+        }
+        // The entry before the drop records it caused: a drop record for a superseded
+        // state is never on disk without the newer state.
+        self.drop_lines(&mut buf);
+        match self.write_log(&buf) {
+            Ok(()) => {
+                self.log_records += 1;
+                // The bound on disk: while nothing is acknowledged (the broker is down)
+                // only drops shrink the queue, and only a compaction the log.
+                if self.log_bytes.saturating_sub(self.pending_bytes) > slack(self.max_bytes) {
+                    if let Err(e) = self.rewrite_log() {
+                        self.went_off_disk(e);
+                    }
+                }
+            }
+            Err(e) => self.went_off_disk(e),
         }
         id
     }
@@ -225,6 +397,8 @@ impl Spool {
         let now = Instant::now();
         self.off_disk_since = Some(now);
         self.last_rewrite_attempt = Some(now);
+        // The rewrite that ends this records the queue as it is then.
+        self.unwritten_drops.clear();
     }
 
     fn retry_rewrite(&mut self) {
@@ -251,14 +425,14 @@ impl Spool {
 
     /// Pending entries from the oldest.
     pub fn pending(&self) -> impl Iterator<Item = &Entry> {
-        self.pending.iter()
+        self.pending.iter().map(|q| &q.entry)
     }
 
     /// The first pending entry with an id of at least `from`.
     pub fn next_from(&self, from: u64) -> Option<&Entry> {
         // Ids are increasing: binary search on the deque.
-        let i = self.pending.partition_point(|e| e.id < from);
-        self.pending.get(i)
+        let i = self.pending.partition_point(|q| q.entry.id < from);
+        self.pending.get(i).map(|q| &q.entry)
     }
 
     pub fn len(&self) -> usize {
@@ -269,22 +443,23 @@ impl Spool {
         self.pending.is_empty()
     }
 
-    /// Messages dropped because the spool was full.
+    /// Messages dropped because the spool was full, since the spool was created (the
+    /// count is kept in the log across restarts; each drop is counted once).
     pub fn dropped(&self) -> u64 {
-        self.dropped
+        self.totals.dropped
     }
 
-    /// Damaged records found in the log at open: skipped, the rest was replayed.
+    /// Damaged records found in the log (torn, corrupted) and skipped, since the spool
+    /// was created; every other record was replayed.
     pub fn damaged(&self) -> u64 {
-        self.damaged
+        self.totals.damaged
     }
 
     /// The broker acknowledged `id` (PUBACKs come in publish order, so everything before
     /// it that is still pending was acknowledged as well or dropped).
     pub fn ack(&mut self, id: u64) {
-        while self.pending.front().is_some_and(|e| e.id <= id) {
-            let e = self.pending.pop_front().expect("checked");
-            self.pending_bytes -= e.size();
+        while self.pending.front().is_some_and(|q| q.entry.id <= id) {
+            self.remove_at(0);
         }
         self.acked = self.acked.max(id);
         // The mark is cheap to lose (duplicates, not loss): write it every 64 acks and
@@ -309,40 +484,103 @@ impl Spool {
         Ok(())
     }
 
+    /// Whether the log is worth rewriting: its acknowledged head dominates, or what it
+    /// holds beyond the queue passed the slack.
+    fn compaction_due(&self) -> bool {
+        (self.log_records >= 256 && self.pending.len() * 2 <= self.log_records)
+            || self.log_bytes.saturating_sub(self.pending_bytes) > slack(self.max_bytes)
+    }
+
     fn compact_if_worth_it(&mut self) -> Result<(), SpoolError> {
-        if self.log_records < 256 || self.pending.len() * 2 > self.log_records {
+        if !self.compaction_due() {
             return Ok(());
         }
         self.rewrite_log()
     }
 
-    /// Replaces the log with the pending queue (written aside, synced, renamed over).
+    /// Replaces the log with the totals and the pending queue (written aside, synced,
+    /// renamed over). What was dropped or damaged is then counted by the totals line.
     fn rewrite_log(&mut self) -> Result<(), SpoolError> {
-        let pending = &self.pending;
+        let (pending, totals) = (&self.pending, self.totals);
+        let mut written = 0;
         // The copy's handle, positioned at its end, is the log's from now on.
         self.log = replace_file(&self.dir, "spool.log", true, |f| {
             let mut w = std::io::BufWriter::new(f);
-            for e in pending {
-                w.write_all(e.line().as_bytes())?;
+            if totals != Totals::default() {
+                let mut line = serde_json::to_vec(&totals).expect("serialises");
+                line.push(b'\n');
+                w.write_all(&line)?;
+                written += line.len();
+            }
+            for q in pending {
+                w.write_all(q.entry.line().as_bytes())?;
+                written += q.bytes;
             }
             w.flush()
         })?;
         self.log_records = self.pending.len();
+        self.log_bytes = written;
+        self.unwritten_drops.clear();
         Ok(())
     }
 
-    fn enforce_bound(&mut self) {
-        while self.pending_bytes > self.max_bytes && self.pending.len() > 1 {
-            // A retained state superseded by a newer one for the same topic goes first.
-            let superseded = (0..self.pending.len()).find(|&i| {
-                let e = &self.pending[i];
-                e.retain && self.pending.iter().skip(i + 1).any(|n| n.topic == e.topic)
-            });
-            let i = superseded.unwrap_or(0);
-            let e = self.pending.remove(i).expect("index in range");
-            self.pending_bytes -= e.size();
-            self.dropped += 1;
-            tracing::warn!(topic = %e.topic, id = e.id, superseded = superseded.is_some(), "spool full: message dropped");
+    fn push(&mut self, q: Queued) {
+        self.pending_bytes += q.bytes;
+        if q.entry.retain {
+            let n = self.retained.entry(q.entry.topic.clone()).or_default();
+            if *n > 0 {
+                self.superseded += 1;
+            }
+            *n += 1;
+        }
+        self.pending.push_back(q);
+    }
+
+    fn remove_at(&mut self, i: usize) -> Queued {
+        let q = self.pending.remove(i).expect("index in range");
+        self.pending_bytes -= q.bytes;
+        if q.entry.retain {
+            let n = self.retained.get_mut(&q.entry.topic).expect("counted");
+            *n -= 1;
+            if *n == 0 {
+                self.retained.remove(&q.entry.topic);
+            } else {
+                self.superseded -= 1;
+            }
+        }
+        q
+    }
+
+    /// The message to drop when the spool is full, if any may go.
+    fn victim(&self) -> Option<usize> {
+        if self.superseded > 0 {
+            // The oldest state that a newer one of its topic supersedes: the broker gets
+            // the newer one, so nothing a subscriber sees is lost.
+            return self
+                .pending
+                .iter()
+                .position(|q| q.entry.retain && self.retained[&q.entry.topic] > 1);
+        }
+        // Then the oldest message that is not a state (events, health). A topic's newest
+        // state is never dropped: the bound may be passed by one state per topic (a zone)
+        // rather than lose what a subscriber would see as the zone's count.
+        self.pending.iter().position(|q| !q.entry.retain)
+    }
+
+    /// Drops messages until the queue is within the bound; each drop is counted and
+    /// leaves a drop record to append while the log is on disk.
+    fn enforce_bound(&mut self, log_each: bool) {
+        while self.pending_bytes > self.max_bytes {
+            let Some(i) = self.victim() else { break };
+            let superseded = self.superseded > 0;
+            let q = self.remove_at(i);
+            self.totals.dropped += 1;
+            if self.on_disk() {
+                self.unwritten_drops.push(q.entry.id);
+            }
+            if log_each {
+                tracing::warn!(topic = %q.entry.topic, id = q.entry.id, superseded, "spool full: message dropped");
+            }
         }
     }
 }
@@ -353,10 +591,6 @@ impl Entry {
         let mut line = serde_json::to_string(self).expect("entries serialise");
         line.push('\n');
         line
-    }
-
-    fn size(&self) -> usize {
-        self.topic.len() + self.payload.len() + 32
     }
 }
 
@@ -434,8 +668,12 @@ fn line_cap(max_bytes: usize) -> usize {
 
 /// One line of the log, as read.
 enum Scanned {
-    Entry(Entry),
-    /// Not a record: torn, invalid UTF-8 or JSON, too long, or out of order.
+    /// An entry and the length of its line.
+    Entry(Entry, usize),
+    /// A drop record's id.
+    Dropped(u64),
+    Totals(Totals),
+    /// Not a record: torn, invalid UTF-8 or JSON, too long, or an entry out of order.
     Damaged,
 }
 
@@ -448,24 +686,31 @@ enum Tail {
     Unterminated,
 }
 
+#[derive(Default)]
 struct ScanEnd {
     tail: Option<Tail>,
+    /// How far the lines were read (all of them, unless reading failed).
+    end: u64,
+    /// Why reading stopped before the end of the file.
+    error: Option<std::io::Error>,
 }
 
-/// Reads the log at `path` line by line, as bytes: invalid UTF-8 or a half-written record
-/// costs its own line, never the rest of the replay. `None` when there is no log.
+/// Reads the first `limit` bytes of the log at `path` line by line, as bytes: invalid
+/// UTF-8 or a half-written record costs its own line, never the rest of the replay. No log
+/// is an empty one; only a log that cannot be opened is an error.
 fn scan(
     path: &Path,
     cap: usize,
+    limit: u64,
     mut each: impl FnMut(Scanned),
-) -> std::io::Result<Option<ScanEnd>> {
+) -> std::io::Result<ScanEnd> {
     let f = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ScanEnd::default()),
         Err(e) => return Err(e),
     };
     let mut lines = LineReader {
-        inner: BufReader::new(f),
+        inner: BufReader::new(f.take(limit)),
         cap,
         offset: 0,
     };
@@ -473,36 +718,55 @@ fn scan(
     let mut last_id = 0;
     let mut whole_end = 0;
     let mut tail = None;
-    while let Some(line) = lines.next(&mut buf)? {
+    loop {
+        let line = match lines.next(&mut buf) {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(e) => {
+                return Ok(ScanEnd {
+                    tail: None,
+                    end: whole_end,
+                    error: Some(e),
+                })
+            }
+        };
         // An empty line is no record and no damage either.
         if line.complete && buf.is_empty() && !line.too_long {
             whole_end = line.end;
             continue;
         }
-        let entry = (!line.too_long)
-            .then(|| serde_json::from_slice::<Entry>(&buf).ok())
+        let record = (!line.too_long)
+            .then(|| serde_json::from_slice::<Record>(&buf).ok())
             .flatten()
-            // Ids only rise in a log this spool wrote; a record out of order is a
-            // line the file system duplicated or misplaced, and would break the
-            // replay's order.
-            .filter(|e| e.id > last_id);
+            // Ids only rise in a log this spool wrote; an entry out of order is a line
+            // the file system duplicated or misplaced, and would break the replay's
+            // order.
+            .filter(|r| !matches!(r, Record::Entry(e) if e.id <= last_id));
         if line.complete {
             whole_end = line.end;
         } else {
-            tail = Some(match entry {
+            tail = Some(match record {
                 Some(_) => Tail::Unterminated,
                 None => Tail::Torn { whole_end },
             });
         }
-        match entry {
-            Some(e) => {
+        // A record only lacking its newline counts one more byte: the one it gets.
+        let bytes = buf.len() + 1;
+        each(match record {
+            Some(Record::Entry(e)) => {
                 last_id = e.id;
-                each(Scanned::Entry(e));
+                Scanned::Entry(e, bytes)
             }
-            None => each(Scanned::Damaged),
-        }
+            Some(Record::Dropped(d)) => Scanned::Dropped(d.drop),
+            Some(Record::Totals(t)) => Scanned::Totals(t),
+            None => Scanned::Damaged,
+        });
     }
-    Ok(Some(ScanEnd { tail }))
+    Ok(ScanEnd {
+        tail,
+        end: lines.offset,
+        error: None,
+    })
 }
 
 /// Splits a byte stream into lines without holding more than `cap` bytes of one.
@@ -762,9 +1026,10 @@ mod tests {
         assert!(s.pending().last().unwrap().retain);
         assert_eq!(
             s.damaged(),
-            0,
+            1,
             "the fragment was cut, not left to count again"
         );
+        assert!(!String::from_utf8_lossy(&log_bytes(dir.path())).contains("torn"));
     }
 
     #[test]
@@ -815,6 +1080,11 @@ mod tests {
             .collect();
         assert_eq!(payloads(&s), expected);
         assert_eq!(s.damaged(), 1);
+        drop(s);
+        // Counted once: the damaged line is gone and its count kept.
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(payloads(&s), expected);
+        assert_eq!(s.damaged(), 1);
     }
 
     #[test]
@@ -848,14 +1118,164 @@ mod tests {
         for i in 2..8 {
             s.append("d/events", false, &format!("event-{i}"));
         }
-        let left: Vec<_> = s.pending().map(|e| e.payload.clone()).collect();
-        assert!(!left.contains(&"state-1".to_string()), "{left:?}");
-        assert!(
-            left.contains(&"state-2".to_string()) || s.dropped() > 1,
-            "{left:?}"
-        );
-        assert!(left.last().unwrap() == "event-7");
-        assert!(s.dropped() >= 1);
+        let left = payloads(&s);
+        // state-1 went first (state-2 supersedes it), then the oldest events; state-2,
+        // the zone's newest, stays although it is older than every event left.
+        assert_eq!(left[0], "state-2", "{left:?}");
+        let events = &left[1..];
+        let first: usize = events[0].strip_prefix("event-").unwrap().parse().unwrap();
+        let expected: Vec<String> = (first..8).map(|i| format!("event-{i}")).collect();
+        assert_eq!(events, expected, "the newest events, in order");
+        assert!(first > 1, "{left:?}");
+        assert_eq!(s.dropped(), 9 - left.len() as u64);
+    }
+
+    // Issue #19: the bound dropped the oldest message of any kind, so a zone whose state
+    // had not changed for a while lost its retained state to a stream of events.
+    #[test]
+    fn the_newest_state_of_each_topic_survives_any_number_of_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 4 << 10;
+        let mut s = Spool::open(dir.path(), max).unwrap();
+        s.append("d/zones/a/state", true, "a-1");
+        s.append("d/zones/b/state", true, "b-1");
+        for i in 0..2000 {
+            if i == 1000 {
+                s.append("d/zones/a/state", true, "a-2");
+            }
+            s.append("d/events", false, &format!("event-{i}"));
+        }
+        let states = |s: &Spool| -> Vec<String> {
+            s.pending()
+                .filter(|e| e.retain)
+                .map(|e| e.payload.clone())
+                .collect()
+        };
+        assert_eq!(states(&s), ["b-1", "a-2"]);
+        assert_eq!(s.dropped(), 2003 - s.len() as u64);
+        drop(s);
+        let s = Spool::open(dir.path(), max).unwrap();
+        assert_eq!(states(&s), ["b-1", "a-2"]);
+    }
+
+    /// The largest the log may be right after an append: the bound, the slack, and the
+    /// append itself (an entry and its drop records).
+    fn disk_bound(max: usize) -> u64 {
+        (max + slack(max) + 1024) as u64
+    }
+
+    fn log_len(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join("spool.log")).unwrap().len()
+    }
+
+    // Issue #19: spool-max-bytes bounded memory only; the log grew on disk for the whole
+    // broker outage.
+    #[test]
+    fn a_spool_filled_during_an_outage_stays_within_its_bound_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 64 << 10;
+        let mut s = Spool::open(dir.path(), max).unwrap();
+        let mut largest = 0;
+        // Nothing is acknowledged: the broker is down. About 8 times the bound appended.
+        for i in 0..10_000 {
+            if i % 50 == 0 {
+                s.append("d/zones/a/state", true, &format!("{{\"count\":{i}}}"));
+            }
+            let event = format!("{{\"event\":\"count-changed\",\"n\":{i}}}");
+            s.append("d/events", false, &event);
+            if i % 100 == 0 {
+                s.sync();
+            }
+            largest = largest.max(log_len(dir.path()));
+        }
+        assert!(s.on_disk());
+        assert!(largest <= disk_bound(max), "{largest} bytes on disk");
+        assert!(s.pending_bytes <= max);
+        assert!(s.dropped() > 5_000);
+        assert_eq!(temp_files(dir.path()), Vec::<String>::new());
+        // What is on disk is what is queued.
+        let queued: Vec<Entry> = s.pending().cloned().collect();
+        drop(s);
+        let s = Spool::open(dir.path(), max).unwrap();
+        assert_eq!(s.pending().cloned().collect::<Vec<_>>(), queued);
+    }
+
+    // Issue #19: dropped messages stayed in the log, came back at the next start and were
+    // dropped (and counted) again.
+    #[test]
+    fn drops_are_counted_once_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 8 << 10;
+        let mut s = Spool::open(dir.path(), max).unwrap();
+        for i in 0..530 {
+            s.append("d/events", false, &format!("event-{i:04}"));
+        }
+        s.sync();
+        let dropped = s.dropped();
+        assert_eq!(dropped, 530 - s.len() as u64);
+        let queued: Vec<Entry> = s.pending().cloned().collect();
+        drop(s);
+        // Both traces of drops are there: the totals of a compaction, and the drop
+        // records written since.
+        let log = String::from_utf8(log_bytes(dir.path())).unwrap();
+        assert!(log.starts_with("{\"dropped\":"), "{log}");
+        assert!(log.contains("{\"drop\":"), "{log}");
+
+        for _ in 0..2 {
+            let s = Spool::open(dir.path(), max).unwrap();
+            assert_eq!(s.dropped(), dropped);
+            assert_eq!(s.pending().cloned().collect::<Vec<_>>(), queued);
+        }
+        let mut s = Spool::open(dir.path(), max).unwrap();
+        s.append("d/events", false, "event-0530");
+        assert_eq!(s.dropped(), 531 - s.len() as u64);
+    }
+
+    #[test]
+    fn a_log_over_its_bound_at_open_is_cut_to_it_and_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        s.append("d/zones/a/state", true, "a-1");
+        for i in 0..2000 {
+            s.append("d/events", false, &format!("event-{i:04}"));
+        }
+        drop(s);
+        // Restarted with a smaller bound (or upgraded from a version that let the log
+        // grow on disk).
+        let max = 16 << 10;
+        let s = Spool::open(dir.path(), max).unwrap();
+        assert!(s.pending_bytes <= max);
+        assert_eq!(s.dropped(), 2001 - s.len() as u64);
+        assert_eq!(s.pending().next().unwrap().payload, "a-1");
+        assert_eq!(s.pending().last().unwrap().payload, "event-1999");
+        assert!(log_len(dir.path()) <= disk_bound(max));
+        let (dropped, len) = (s.dropped(), s.len());
+        drop(s);
+        let s = Spool::open(dir.path(), max).unwrap();
+        assert_eq!((s.dropped(), s.len()), (dropped, len));
+    }
+
+    #[test]
+    fn a_drop_record_never_removes_the_newest_state_of_its_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        // The newer state a drop record was written for did not reach the disk (torn).
+        std::fs::write(
+            dir.path().join("spool.log"),
+            concat!(
+                r#"{"id":1,"topic":"d/zones/a/state","retain":true,"payload":"a-1"}"#,
+                "\n",
+                r#"{"id":2,"topic":"d/events","retain":false,"payload":"e-1"}"#,
+                "\n",
+                r#"{"drop":2}"#,
+                "\n",
+                r#"{"drop":1}"#,
+                "\n",
+            ),
+        )
+        .unwrap();
+        let s = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(payloads(&s), ["a-1"]);
+        assert_eq!(s.dropped(), 1);
     }
 
     #[test]
