@@ -1294,4 +1294,300 @@ mod tests {
         assert!(lines < 100, "{lines} lines after compaction");
         assert_eq!(s.len(), 10);
     }
+
+    /// Set in a re-executed test binary: the spool directory and bound the power-cut
+    /// writer works on (see `write_until_killed`).
+    const WRITER_DIR: &str = "SHELFWATCH_SPOOL_WRITER_DIR";
+    const WRITER_MAX: &str = "SHELFWATCH_SPOOL_WRITER_MAX";
+
+    fn log_inode(dir: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(dir.join("spool.log")).unwrap().ino()
+    }
+
+    /// The writer of the power-cut tests, in a child process: appends states of two zones
+    /// and events, every 13th of them a 12 KB one that spans pages, and syncs every 16
+    /// like a publisher batch. It prints `appended <id> <topic> <retain>` once an append
+    /// returned, and `synced <inode> <length>` whenever the log is durable up to `length`
+    /// (after a sync, and after a compaction, which writes a synced copy). It runs until
+    /// it is killed.
+    fn write_until_killed(dir: &Path, max: usize) -> ! {
+        let mut s = Spool::open(dir, max).unwrap();
+        let mut out = std::io::stdout().lock();
+        // What open left is on disk: a power cut before it would have left the same.
+        s.sync();
+        let mut inode = log_inode(dir);
+        writeln!(out, "synced {inode} {}", s.log_bytes).unwrap();
+        let big = "x".repeat(12_000);
+        for i in 0u64.. {
+            let (topic, retain) = match i % 7 {
+                0 => ("d/zones/a/state", true),
+                3 => ("d/zones/b/state", true),
+                _ => ("d/events", false),
+            };
+            let payload = if i % 13 == 0 {
+                big.clone()
+            } else {
+                format!("{{\"n\":{i}}}")
+            };
+            let id = s.append(topic, retain, &payload);
+            writeln!(out, "appended {id} {topic} {retain}").unwrap();
+            out.flush().unwrap();
+            let compacted = log_inode(dir) != inode;
+            if i % 16 == 15 || compacted {
+                s.sync();
+                inode = log_inode(dir);
+                writeln!(out, "synced {inode} {}", s.log_bytes).unwrap();
+                out.flush().unwrap();
+            }
+        }
+        unreachable!("the writer runs until it is killed")
+    }
+
+    /// If this process is a writer (`WRITER_DIR` set), write until killed.
+    fn act_as_writer_if_asked() {
+        if let Some(dir) = std::env::var_os(WRITER_DIR) {
+            let max = std::env::var(WRITER_MAX).unwrap().parse().unwrap();
+            write_until_killed(Path::new(&dir), max);
+        }
+    }
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Appended {
+        id: u64,
+        topic: String,
+        retain: bool,
+    }
+
+    /// What a killed writer left.
+    struct Killed {
+        /// Every append that returned before the kill.
+        returned: Vec<Appended>,
+        /// Those a power cut at the kill would keep: appended before the last sync.
+        durable: usize,
+    }
+
+    /// Runs `test` (this binary, re-executed) as the writer on `dir` and kills it with
+    /// SIGKILL once it reported `after` appends. With `power_cut`, the log then loses a
+    /// random part of what was not synced, as a power cut at that moment could (the
+    /// unsynced tail, cut anywhere, mid-record included).
+    fn kill_writer_after(
+        test: &str,
+        dir: &Path,
+        max: usize,
+        after: usize,
+        power_cut: Option<u64>,
+    ) -> Killed {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env(WRITER_DIR, dir)
+            .env(WRITER_MAX, max.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut killed = Killed {
+            returned: Vec::new(),
+            durable: 0,
+        };
+        let mut synced = None;
+        let mut read = |line: String, killed: &mut Killed| {
+            // libtest's "test <name> ... " precedes the first line, unterminated.
+            let words: Vec<&str> = line.split(' ').collect();
+            let at = words
+                .iter()
+                .position(|w| *w == "appended" || *w == "synced");
+            match at.map(|at| &words[at..]) {
+                Some(["appended", id, topic, retain]) => killed.returned.push(Appended {
+                    id: id.parse().unwrap(),
+                    topic: topic.to_string(),
+                    retain: *retain == "true",
+                }),
+                Some(["synced", inode, len]) => {
+                    synced = Some((inode.parse::<u64>().unwrap(), len.parse::<u64>().unwrap()));
+                    killed.durable = killed.returned.len();
+                }
+                // The kill interrupted a line.
+                _ => {}
+            }
+        };
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        while killed.returned.len() < after {
+            let line = lines.next().expect("the writer stopped by itself").unwrap();
+            read(line, &mut killed);
+        }
+        // SIGKILL: no destructor, no flush; the writer is mid-loop, wherever that is.
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+        // Lines it printed before it died are appends that returned as well.
+        for line in lines.map_while(Result::ok) {
+            read(line, &mut killed);
+        }
+        child.wait().unwrap();
+        let (inode, durable_len) = synced.expect("the writer syncs after open");
+        let len = log_len(dir);
+        match power_cut {
+            // A compaction the writer could not report replaced the log: what is durable
+            // of it is unknown, so nothing is cut.
+            Some(r) if log_inode(dir) == inode && len > durable_len => {
+                let cut = durable_len + r % (len - durable_len + 1);
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("spool.log"))
+                    .unwrap();
+                f.set_len(cut).unwrap();
+            }
+            _ => killed.durable = killed.returned.len(),
+        }
+        killed
+    }
+
+    /// Random numbers for the kill points, from a seed that is printed so a failure can
+    /// be replayed.
+    struct Rounds(u64);
+
+    impl Rounds {
+        fn new() -> Self {
+            use std::hash::{BuildHasher, Hasher};
+            let seed = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish();
+            println!("seed {seed}");
+            Rounds(seed | 1)
+        }
+
+        /// xorshift64
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        /// How many appends to wait for, and where a power cut lands (none every
+        /// third round: a plain kill).
+        fn round(&mut self) -> (usize, Option<u64>) {
+            let after = 20 + (self.next() % 600) as usize;
+            let cut = (self.next() % 3 != 0).then(|| self.next());
+            (after, cut)
+        }
+    }
+
+    fn queued(s: &Spool) -> Vec<Appended> {
+        s.pending()
+            .map(|e| Appended {
+                id: e.id,
+                topic: e.topic.clone(),
+                retain: e.retain,
+            })
+            .collect()
+    }
+
+    // Issue #19: a power cut mid-append tore the last line, and what came after it was
+    // lost. The spool syncs once per batch: a killed process keeps every append that
+    // returned (the kernel holds the written bytes), a power cut every append before the
+    // last sync. The writer is killed with SIGKILL at random points, and in two rounds of
+    // three a power cut is simulated on top (the unsynced tail of the log cut at a random
+    // byte).
+    #[test]
+    fn a_writer_killed_at_random_points_loses_no_append_that_returned_or_was_synced() {
+        act_as_writer_if_asked();
+        let test = "publish::spool::tests::a_writer_killed_at_random_points_loses_no_append_that_returned_or_was_synced";
+        let dir = tempfile::tempdir().unwrap();
+        let max = 64 << 20;
+        let mut rounds = Rounds::new();
+        let mut known: Vec<Appended> = Vec::new();
+        let mut damaged = 0;
+        for round in 0..8 {
+            let (after, cut) = rounds.round();
+            let killed = kill_writer_after(test, dir.path(), max, after, cut);
+            let s = Spool::open(dir.path(), max).unwrap();
+            let at = format!("round {round}: kill after {after}, cut {cut:?}");
+            let present = queued(&s);
+            // Nothing acknowledged, nothing dropped: ids 1, 2, 3... in order.
+            let ids: Vec<u64> = present.iter().map(|a| a.id).collect();
+            assert_eq!(ids, (1..=ids.len() as u64).collect::<Vec<_>>(), "{at}");
+            for a in known.iter().chain(&killed.returned[..killed.durable]) {
+                assert_eq!(present.get(a.id as usize - 1), Some(a), "{at}");
+            }
+            // Beyond those, at most what returned, and the append the kill interrupted.
+            assert!(
+                present.len() <= known.len() + killed.returned.len() + 1,
+                "{at}: {} present",
+                present.len()
+            );
+            assert_eq!(s.dropped(), 0);
+            // At most one torn record per kill.
+            assert!(s.damaged() <= damaged + 1, "{at}");
+            damaged = s.damaged();
+            assert_eq!(temp_files(dir.path()), Vec::<String>::new());
+            known = present;
+        }
+        // And the next append after all that starts clean.
+        let mut s = Spool::open(dir.path(), max).unwrap();
+        let id = s.append("d/zones/a/state", true, "last");
+        drop(s);
+        let s = Spool::open(dir.path(), max).unwrap();
+        assert_eq!(s.len(), known.len() + 1);
+        assert_eq!(s.pending().last().map(|e| e.id), Some(id));
+        assert_eq!(s.damaged(), damaged);
+    }
+
+    // Issue #19: the same on a spool that is full, so the writer drops messages, writes
+    // drop records and compacts when it is killed: each zone's newest durable state
+    // survives, each drop is counted once, the log stays within its bound on disk, and no
+    // temp file is left behind.
+    #[test]
+    fn a_full_spool_killed_at_random_points_keeps_each_zones_newest_state_and_counts_drops_once() {
+        act_as_writer_if_asked();
+        let test = "publish::spool::tests::a_full_spool_killed_at_random_points_keeps_each_zones_newest_state_and_counts_drops_once";
+        let dir = tempfile::tempdir().unwrap();
+        let max = 64 << 10;
+        let mut rounds = Rounds::new();
+        let mut newest: HashMap<String, u64> = HashMap::new();
+        let mut returned: HashMap<u64, Appended> = HashMap::new();
+        let mut damaged = 0;
+        for round in 0..8 {
+            let (after, cut) = rounds.round();
+            let killed = kill_writer_after(test, dir.path(), max, after, cut);
+            for a in &killed.returned[..killed.durable] {
+                if a.retain {
+                    newest.insert(a.topic.clone(), a.id);
+                }
+            }
+            let s = Spool::open(dir.path(), max).unwrap();
+            let at = format!("round {round}: kill after {after}, cut {cut:?}");
+            for (topic, id) in &newest {
+                assert!(
+                    s.pending()
+                        .any(|e| e.retain && &e.topic == topic && e.id >= *id),
+                    "{at}: {topic}'s newest state {id} is gone"
+                );
+            }
+            // An id is never given to two messages.
+            returned.extend(killed.returned.into_iter().map(|a| (a.id, a)));
+            for a in queued(&s) {
+                if let Some(r) = returned.get(&a.id) {
+                    assert_eq!(r, &a, "{at}");
+                }
+            }
+            // Except the id of an append a power cut took: it is given again.
+            returned.retain(|id, _| *id < s.next_id);
+            // Nothing acknowledged: every id up to the newest is either queued or
+            // dropped, and counted as dropped exactly once.
+            let last = s.pending().last().unwrap().id;
+            assert_eq!(s.dropped(), last - s.len() as u64, "{at}");
+            assert!(s.pending_bytes <= max);
+            let largest_append = 12_100 + 64 * 200;
+            assert!(
+                log_len(dir.path()) <= (max + slack(max) + largest_append) as u64,
+                "{at}: {} bytes on disk",
+                log_len(dir.path())
+            );
+            assert!(s.damaged() <= damaged + 1, "{at}");
+            damaged = s.damaged();
+            assert_eq!(temp_files(dir.path()), Vec::<String>::new());
+        }
+    }
 }
