@@ -238,10 +238,12 @@ impl Spool {
                 spool.enforce_bound(false);
             }
         });
-        let read_error = scanned.error.or_else(|| match loaded {
-            Ok(l) => l.error,
-            Err(e) => Some(e),
-        });
+        // The second pass reads what the first read; failing where the first did not,
+        // it would leave messages out of the queue that a rewrite would then lose.
+        if let Some(e) = loaded.map_or_else(Some, |l| l.error) {
+            return Err(err(&log_path)(e));
+        }
+        let read_error = scanned.error;
         if let Some(e) = &read_error {
             // Unreadable from some point on (a failing card): what was read is replayed,
             // and the log is rewritten without the rest.
@@ -513,8 +515,9 @@ impl Spool {
                 written += line.len();
             }
             for q in pending {
-                w.write_all(q.entry.line().as_bytes())?;
-                written += q.bytes;
+                let line = q.entry.line();
+                w.write_all(line.as_bytes())?;
+                written += line.len();
             }
             w.flush()
         })?;
@@ -630,10 +633,11 @@ fn replace_file(
         .map_err(err(&tmp_path))?;
     let file = tmp.persist(&path).map_err(|e| err(&path)(e.error))?;
     if durable {
-        // The rename is durable only once the directory entry is on disk.
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err(dir))?;
+        // The rename is durable only once the directory entry is on disk. It is done,
+        // though: the new file is the one to write to from now on, whatever this says.
+        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(error = %e, path = %dir.display(), "cannot sync the spool directory");
+        }
     }
     Ok(file)
 }
