@@ -50,7 +50,9 @@ pub struct MqttSettings {
     pub password_file: Option<PathBuf>,
     #[serde(default)]
     pub tls: Option<TlsSettings>,
-    /// Upper bound of the on-disk spool; beyond it the oldest messages are dropped.
+    /// Upper bound of the spool's queue, in memory and on disk (where compaction may let
+    /// it pass by a quarter); beyond it superseded states, then the oldest events are
+    /// dropped, never a zone's newest state.
     #[serde(default = "default_spool_max_bytes")]
     pub spool_max_bytes: usize,
     /// First reconnect delay; doubles (with jitter) up to `reconnect-max-s`.
