@@ -184,7 +184,7 @@ impl Spool {
                 survey.max_id = survey.max_id.max(id);
                 survey.dropped.insert(id);
             }
-            // Only the first line of a log holds totals; a later copy is a leftover.
+            // Only a compaction writes totals, as the first line of the new log.
             Scanned::Totals(t) => survey.totals = t,
             Scanned::Damaged => survey.damaged += 1,
         })
