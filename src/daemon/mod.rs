@@ -483,6 +483,7 @@ async fn control(
                         connected: m.connected.load(Ordering::Relaxed),
                         spooled: m.spooled.load(Ordering::Relaxed),
                         dropped: m.dropped.load(Ordering::Relaxed),
+                        spool_damaged: m.spool_damaged.load(Ordering::Relaxed),
                         connect_attempts: m.connect_attempts.load(Ordering::Relaxed),
                         spool_on_disk: m.spool_on_disk.load(Ordering::Relaxed),
                     }),

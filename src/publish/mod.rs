@@ -96,8 +96,12 @@ pub struct MqttHealth {
     pub connected: bool,
     /// Messages waiting for the broker's acknowledgement.
     pub spooled: u64,
-    /// Messages dropped because the spool reached its size limit.
+    /// Messages dropped because the spool reached its size limit, since the spool was
+    /// created (kept in the spool across restarts, each drop counted once).
     pub dropped: u64,
+    /// Spool records found damaged (torn by a power cut, corrupted bytes) and skipped
+    /// since the spool was created; every other record was replayed.
+    pub spool_damaged: u64,
     pub connect_attempts: u64,
     /// False while the spool cannot write to disk (full, failing): messages are still
     /// delivered from memory, but a restart would lose the unacknowledged ones.

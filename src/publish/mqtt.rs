@@ -50,7 +50,9 @@ pub struct MqttSettings {
     pub password_file: Option<PathBuf>,
     #[serde(default)]
     pub tls: Option<TlsSettings>,
-    /// Upper bound of the on-disk spool; beyond it the oldest messages are dropped.
+    /// Upper bound of the spool's queue, in memory and on disk (where compaction may let
+    /// it pass by a quarter); beyond it superseded states, then the oldest events are
+    /// dropped, never a zone's newest state.
     #[serde(default = "default_spool_max_bytes")]
     pub spool_max_bytes: usize,
     /// First reconnect delay; doubles (with jitter) up to `reconnect-max-s`.
@@ -161,6 +163,8 @@ pub struct MqttStats {
     pub connect_attempts: AtomicU64,
     pub spooled: AtomicU64,
     pub dropped: AtomicU64,
+    /// Damaged spool records skipped (see [`Spool::damaged`]).
+    pub spool_damaged: AtomicU64,
     /// False while the spool cannot write to disk (messages held in memory only).
     pub spool_on_disk: AtomicBool,
 }
@@ -169,6 +173,7 @@ impl MqttStats {
     fn record(&self, spool: &Spool) {
         self.spooled.store(spool.len() as u64, Ordering::Relaxed);
         self.dropped.store(spool.dropped(), Ordering::Relaxed);
+        self.spool_damaged.store(spool.damaged(), Ordering::Relaxed);
         self.spool_on_disk.store(spool.on_disk(), Ordering::Relaxed);
     }
 }
