@@ -51,8 +51,12 @@ pub enum GalleryError {
     Sku(String, String),
 }
 
+/// The first 12 characters of a hash. A gallery's hash is whatever its header says, so
+/// the cut is at a character, not a byte: a byte index inside a multi-byte character
+/// panicked while the error was being printed (found by fuzzing, issue #19).
 fn short(sha: &str) -> &str {
-    &sha[..sha.len().min(12)]
+    let end = sha.char_indices().nth(12).map_or(sha.len(), |(i, _)| i);
+    &sha[..end]
 }
 
 /// One enrolled reference image.
@@ -224,13 +228,25 @@ impl Gallery {
         let header: Header = serde_json::from_slice(&body[16..header_end])
             .map_err(|e| bad(format!("header: {e}")))?;
         let raw = &body[header_end..];
-        let expected = header.references.len() * header.model.dimensions * 4;
-        if raw.len() != expected {
+        // A model of 0 dimensions has no vectors to compare, and every search and removal
+        // would divide the vectors into chunks of 0.
+        if header.model.dimensions == 0 {
+            return Err(bad("the embedding model has 0 dimensions".into()));
+        }
+        // Checked: a header claiming 2^62 dimensions made the product wrap to 0 and a
+        // gallery with references but no vectors loaded (found by fuzzing, issue #19).
+        let expected = header
+            .references
+            .len()
+            .checked_mul(header.model.dimensions)
+            .and_then(|n| n.checked_mul(4));
+        if expected != Some(raw.len()) {
             return Err(bad(format!(
-                "{} bytes of vectors for {} references of {} dimensions (expected {expected})",
+                "{} bytes of vectors for {} references of {} dimensions (expected {})",
                 raw.len(),
                 header.references.len(),
-                header.model.dimensions
+                header.model.dimensions,
+                expected.map_or("more than memory holds".into(), |n| n.to_string())
             )));
         }
         let vectors = raw
@@ -541,6 +557,45 @@ mod tests {
         std::fs::write(&path, b"hello").unwrap();
         let e = Gallery::load(dir.path()).unwrap_err().to_string();
         assert!(e.contains("not a shelfwatch gallery"), "{e}");
+    }
+
+    /// Issue #19 (found by fuzzing): the mismatch message cut the gallery's hash at byte
+    /// 12, inside a character, and panicked instead of refusing the gallery.
+    #[test]
+    fn a_gallery_whose_model_hash_is_not_ascii_is_refused_with_a_message_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut odd = model();
+        odd.sha256 = "\u{e9}".repeat(32);
+        Gallery::new(odd).save(dir.path()).unwrap();
+        let e = Gallery::load_for(dir.path(), &model())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("re-enrol") && e.contains(&"\u{e9}".repeat(12)),
+            "{e}"
+        );
+    }
+
+    /// Issue #19 (found by fuzzing): 1 reference x 2^62 dimensions x 4 bytes wrapped to
+    /// 0 expected bytes, so a gallery without vectors loaded; `gallery remove` then
+    /// dropped its references and reported none removed. 0 dimensions loaded too, and
+    /// the first search panicked (chunks of 0).
+    #[test]
+    fn a_gallery_whose_dimensions_are_zero_or_overflow_its_size_is_refused_at_load() {
+        for dimensions in [0, 1 << 62] {
+            let dir = tempfile::tempdir().unwrap();
+            let g = Gallery {
+                model: ModelId {
+                    dimensions,
+                    ..model()
+                },
+                references: vec![reference("A", "a.jpg")],
+                vectors: Vec::new(),
+            };
+            g.save(dir.path()).unwrap();
+            let e = Gallery::load(dir.path()).unwrap_err().to_string();
+            assert!(e.contains("gallery.swg") && e.contains("dimensions"), "{e}");
+        }
     }
 
     #[test]
