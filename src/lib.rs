@@ -14,3 +14,6 @@ pub mod daemon;
 pub mod identify;
 pub mod publish;
 pub mod vision;
+
+#[cfg(test)]
+mod fuzz_tests;
