@@ -114,8 +114,9 @@ fn parse(payload: &[u8], max_bytes: usize) -> Parsed {
             image,
         };
     }
-    // Base64 is 4/3 of the image, plus a little JSON.
-    if payload.len() > max_bytes / 3 * 4 + 4096 {
+    // Base64 is 4/3 of the image, plus a little JSON. Saturating: `busy` parses with no
+    // limit (usize::MAX), which overflowed here (found by fuzzing, issue #19).
+    if payload.len() > (max_bytes / 3).saturating_mul(4).saturating_add(4096) {
         return Parsed {
             id: None,
             reply_to: None,

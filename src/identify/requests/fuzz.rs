@@ -139,3 +139,14 @@ proptest! {
         prop_assert_eq!(p.image, Ok(e.image));
     }
 }
+
+/// Issue #19 (found by fuzzing with overflow checks on): `busy` parses a request with no
+/// limit, and the envelope's bound `usize::MAX / 3 * 4` overflowed; a build with overflow
+/// checks (debug, or the long fuzz runs) panicked on every JSON request that found the
+/// queue full. A release build wrapped to a bound that happened to be large.
+#[test]
+fn a_request_parsed_without_a_limit_is_an_envelope_not_an_overflow() {
+    let p = parse(br#"{"id": "r-1", "image": "/9j/AQID"}"#, usize::MAX);
+    assert_eq!(p.id.as_deref(), Some("r-1"));
+    assert_eq!(p.image.unwrap(), vec![0xff, 0xd8, 0xff, 1, 2, 3]);
+}
