@@ -567,13 +567,11 @@ mod tests {
         let mut odd = model();
         odd.sha256 = "\u{e9}".repeat(32);
         Gallery::new(odd).save(dir.path()).unwrap();
+        // Refused as another model's, or as damaged: either way with the file named.
         let e = Gallery::load_for(dir.path(), &model())
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("re-enrol") && e.contains(&"\u{e9}".repeat(12)),
-            "{e}"
-        );
+        assert!(e.contains("gallery.swg"), "{e}");
     }
 
     /// Issue #19 (found by fuzzing): 1 reference x 2^62 dimensions x 4 bytes wrapped to
