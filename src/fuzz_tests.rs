@@ -7,7 +7,7 @@
 //!
 //! CI runs a fixed number of cases from a fixed seed (the whole module takes well under
 //! a minute in release on 2 cores); `PROPTEST_CASES` and `PROPTEST_RNG_SEED` make a long
-//! local run (docs/reliability.md, "Fuzzing", has the commands and what was found).
+//! local run (docs/fuzzing.md has the commands and what was found).
 //! Crashes found are kept as named regression tests beside the code they fixed.
 //!
 //! The scanner envelope's parser is private to its module: its target is
