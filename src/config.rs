@@ -1158,9 +1158,16 @@ fn line_of_key(text: &str, doc: &toml_edit::ImDocument<String>, key: &str) -> Op
     let mut table: &dyn toml_edit::TableLike = doc.as_table();
     let mut line = None;
     for seg in split_key(key) {
-        let (name, index) = match seg.find('[') {
-            Some(i) => (&seg[..i], seg[i + 1..seg.len() - 1].parse::<usize>().ok()),
-            None => (seg, None),
+        // A key of the table as it is, else `name[index]` for an array element: a label
+        // in `model.label-thresholds` may hold brackets, and `x[` made the old slicing
+        // here panic (found by fuzzing, issue #19).
+        let element = seg
+            .strip_suffix(']')
+            .and_then(|s| s.rsplit_once('['))
+            .and_then(|(name, i)| Some((name, i.parse::<usize>().ok()?)));
+        let (name, index) = match element {
+            Some((name, i)) if !table.contains_key(seg) => (name, Some(i)),
+            _ => (seg, None),
         };
         let Some((k, item)) = table.get_key_value(name) else {
             break;
@@ -1229,6 +1236,18 @@ mod tests {
         let text = e.to_string();
         assert!(text.contains("model.label-thresholds.Botle"), "{text}");
         assert!(text.contains("no label \"Botle\""), "{text}");
+    }
+
+    /// Issue #19 (found by fuzzing): locating the line of `model.label-thresholds.x[`
+    /// sliced `x[` from 2 to 1 and panicked, so `check-config` crashed instead of
+    /// naming the key.
+    #[test]
+    fn a_label_with_brackets_is_named_with_its_line_not_a_panic() {
+        for label in ["x[", "]", "[0]", "a[1", "a[1]"] {
+            let e = load(&format!("[model.label-thresholds]\n{label:?} = 0.5\n")).unwrap_err();
+            assert_eq!(e.0[0].key, format!("model.label-thresholds.{label}"));
+            assert_eq!(e.0[0].line, Some(2), "{label}");
+        }
     }
 
     #[test]

@@ -15,3 +15,6 @@ pub mod fsutil;
 pub mod identify;
 pub mod publish;
 pub mod vision;
+
+#[cfg(test)]
+mod fuzz_tests;

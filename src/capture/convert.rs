@@ -91,7 +91,9 @@ impl PixelFormat {
     }
 
     /// Smallest valid frame size in bytes for `width` x `height` with `stride` bytes per
-    /// line of the first plane; `None` for compressed formats.
+    /// line of the first plane; `None` for compressed formats. Saturates at `usize::MAX`
+    /// (no buffer is that long) instead of wrapping: a size that wrapped to a small number
+    /// let a short buffer through (issue #19).
     pub fn min_size(self, width: u32, height: u32, stride: u32) -> Option<usize> {
         let (w, h, s) = (width as usize, height as usize, stride as usize);
         let ch = h.div_ceil(2);
@@ -102,9 +104,17 @@ impl PixelFormat {
             | PixelFormat::Uyvy
             | PixelFormat::Rgb3
             | PixelFormat::Bgr3
-            | PixelFormat::Grey => Some(s.max(w * self.bytes_per_pixel()) * h),
-            PixelFormat::Nv12 | PixelFormat::Nv21 => Some(s * h + s * ch),
-            PixelFormat::Yu12 => Some(s * h + 2 * s.div_ceil(2) * ch),
+            | PixelFormat::Grey => Some(
+                s.max(w.saturating_mul(self.bytes_per_pixel()))
+                    .saturating_mul(h),
+            ),
+            PixelFormat::Nv12 | PixelFormat::Nv21 => {
+                Some(s.saturating_mul(h).saturating_add(s.saturating_mul(ch)))
+            }
+            PixelFormat::Yu12 => Some(
+                s.saturating_mul(h)
+                    .saturating_add(s.div_ceil(2).saturating_mul(ch).saturating_mul(2)),
+            ),
         }
     }
 
@@ -156,6 +166,12 @@ pub enum ConvertError {
         width: u32,
         height: u32,
     },
+    #[error("{format} stride of {stride} bytes is shorter than a line of {width} pixels")]
+    Stride {
+        format: PixelFormat,
+        stride: u32,
+        width: u32,
+    },
     #[error("corrupt MJPEG frame: {0}")]
     Jpeg(#[from] DecodeError),
     #[error("{format} conversion failed: {message}")]
@@ -180,6 +196,17 @@ pub fn to_rgb(layout: &RawLayout, data: &[u8], out: &mut RgbImage) -> Result<(),
         let img = decode_image_within(data, &limits.for_frame(width, height))?;
         *out = img;
         return Ok(());
+    }
+    // A stride shorter than a line would let a tiny buffer pass the size check for a
+    // frame of any width, and the output image for that width be allocated (found by
+    // fuzzing, issue #19). With whole lines, the output is at most 3 bytes a pixel of a
+    // buffer that exists.
+    if u64::from(stride) < u64::from(width) * format.bytes_per_pixel() as u64 {
+        return Err(ConvertError::Stride {
+            format,
+            stride,
+            width,
+        });
     }
     let need = format.min_size(width, height, stride).unwrap_or(0);
     if data.len() < need || width == 0 || height == 0 {
@@ -240,7 +267,8 @@ pub fn to_rgb(layout: &RawLayout, data: &[u8], out: &mut RgbImage) -> Result<(),
             .map_err(yuv_err)?;
         }
         PixelFormat::Nv12 | PixelFormat::Nv21 => {
-            let y_len = (stride * height) as usize;
+            // In usize: the u32 product wraps for a 4 GiB plane.
+            let y_len = stride as usize * height as usize;
             let image = YuvBiPlanarImage {
                 y_plane: &data[..y_len],
                 y_stride: stride,
@@ -258,9 +286,9 @@ pub fn to_rgb(layout: &RawLayout, data: &[u8], out: &mut RgbImage) -> Result<(),
             .map_err(yuv_err)?;
         }
         PixelFormat::Yu12 => {
-            let y_len = (stride * height) as usize;
+            let y_len = stride as usize * height as usize;
             let c_stride = stride.div_ceil(2);
-            let c_len = (c_stride * height.div_ceil(2)) as usize;
+            let c_len = c_stride as usize * height.div_ceil(2) as usize;
             let image = YuvPlanarImage {
                 y_plane: &data[..y_len],
                 y_stride: stride,
@@ -515,6 +543,36 @@ mod tests {
             to_rgb(&l, &jpeg[..jpeg.len() - 40], &mut out),
             Err(ConvertError::Jpeg(_))
         ));
+    }
+
+    /// Issue #19 (found by fuzzing): a stride of 0 made the size check ask for 0 bytes,
+    /// and an empty buffer for a 2^31-pixel-wide frame went on to allocate 412 GB for
+    /// its RGB copy, which aborts the process.
+    #[test]
+    fn a_stride_shorter_than_a_line_is_an_error_not_an_allocation_for_any_width() {
+        let mut out = RgbImage::new(1, 1);
+        for f in PixelFormat::ALL
+            .into_iter()
+            .filter(|f| *f != PixelFormat::Mjpg)
+        {
+            let err = to_rgb(&layout(f, 0x8000_0000, 64, 0), &[], &mut out).unwrap_err();
+            assert!(matches!(err, ConvertError::Stride { .. }), "{f}: {err}");
+            let err = to_rgb(&layout(f, 32, 2, 31), &[0; 4096], &mut out).unwrap_err();
+            assert!(matches!(err, ConvertError::Stride { .. }), "{f}: {err}");
+        }
+        assert_eq!(out.dimensions(), (1, 1), "nothing allocated");
+    }
+
+    /// Issue #19: 2 bytes x 2147516416 x 4294901761 is 2^64 + 65536, which wrapped to a
+    /// 64 KiB minimum; on 32-bit ARM far smaller frames wrapped.
+    #[test]
+    fn a_frame_size_too_big_to_count_in_a_usize_needs_more_bytes_than_any_buffer() {
+        let (w, h) = (2_147_516_416, 4_294_901_761);
+        assert_eq!(PixelFormat::Yuyv.min_size(w, h, 0), Some(usize::MAX));
+        assert_eq!(
+            PixelFormat::Nv12.min_size(u32::MAX, u32::MAX, u32::MAX),
+            Some(usize::MAX)
+        );
     }
 
     #[test]

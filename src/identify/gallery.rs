@@ -54,9 +54,10 @@ pub enum GalleryError {
     Sku(String, String),
 }
 
+/// The first 12 characters of a hash. A gallery's hash is whatever its header says, so
+/// the cut is at a character, not a byte: a byte index inside a multi-byte character
+/// panicked while the error was being printed (found by fuzzing, issue #19).
 fn short(sha: &str) -> &str {
-    // By characters: a sha256 from a damaged file need not be ASCII, and slicing bytes
-    // could split a character (a panic).
     sha.char_indices().nth(12).map_or(sha, |(i, _)| &sha[..i])
 }
 
@@ -684,6 +685,43 @@ mod tests {
         two_skus().save(dir.path()).unwrap();
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
         assert_eq!(Gallery::load_for(dir.path(), &model()).unwrap().len(), 3);
+    }
+
+    /// Issue #19 (found by fuzzing): the mismatch message cut the gallery's hash at byte
+    /// 12, inside a character, and panicked instead of refusing the gallery.
+    #[test]
+    fn a_gallery_whose_model_hash_is_not_ascii_is_refused_with_a_message_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut odd = model();
+        odd.sha256 = "\u{e9}".repeat(32);
+        Gallery::new(odd).save(dir.path()).unwrap();
+        // Refused as another model's, or as damaged: either way with the file named.
+        let e = Gallery::load_for(dir.path(), &model())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gallery.swg"), "{e}");
+    }
+
+    /// Issue #19 (found by fuzzing): 1 reference x 2^62 dimensions x 4 bytes wrapped to
+    /// 0 expected bytes, so a gallery without vectors loaded; `gallery remove` then
+    /// dropped its references and reported none removed. 0 dimensions loaded too, and
+    /// the first search panicked (chunks of 0).
+    #[test]
+    fn a_gallery_whose_dimensions_are_zero_or_overflow_its_size_is_refused_at_load() {
+        for dimensions in [0, 1 << 62] {
+            let dir = tempfile::tempdir().unwrap();
+            let g = Gallery {
+                model: ModelId {
+                    dimensions,
+                    ..model()
+                },
+                references: vec![reference("A", "a.jpg")],
+                vectors: Vec::new(),
+            };
+            g.save(dir.path()).unwrap();
+            let e = Gallery::load(dir.path()).unwrap_err().to_string();
+            assert!(e.contains("gallery.swg") && e.contains("dimensions"), "{e}");
+        }
     }
 
     #[test]
