@@ -642,32 +642,29 @@ fn killing_the_daemon_makes_the_broker_publish_the_last_will() {
 #[test]
 fn the_embedded_broker_serves_the_demo_with_nothing_else_running() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let cfg = config(
-        dir.path(),
-        &format!("broker = \"embedded\"\nembedded-listen = \"127.0.0.1:{port}\""),
-        "*.jpg",
-        true,
-        5.0,
-    );
-    let mut d = daemon(&cfg);
-    let t = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "embedded broker not listening"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let sub = Subscriber::start(port, "embedded-sub", &[]);
-    sub.wait_for(
+    let (mut d, port) = embedded_daemon(dir.path(), "", daemon);
+    let watcher = Subscriber::start(port, "embedded-sub", &["-t", "test/#"]);
+    watcher.wait_for(
         |m| m.iter().any(|(_, t, _)| t.ends_with("/state")),
         Duration::from_secs(60),
     );
-    drop(sub);
+    // Issue #19: a client that goes away with messages unread in its socket resets the
+    // connection instead of closing it, and rumqttd logs that at ERROR. This test used to
+    // leave it to chance (its subscriber, stopped while the daemon published to it,
+    // sometimes had not read everything; under load, often): now a client does it on
+    // purpose, and its last will says when the broker has dealt with it.
+    let reset = raw_mqtt_subscriber(port, "resetter", "test/will", "shelfwatch/#");
+    let mut unread = [0u8; 1];
+    assert_eq!(reset.peek(&mut unread).unwrap(), 1);
+    drop(reset);
+    watcher.wait_for(
+        |m| m.iter().any(|(_, t, _)| t == "test/will"),
+        Duration::from_secs(30),
+    );
+    drop(watcher);
     signal(&d, Signal::SIGTERM);
     assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
-    // The probes above, a subscriber leaving and the daemon's own clean disconnect are
+    // The probes above, subscribers leaving and the daemon's own clean disconnect are
     // normal life for a broker: none of them may read as an error in the journal, and
     // the daemon's client, started after the broker listens, is never refused.
     let log = stderr_of(d);
@@ -677,6 +674,63 @@ fn the_embedded_broker_serves_the_demo_with_nothing_else_running() {
         .collect();
     assert!(alarming.is_empty(), "{alarming:#?}");
     assert!(log.contains("connected to the broker"), "{log}");
+}
+
+/// An MQTT 3.1.1 client written as bytes, so that it can do what real clients do by
+/// accident: CONNECT with a last will on `will`, SUBSCRIBE to `filter`, and never read.
+fn raw_mqtt_subscriber(port: u16, id: &str, will: &str, filter: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let string = |s: &str| -> Vec<u8> {
+        let mut v = (s.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(s.as_bytes());
+        v
+    };
+    let packet = |kind: u8, body: Vec<u8>| -> Vec<u8> {
+        assert!(body.len() < 128, "one-byte remaining length");
+        let mut v = vec![kind, body.len() as u8];
+        v.extend(body);
+        v
+    };
+    // Protocol name and level 4, flags: clean session and a QoS 0 will; keep-alive 60 s.
+    let mut connect = [string("MQTT"), vec![4, 0b0000_0110, 0, 60]].concat();
+    connect.extend([string(id), string(will), string("gone")].concat());
+    let mut subscribe = vec![0, 1];
+    subscribe.extend(string(filter));
+    subscribe.push(1);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(&[packet(0x10, connect), packet(0x82, subscribe)].concat())
+        .unwrap();
+    s
+}
+
+/// A daemon with its embedded broker on a free loopback port (`extra` sink keys), once
+/// the broker accepts connections.
+fn embedded_daemon(dir: &Path, extra: &str, spawn: impl FnOnce(&Path) -> Child) -> (Child, u16) {
+    let port = free_port();
+    let cfg = config(
+        dir,
+        &format!("broker = \"embedded\"\nembedded-listen = \"127.0.0.1:{port}\"\n{extra}"),
+        "*.jpg",
+        true,
+        10.0,
+    );
+    let d = spawn(&cfg);
+    wait_listening(port);
+    (d, port)
+}
+
+/// Until something accepts on 127.0.0.1:`port` (the embedded broker drops the log line
+/// of a connection closed before CONNECT).
+fn wait_listening(port: u16) {
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "embedded broker not listening"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// A CA and a server certificate for 127.0.0.1, made with the openssl CLI.
