@@ -733,6 +733,77 @@ fn wait_listening(port: u16) {
     }
 }
 
+// Issue #19: the unit's `ProcSubset=pid` hides /proc/net/tcp, which the readiness wait
+// read, so every start under systemd waited out its 5 s timeout. systemd is not PID 1
+// where these tests run (a container), so `systemd-run` cannot apply the unit; instead
+// the daemon gets /proc as `ProcSubset=pid` and `ProtectProc=invisible` mount it, in a
+// mount and PID namespace of its own (unshare, as root: the test fails without it).
+#[test]
+fn the_embedded_broker_is_ready_at_once_where_proc_net_is_hidden_as_under_the_unit() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = config(
+        dir.path(),
+        &format!("broker = \"embedded\"\nembedded-listen = \"127.0.0.1:{port}\""),
+        "*.jpg",
+        true,
+        10.0,
+    );
+    // The daemon's READY=1 (broker, client, a counted frame) arrives here.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let sandboxed = "mount -t proc -o subset=pid,hidepid=invisible proc /proc \
+        && test ! -e /proc/net/tcp && exec \"$0\" \"$@\"";
+    // unshare blocks SIGTERM while it waits: the daemon is signalled itself (and killed
+    // with unshare should the test die first).
+    let mut d = Command::new("unshare")
+        .args([
+            "--mount",
+            "--pid",
+            "--kill-child",
+            "--",
+            "sh",
+            "-c",
+            sandboxed,
+        ])
+        .arg(env!("CARGO_BIN_EXE_shelfwatch"))
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .env("SHELFWATCH_LOG", "info")
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("unshare (util-linux)");
+    let mut message = [0u8; 512];
+    let ready = loop {
+        match notify.recv(&mut message) {
+            Ok(n) if String::from_utf8_lossy(&message[..n]).contains("READY=1") => break true,
+            Ok(_) => {}
+            Err(_) => break false,
+        }
+    };
+    // The daemon (sh exec'd it) is unshare's only child.
+    let children = format!("/proc/{0}/task/{0}/children", d.id());
+    if let Some(daemon) = std::fs::read_to_string(children)
+        .ok()
+        .and_then(|c| c.split_whitespace().next()?.parse().ok())
+    {
+        let _ = kill(Pid::from_raw(daemon), Signal::SIGTERM);
+    }
+    let _ = wait_exit(&mut d, Duration::from_secs(20));
+    let log = stderr_of(d);
+    assert!(ready, "no READY=1 in the sandbox:\n{log}");
+    let started = log
+        .lines()
+        .find(|l| l.contains("embedded MQTT broker started"))
+        .unwrap_or_else(|| panic!("the readiness wait did not see the broker:\n{log}"));
+    eprintln!("{started}");
+    assert!(!log.contains("mqtt connection failed"), "{log}");
+}
+
 /// A CA and a server certificate for 127.0.0.1, made with the openssl CLI.
 fn make_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let ca_key = dir.join(format!("{name}.key"));

@@ -992,6 +992,9 @@ impl EventLoop {
                         Err(format!("the broker refused the connection: {code:?}"))
                     }
                     Err(E::Tls(t)) => Err(tls(&t)),
+                    Err(E::Io(e)) if e.raw_os_error() == Some(libc::EPERM) => {
+                        Err(not_permitted(&e))
+                    }
                     Err(other) => Err(other.to_string()),
                 }
             }
@@ -1035,6 +1038,9 @@ impl EventLoop {
                         Err(format!("the broker refused the connection: {code:?}"))
                     }
                     Err(E::Tls(t)) => Err(tls(&t)),
+                    Err(E::Io(e)) if e.raw_os_error() == Some(libc::EPERM) => {
+                        Err(not_permitted(&e))
+                    }
                     Err(other) => Err(other.to_string()),
                 }
             }
@@ -1073,6 +1079,12 @@ impl Link {
         self.inflight.clear();
         self.cursor = 0;
     }
+}
+
+/// A connect refused by the kernel rather than the broker: under the shipped systemd unit,
+/// `IPAddressDeny=any` allows only loopback until the broker's address is allowed.
+fn not_permitted(e: &std::io::Error) -> String {
+    format!("{e}: under systemd, allow the broker's address with IPAddressAllow= in a drop-in (docs/mqtt.md)")
 }
 
 fn log_connection_error(why: &str, attempt: u32, delay: Duration) {
@@ -1151,7 +1163,7 @@ pub fn start_embedded_broker(listen: &str) -> Result<(), MqttError> {
         prometheus: None,
         metrics: None,
     };
-    std::thread::Builder::new()
+    let broker = std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
             let mut broker = rumqttd::Broker::new(config);
@@ -1162,23 +1174,57 @@ pub fn start_embedded_broker(listen: &str) -> Result<(), MqttError> {
         .map_err(|e| MqttError::Embedded(e.to_string()))?;
     // rumqttd binds inside its own runtime and has no ready signal. On a loaded board
     // the daemon's client got there first, was refused, logged a failed attempt and
-    // waited out a back-off (and rumqttd logged an ERROR for the retry): so wait for the
-    // listening socket. Watching the kernel's socket table (not connecting, not binding)
-    // neither disturbs the broker, which logs every probe that sends no CONNECT, nor
-    // races it for the port.
+    // waited out a back-off: so wait until the broker accepts.
     let started = std::time::Instant::now();
-    let deadline = started + EMBEDDED_READY_TIMEOUT;
-    while !is_listening(addr.port()) {
-        if std::time::Instant::now() >= deadline {
-            tracing::warn!(listen = %addr, waited_ms = EMBEDDED_READY_TIMEOUT.as_millis() as u64,
-                "embedded broker is not listening yet; the client will retry");
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until_accepting(addr, &broker)?;
     tracing::info!(listen = %addr, ready_ms = started.elapsed().as_millis() as u64,
         "embedded MQTT broker started");
     Ok(())
+}
+
+/// Waits until the embedded broker accepts connections on `addr`, by connecting to it (on
+/// loopback when it listens on every address). A connection needs nothing from /proc:
+/// watching /proc/net/tcp instead made every start under the systemd unit, whose
+/// `ProcSubset=pid` hides it, wait out a 5 s timeout. rumqttd logs the probe, closed
+/// before its CONNECT, as an error that the noise filter drops. There is no timeout to
+/// wait out: rumqttd binds as soon as its thread runs, and if it cannot, its thread ends,
+/// which ends the wait with an error.
+fn wait_until_accepting(
+    addr: std::net::SocketAddr,
+    broker: &std::thread::JoinHandle<()>,
+) -> Result<(), MqttError> {
+    let probe = probe_address(addr);
+    loop {
+        match std::net::TcpStream::connect(probe) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                if broker.is_finished() {
+                    return Err(MqttError::Embedded(format!(
+                        "{addr}: the broker stopped before it listened (its error is logged above)"
+                    )));
+                }
+                // Polling: rumqttd offers nothing to wait on.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => {
+                return Err(MqttError::Embedded(format!(
+                    "cannot connect to {probe} to see that the broker listens: {e}"
+                )))
+            }
+        }
+    }
+}
+
+/// Where to connect to reach a listener on `addr`: loopback for "every address".
+fn probe_address(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    let mut probe = addr;
+    if probe.ip().is_unspecified() {
+        probe.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    probe
 }
 
 /// Keeps rumqttd's log truthful and bounded.
@@ -1338,42 +1384,9 @@ impl tracing::field::Visit for BrokerEventFields {
     }
 }
 
-/// How long start-up waits for the embedded broker's listener before going on anyway.
-const EMBEDDED_READY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Whether a TCP socket on this machine listens on `port` (IPv4 or IPv6), read from
-/// `/proc/net/tcp{,6}`: fields are `sl local_address rem_address st ...`, the address
-/// as `HEXIP:HEXPORT`, state `0A` for LISTEN.
-fn is_listening(port: u16) -> bool {
-    let wanted = format!("{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
-        std::fs::read_to_string(table).is_ok_and(|text| {
-            text.lines().skip(1).any(|line| {
-                let mut fields = line.split_whitespace().skip(1);
-                let local = fields.next().unwrap_or("");
-                let state = fields.nth(1).unwrap_or("");
-                state == "0A" && local.rsplit(':').next() == Some(wanted.as_str())
-            })
-        })
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_listening_socket_is_seen_in_the_kernel_table_and_gone_once_closed() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        assert!(is_listening(port));
-        // An established connection's port is not a listener.
-        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let client_port = client.local_addr().unwrap().port();
-        assert!(!is_listening(client_port));
-        drop(listener);
-        assert!(!is_listening(port));
-    }
 
     #[test]
     fn the_embedded_broker_listens_before_start_returns() {
@@ -1383,8 +1396,39 @@ mod tests {
         start_embedded_broker(&addr.to_string()).unwrap();
         // Ready means a client's first attempt is accepted, not refused (under load the
         // broker thread can take milliseconds to bind; the demo's client once got there first).
-        assert!(is_listening(addr.port()));
         std::net::TcpStream::connect(addr).expect("connect to the embedded broker");
+    }
+
+    #[test]
+    fn readiness_is_a_connection_to_the_listener_not_a_look_at_proc() {
+        // Issue #19: under the unit's ProcSubset=pid there is no /proc/net/tcp. The wait
+        // connects instead; a listener nobody accepts on is enough (the kernel completes
+        // the handshake).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let broker = std::thread::spawn(|| {});
+        wait_until_accepting(addr, &broker).unwrap();
+        drop(listener);
+        // A broker on every address is reached on loopback (nothing binds those here).
+        let every: std::net::SocketAddr = "0.0.0.0:1883".parse().unwrap();
+        assert_eq!(probe_address(every), "127.0.0.1:1883".parse().unwrap());
+        let every6: std::net::SocketAddr = "[::]:1883".parse().unwrap();
+        assert_eq!(probe_address(every6), "[::1]:1883".parse().unwrap());
+        let lan: std::net::SocketAddr = "192.168.1.20:1883".parse().unwrap();
+        assert_eq!(probe_address(lan), lan);
+    }
+
+    #[test]
+    fn readiness_fails_instead_of_waiting_when_the_broker_thread_ended_without_listening() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap();
+        drop(free);
+        let ended = std::thread::spawn(|| {});
+        while !ended.is_finished() {
+            std::thread::yield_now();
+        }
+        let e = wait_until_accepting(addr, &ended).unwrap_err();
+        assert!(e.to_string().contains("stopped before it listened"), "{e}");
     }
 
     #[test]
