@@ -572,7 +572,7 @@ fn wrong_credentials_are_reported_and_retries_are_spaced_by_the_backoff() {
         dir.path(),
         &format!("allow_anonymous false\npassword_file {}", pw.display()),
     );
-    std::fs::write(dir.path().join("mqtt-password"), "wrong-password\n").unwrap();
+    secret_file(&dir.path().join("mqtt-password"), "wrong-password\n");
     let cfg = config(
         dir.path(),
         &format!(
@@ -704,6 +704,13 @@ fn raw_mqtt_subscriber(port: u16, id: &str, will: &str, filter: &str) -> std::ne
     s
 }
 
+/// A file only its owner may read, as a password file must be.
+fn secret_file(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// A daemon with its embedded broker on a free loopback port (`extra` sink keys), once
 /// the broker accepts connections.
 fn embedded_daemon(dir: &Path, extra: &str, spawn: impl FnOnce(&Path) -> Child) -> (Child, u16) {
@@ -731,6 +738,245 @@ fn wait_listening(port: u16) {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The daemon as `daemon()` starts it, allowed `max_open` open files (RLIMIT_NOFILE).
+fn daemon_with_open_files_limit(config: &Path, max_open: libc::rlim_t) -> Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = daemon_command(config);
+    // SAFETY: runs in the forked child before exec; setrlimit is an async-signal-safe
+    // system call that touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: max_open,
+                rlim_max: max_open,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
+/// `frames_processed` of the first camera in the health records seen so far.
+fn frames_processed(sub: &Subscriber) -> Vec<u64> {
+    sub.json()
+        .iter()
+        .filter(|m| m["type"] == "health")
+        .filter_map(|h| h["cameras"][0]["frames_processed"].as_u64())
+        .collect()
+}
+
+// Issue #19: 300 idle TCP connections against a 256-file limit made rumqttd's accept loop
+// spin on EMFILE (3.3 million ERROR lines, 524 MB of log in 4.5 s) and the camera's
+// reads fail.
+#[test]
+fn idle_connections_beyond_the_file_limit_leave_the_daemon_counting_and_its_log_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, port) =
+        embedded_daemon(dir.path(), "", |cfg| daemon_with_open_files_limit(cfg, 256));
+    let sub = Subscriber::start(port, "files-sub", &[]);
+    sub.wait_for(
+        |m| m.iter().any(|(_, t, _)| t.ends_with("/health")),
+        Duration::from_secs(60),
+    );
+    let before = *frames_processed(&sub).last().unwrap();
+    // Connections that never send CONNECT; the broker closes each after its connect
+    // timeout, which a read here sees as end of file: once all are closed, the broker has
+    // taken every one of them.
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    for mut c in idle {
+        use std::io::Read;
+        c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut byte = [0u8; 1];
+        let n = c.read(&mut byte);
+        assert!(
+            matches!(n, Ok(0))
+                || n.as_ref()
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "an idle connection was neither closed nor reset: {n:?}"
+        );
+    }
+    // Still counting, and still connected: health records keep coming with more frames.
+    sub.wait_for(
+        |_| {
+            frames_processed(&sub)
+                .last()
+                .is_some_and(|&n| n > before + 10)
+        },
+        Duration::from_secs(60),
+    );
+    signal(&d, Signal::SIGTERM);
+    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    let log = stderr_of(d);
+    assert!(!log.contains("os error 24"), "EMFILE:\n{log}");
+    assert_eq!(log.matches("connected to the broker").count(), 1, "{log}");
+    // The broker's lines about them (an `accept` each at info, a connect timeout each at
+    // ERROR) are cut to a few, and the cut is said.
+    assert!(log.contains("rumqttd logs this line too often"), "{log}");
+    let broker_lines = log.lines().filter(|l| l.contains("rumqttd")).count();
+    assert!(broker_lines < 60, "{broker_lines} broker lines:\n{log}");
+    assert!(log.len() < 64 << 10, "{} bytes of log", log.len());
+}
+
+/// VmRSS of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+/// Publishes `payload` retained at QoS 1 from a fresh client; true when the broker
+/// acknowledged it, false when it dropped the connection instead.
+fn publish_retained(port: u16, topic: &str, payload: Vec<u8>) -> bool {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    let mut opts = MqttOptions::new(format!("attacker-{}", payload.len()), "127.0.0.1", port);
+    opts.set_max_packet_size(16 << 20, 16 << 20);
+    let (client, mut conn) = Client::new(opts, 4);
+    client
+        .publish(topic, QoS::AtLeastOnce, true, payload)
+        .unwrap();
+    for ev in conn.iter() {
+        match ev {
+            Ok(Event::Incoming(Packet::PubAck(_))) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+// Issue #19: ten 8 MiB retained publishes took the daemon from 131 to 231 MB.
+#[test]
+fn an_oversized_retained_publish_is_refused_and_the_daemon_does_not_grow() {
+    use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, port) = embedded_daemon(dir.path(), "", daemon);
+    wait_online(port);
+    let before = rss(d.id());
+    for i in 0..10 {
+        assert!(
+            !publish_retained(port, &format!("shelfwatch/attack/{i}"), vec![b'x'; 8 << 20]),
+            "an 8 MiB publish was acknowledged"
+        );
+    }
+    // Under the cap, a retained message is kept: the check below can see one.
+    assert!(publish_retained(
+        port,
+        "shelfwatch/attack/small",
+        vec![b'y'; 64 << 10]
+    ));
+    let grown = rss(d.id()).saturating_sub(before);
+    assert!(grown < 16 << 20, "the daemon grew by {} MiB", grown >> 20);
+
+    // A subscriber gets the retained messages of its filter before anything published
+    // after its subscription: the small one, and none of the large.
+    let mut opts = MqttOptions::new("late", "127.0.0.1", port);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut conn) = Client::new(opts, 16);
+    client
+        .subscribe("shelfwatch/attack/#", QoS::AtLeastOnce)
+        .unwrap();
+    let mut retained = Vec::new();
+    for ev in conn.iter() {
+        match ev.unwrap() {
+            Event::Incoming(Packet::SubAck(_)) => client
+                .publish("shelfwatch/attack/sync", QoS::AtLeastOnce, false, "sync")
+                .unwrap(),
+            Event::Incoming(Packet::Publish(p)) if p.topic == "shelfwatch/attack/sync" => break,
+            Event::Incoming(Packet::Publish(p)) => retained.push((p.topic, p.payload.len())),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        retained,
+        [("shelfwatch/attack/small".to_string(), 64 << 10)]
+    );
+    assert!(d.try_wait().unwrap().is_none(), "daemon died");
+    signal(&d, Signal::SIGTERM);
+    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    let log = stderr_of(d);
+    assert!(log.contains("PayloadSizeLimitExceeded"), "{log}");
+    assert_eq!(log.matches("connected to the broker").count(), 1, "{log}");
+}
+
+/// `shelfwatch check-config` on a config with these MQTT sink keys.
+fn check_config(dir: &Path, mqtt: &str) -> std::process::Output {
+    let cfg = config(dir, mqtt, "*.jpg", true, 10.0);
+    Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+        .args(["check-config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
+// Issue #19: the embedded broker has no authentication of its own; nothing here binds a
+// non-loopback address (validation refuses before anything binds).
+#[test]
+fn an_embedded_broker_on_the_lan_without_credentials_is_a_config_error_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for listen in ["0.0.0.0:1883", "192.168.1.20:1883", "[::]:1883"] {
+        let out = check_config(
+            dir.path(),
+            &format!("broker = \"embedded\"\nembedded-listen = \"{listen}\""),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{listen}: {stderr}");
+        assert!(stderr.contains("sinks[0].embedded-listen"), "{stderr}");
+        assert!(stderr.contains("not a loopback address"), "{stderr}");
+    }
+    // With credentials it is accepted, once the password is not open to every user.
+    let password = dir.path().join("broker-password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let lan = "broker = \"embedded\"\nembedded-listen = \"0.0.0.0:1883\"\nusername = \"shelf\"\npassword-file = \"broker-password\"";
+    let out = check_config(dir.path(), lan);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("sinks[0].password-file"), "{stderr}");
+    assert!(stderr.contains("open to every user"), "{stderr}");
+    secret_file(&password, "s3cret\n");
+    let out = check_config(dir.path(), lan);
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn with_credentials_the_embedded_broker_lets_in_only_clients_that_log_in() {
+    use rumqttc::{Client, Event, MqttOptions, Packet};
+    let dir = tempfile::tempdir().unwrap();
+    secret_file(&dir.path().join("broker-password"), "s3cret\n");
+    let (mut d, port) = embedded_daemon(
+        dir.path(),
+        "username = \"shelf\"\npassword-file = \"broker-password\"",
+        daemon,
+    );
+    // The daemon's own client logs in with the same credentials.
+    let sub = Subscriber::start(port, "with-login", &["-u", "shelf", "-P", "s3cret"]);
+    sub.wait_for(
+        |m| m.iter().any(|(_, t, _)| t.ends_with("/state")),
+        Duration::from_secs(60),
+    );
+    for login in [None, Some(("shelf", "wrong")), Some(("other", "s3cret"))] {
+        let mut opts = MqttOptions::new("anonymous", "127.0.0.1", port);
+        if let Some((u, p)) = login {
+            opts.set_credentials(u, p);
+        }
+        let (_client, mut conn) = Client::new(opts, 4);
+        let first = conn.iter().next().unwrap();
+        assert!(
+            !matches!(first, Ok(Event::Incoming(Packet::ConnAck(_)))),
+            "{login:?} was let in"
+        );
+    }
+    signal(&d, Signal::SIGTERM);
+    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
 }
 
 // Issue #19: the unit's `ProcSubset=pid` hides /proc/net/tcp, which the readiness wait

@@ -29,9 +29,21 @@ pub struct MqttSettings {
     /// `"embedded"` (an in-process broker on `embedded-listen`) or `"host:port"`.
     #[serde(default = "default_broker")]
     pub broker: String,
-    /// Where the embedded broker listens; keep it on loopback unless the LAN needs it.
+    /// Where the embedded broker listens. A non-loopback address needs `username` and
+    /// `password-file` (the broker then requires them of every client).
     #[serde(default = "default_embedded_listen")]
     pub embedded_listen: String,
+    /// Most MQTT clients the embedded broker serves at once, the daemon's own included;
+    /// lowered at start if the open-file limit has no room for them.
+    #[serde(default = "default_embedded_max_connections")]
+    pub embedded_max_connections: usize,
+    /// Largest MQTT packet the embedded broker accepts (a retained publish included);
+    /// a client sending more is disconnected before the payload is read.
+    #[serde(default = "default_embedded_max_packet_bytes")]
+    pub embedded_max_packet_bytes: usize,
+    /// How long a new connection to the embedded broker may take to send its CONNECT.
+    #[serde(default = "default_embedded_connect_timeout_ms")]
+    pub embedded_connect_timeout_ms: u64,
     /// MQTT protocol version: "3.1.1" or "5".
     #[serde(default)]
     pub protocol: Protocol,
@@ -111,6 +123,19 @@ fn default_broker() -> String {
 }
 fn default_embedded_listen() -> String {
     "127.0.0.1:1883".into()
+}
+/// The daemon, Home Assistant, a few scanners and dashboards, with room to spare.
+fn default_embedded_max_connections() -> usize {
+    32
+}
+/// Snapshots (an annotated 1280x720 JPEG is ~150-300 KB) and scanner photos fit; ten
+/// retained 8 MiB publishes, which once took the daemon from 131 to 231 MB, do not.
+fn default_embedded_max_packet_bytes() -> usize {
+    1 << 20
+}
+/// A client on the LAN sends CONNECT within milliseconds of its TCP handshake.
+fn default_embedded_connect_timeout_ms() -> u64 {
+    5000
 }
 fn default_prefix() -> String {
     "shelfwatch".into()
@@ -301,15 +326,7 @@ pub fn setup(
     let credentials = match &settings.username {
         Some(user) => {
             let password = match &settings.password_file {
-                Some(p) => {
-                    let p = resolve(p);
-                    std::fs::read_to_string(&p)
-                        .map_err(|error| MqttError::Io { path: p, error })?
-                        .lines()
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned()
-                }
+                Some(p) => read_password_file(&resolve(p))?,
                 None => String::new(),
             };
             Some((user.clone(), password))
@@ -362,6 +379,37 @@ pub fn setup(
         scanner,
     };
     Ok((sink, client, stats))
+}
+
+/// The first line of a password file.
+fn read_password_file(path: &Path) -> Result<String, MqttError> {
+    Ok(std::fs::read_to_string(path)
+        .map_err(|error| MqttError::Io {
+            path: path.to_owned(),
+            error,
+        })?
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// Refuses a secret (a password file) that every user on the board may read or change;
+/// the daemon's group may read it (0640 as docs/mqtt.md says).
+pub fn check_secret_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o006 != 0 {
+        return Err(format!(
+            "{} is open to every user (mode {:04o}): chmod o-rw it (0640, group shelfwatch)",
+            path.display(),
+            mode & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 fn broker_address(s: &MqttSettings) -> Result<(String, u16), MqttError> {
@@ -468,7 +516,6 @@ impl MqttClient {
             // connected wait until then (a Notify keeps its permit; snapshots wait in
             // their channel).
             tokio::select! {
-
                 ev = eventloop.poll() => match ev {
                     Ok(ev) => {
                         if self.on_event(ev, &client, &mut link) {
@@ -506,7 +553,17 @@ impl MqttClient {
                     }
                 }
                 Some((camera, jpeg)) = self.snapshots.recv(), if link.connected => {
-                    link.untracked(client.try_publish(self.topics.snapshot(&camera), QoS::AtMostOnce, false, jpeg));
+                    let topic = self.topics.snapshot(&camera);
+                    // A QoS 0 PUBLISH's remaining length: topic length field, topic, payload.
+                    let packet = 2 + topic.len() + jpeg.len();
+                    if self.settings.broker == "embedded" && packet > self.settings.embedded_max_packet_bytes {
+                        // The broker would drop our connection for it.
+                        tracing::warn!(camera = %camera, bytes = jpeg.len(),
+                            limit = self.settings.embedded_max_packet_bytes,
+                            "snapshot not published: larger than embedded-max-packet-bytes");
+                    } else {
+                        link.untracked(client.try_publish(topic, QoS::AtMostOnce, false, jpeg));
+                    }
                 }
                 r = shutdown.changed(), if stopping.is_none() => {
                     let _ = r;
@@ -1119,11 +1176,38 @@ impl Jitter {
     }
 }
 
-/// Starts the embedded broker (rumqttd, MQTT 3.1.1, no TLS) on its own threads.
-pub fn start_embedded_broker(listen: &str) -> Result<(), MqttError> {
-    let addr: std::net::SocketAddr = listen
-        .parse()
-        .map_err(|e| MqttError::Embedded(format!("embedded-listen {listen:?}: {e}")))?;
+/// Starts the embedded broker (rumqttd, MQTT 3.1.1, no TLS) on its own threads and
+/// returns once it accepts connections. Config validation has already refused a
+/// non-loopback `embedded-listen` without credentials; this refuses it again, so that no
+/// caller can open the broker to the LAN without them.
+pub fn start_embedded_broker(
+    settings: &MqttSettings,
+    resolve: impl Fn(&Path) -> PathBuf,
+) -> Result<(), MqttError> {
+    let addr = embedded_listen_address(&settings.embedded_listen)
+        .map_err(|e| MqttError::Embedded(format!("embedded-listen: {e}")))?;
+    let auth = match (&settings.username, &settings.password_file) {
+        (Some(user), Some(file)) => {
+            let file = resolve(file);
+            check_secret_file(&file).map_err(MqttError::Embedded)?;
+            Some(HashMap::from([(user.clone(), read_password_file(&file)?)]))
+        }
+        _ if !addr.ip().is_loopback() => {
+            return Err(MqttError::Embedded(format!(
+                "embedded-listen: {addr} is not loopback and no username and password-file are set"
+            )))
+        }
+        _ => None,
+    };
+    let fd_limit =
+        open_files_limit().map_err(|e| MqttError::Embedded(format!("RLIMIT_NOFILE: {e}")))?;
+    let connect_timeout = Duration::from_millis(settings.embedded_connect_timeout_ms);
+    let limits = EmbeddedLimits::new(fd_limit, settings.embedded_max_connections, connect_timeout)
+        .map_err(MqttError::Embedded)?;
+    if limits.max_connections < settings.embedded_max_connections {
+        tracing::warn!(configured = settings.embedded_max_connections, used = limits.max_connections,
+            fd_limit, "embedded-max-connections lowered: the open-file limit (LimitNOFILE=) has no room for more");
+    }
     // Fail here, clearly, if the port is taken, rather than inside the broker's thread.
     drop(
         std::net::TcpListener::bind(addr)
@@ -1133,23 +1217,29 @@ pub fn start_embedded_broker(listen: &str) -> Result<(), MqttError> {
         name: "shelfwatch-embedded".into(),
         listen: addr,
         tls: None,
-        next_connection_delay_ms: 1,
+        next_connection_delay_ms: limits.accept_interval.as_millis() as u64,
         connections: rumqttd::ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: 16 << 20,
+            connection_timeout_ms: u16::try_from(settings.embedded_connect_timeout_ms)
+                .unwrap_or(u16::MAX),
+            max_payload_size: settings.embedded_max_packet_bytes,
             max_inflight_count: 200,
-            auth: None,
+            auth: auth.clone(),
             external_auth: None,
+            // Publishes to a topic nobody subscribes to are kept (under a filter of their
+            // own); without this rumqttd disconnects their publisher, the daemon included.
             dynamic_filters: true,
         },
     };
     let config = rumqttd::Config {
         id: 0,
         router: rumqttd::RouterConfig {
-            max_connections: 64,
+            max_connections: limits.max_connections,
             max_outgoing_packet_count: 200,
-            max_segment_size: 16 << 20,
-            max_segment_count: 4,
+            // Each topic filter keeps its recent messages in memory, in segments of this
+            // size (rumqttd refuses less than 1 KiB): at most EMBEDDED_SEGMENTS of them
+            // plus one packet, so a filter holds a few packets, not 4 x 16 MiB as before.
+            max_segment_size: settings.embedded_max_packet_bytes.max(1024),
+            max_segment_count: EMBEDDED_SEGMENTS,
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
@@ -1178,8 +1268,87 @@ pub fn start_embedded_broker(listen: &str) -> Result<(), MqttError> {
     let started = std::time::Instant::now();
     wait_until_accepting(addr, &broker)?;
     tracing::info!(listen = %addr, ready_ms = started.elapsed().as_millis() as u64,
+        max_connections = limits.max_connections,
+        max_packet_bytes = settings.embedded_max_packet_bytes,
+        accept_interval_ms = limits.accept_interval.as_millis() as u64,
+        fd_limit, login_required = auth.is_some(),
         "embedded MQTT broker started");
     Ok(())
+}
+
+/// `embedded-listen` as a socket address (an IP address, not a host name: the broker
+/// binds it, and whether it is loopback must be known before binding).
+pub fn embedded_listen_address(listen: &str) -> Result<std::net::SocketAddr, String> {
+    listen.parse().map_err(|e| {
+        format!("{listen:?}: expected an IP address and port, e.g. \"127.0.0.1:1883\" ({e})")
+    })
+}
+
+/// Segments of recent messages a topic filter of the embedded broker keeps in memory.
+/// Two: one being filled while a slow subscriber still reads the other.
+const EMBEDDED_SEGMENTS: usize = 2;
+
+/// File descriptors kept for the daemon itself: cameras, model and gallery files, spool,
+/// state, logging, the async runtime and the client's own socket. A daemon with two
+/// cameras and the embedded broker idle holds about 30 (`ls /proc/<pid>/fd`); twice
+/// that leaves room for reloads and snapshots. The embedded broker gets the rest.
+const FD_RESERVE: u64 = 64;
+
+/// What the open-file limit lets the embedded broker hold.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct EmbeddedLimits {
+    /// Clients with an MQTT session.
+    max_connections: usize,
+    /// rumqttd's pause after accepting a connection. A connection that has not sent
+    /// CONNECT holds a file descriptor for up to the connect timeout, and rumqttd
+    /// counts only sessions against `max_connections`: spacing the accepts is the only
+    /// bound on those, and it keeps the broker under the file limit. At the limit,
+    /// rumqttd's accept loop retries without pause and logs each failure (300 idle
+    /// connections against a 256-file limit: 3.3 million lines in 4.5 s), and the
+    /// cameras' reads fail with EMFILE.
+    accept_interval: Duration,
+}
+
+impl EmbeddedLimits {
+    /// `fd_limit` is RLIMIT_NOFILE's soft limit.
+    fn new(
+        fd_limit: u64,
+        max_connections: usize,
+        connect_timeout: Duration,
+    ) -> Result<Self, String> {
+        let budget = fd_limit.saturating_sub(FD_RESERVE);
+        // Sessions may take half of the broker's files; connections that have not sent
+        // CONNECT yet the other half.
+        let max_connections = (max_connections as u64).min(budget / 2);
+        let waiting = budget - max_connections;
+        if max_connections < 2 || waiting < 2 {
+            return Err(format!(
+                "the open-file limit ({fd_limit}) leaves the embedded broker no room: raise it \
+                 (LimitNOFILE=) to at least {}",
+                FD_RESERVE + 4
+            ));
+        }
+        // At most connect_timeout / interval + 1 connections wait for CONNECT at once.
+        let timeout_ms = connect_timeout.as_millis() as u64;
+        let interval_ms = timeout_ms.div_ceil(waiting - 1).max(1);
+        Ok(Self {
+            max_connections: max_connections as usize,
+            accept_interval: Duration::from_millis(interval_ms),
+        })
+    }
+}
+
+/// RLIMIT_NOFILE's soft limit (`u64::MAX` when unlimited).
+fn open_files_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own and keeps no pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(limit.rlim_cur as u64)
 }
 
 /// Waits until the embedded broker accepts connections on `addr`, by connecting to it (on
@@ -1388,15 +1557,22 @@ impl tracing::field::Visit for BrokerEventFields {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_embedded_broker_listens_before_start_returns() {
+    /// Settings for the embedded broker on a free loopback port.
+    fn embedded_on_a_free_port() -> MqttSettings {
         let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = free.local_addr().unwrap();
         drop(free);
-        start_embedded_broker(&addr.to_string()).unwrap();
+        toml::from_str(&format!("embedded-listen = \"{addr}\"")).unwrap()
+    }
+
+    #[test]
+    fn the_embedded_broker_listens_before_start_returns() {
+        let settings = embedded_on_a_free_port();
+        start_embedded_broker(&settings, Path::to_owned).unwrap();
         // Ready means a client's first attempt is accepted, not refused (under load the
         // broker thread can take milliseconds to bind; the demo's client once got there first).
-        std::net::TcpStream::connect(addr).expect("connect to the embedded broker");
+        std::net::TcpStream::connect(&settings.embedded_listen)
+            .expect("connect to the embedded broker");
     }
 
     #[test]
@@ -1429,6 +1605,55 @@ mod tests {
         }
         let e = wait_until_accepting(addr, &ended).unwrap_err();
         assert!(e.to_string().contains("stopped before it listened"), "{e}");
+    }
+
+    #[test]
+    fn the_broker_gets_the_files_the_daemon_does_not_need_and_no_more() {
+        let timeout = Duration::from_millis(5000);
+        // Issue #19: 300 idle connections against a 256-file limit. Sessions and
+        // connections still waiting for CONNECT (one per accept interval, each for up to
+        // the timeout) stay within the files above the daemon's reserve.
+        let l = EmbeddedLimits::new(256, 32, timeout).unwrap();
+        assert_eq!(l.max_connections, 32);
+        let waiting = timeout.as_millis() / l.accept_interval.as_millis() + 1;
+        assert!(
+            l.max_connections as u128 + waiting <= 256 - FD_RESERVE as u128,
+            "{l:?}"
+        );
+        // A roomy limit: no pause to speak of, the configured sessions.
+        let l = EmbeddedLimits::new(1 << 20, 32, timeout).unwrap();
+        assert_eq!(
+            l,
+            EmbeddedLimits {
+                max_connections: 32,
+                accept_interval: Duration::from_millis(1)
+            }
+        );
+        // A tight one lowers the sessions too; none at all is an error that says what to raise.
+        let l = EmbeddedLimits::new(FD_RESERVE + 20, 32, timeout).unwrap();
+        assert_eq!(l.max_connections, 10);
+        let e = EmbeddedLimits::new(FD_RESERVE + 2, 32, timeout).unwrap_err();
+        assert!(e.contains("LimitNOFILE"), "{e}");
+        assert!(EmbeddedLimits::new(u64::MAX, 32, timeout).is_ok());
+    }
+
+    #[test]
+    fn a_non_loopback_embedded_broker_without_credentials_does_not_start() {
+        let settings: MqttSettings = toml::from_str("embedded-listen = \"0.0.0.0:0\"").unwrap();
+        let e = start_embedded_broker(&settings, Path::to_owned).unwrap_err();
+        assert!(e.to_string().contains("not loopback"), "{e}");
+    }
+
+    #[test]
+    fn a_password_file_open_to_every_user_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "secret\n").unwrap();
+        for (mode, ok) in [(0o600, true), (0o640, true), (0o644, false), (0o602, false)] {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(check_secret_file(&file).is_ok(), ok, "{mode:o}");
+        }
     }
 
     #[test]
