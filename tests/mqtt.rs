@@ -814,7 +814,7 @@ fn idle_connections_beyond_the_file_limit_leave_the_daemon_counting_and_its_log_
     signal(&d, Signal::SIGTERM);
     assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
     let log = stderr_of(d);
-    assert!(!log.contains("os error 24"), "EMFILE:\n{log}");
+    assert!(!log.contains("Too many open files"), "EMFILE:\n{log}");
     assert_eq!(log.matches("connected to the broker").count(), 1, "{log}");
     // The broker's lines about them (an `accept` each at info, a connect timeout each at
     // ERROR) are cut to a few, and the cut is said.
@@ -909,6 +909,27 @@ fn an_oversized_retained_publish_is_refused_and_the_daemon_does_not_grow() {
     assert_eq!(log.matches("connected to the broker").count(), 1, "{log}");
 }
 
+// Issue #19: a client using the daemon's predictable client id (`shelfwatch-<device>`)
+// kicked it off the embedded broker 3 times in 4 s.
+#[test]
+fn a_client_with_the_daemons_old_client_id_does_not_disconnect_the_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, port) = embedded_daemon(dir.path(), "", daemon);
+    wait_online(port);
+    let intruder = Subscriber::start(port, "shelfwatch-dev-1", &[]);
+    // Connected alongside the daemon, and the daemon keeps publishing to it.
+    intruder.wait_for(
+        |_| seqs(&intruder.json()).len() >= 10,
+        Duration::from_secs(60),
+    );
+    drop(intruder);
+    signal(&d, Signal::SIGTERM);
+    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    let log = stderr_of(d);
+    assert_eq!(log.matches("connected to the broker").count(), 1, "{log}");
+    assert!(!log.contains("mqtt connection failed"), "{log}");
+}
+
 /// `shelfwatch check-config` on a config with these MQTT sink keys.
 fn check_config(dir: &Path, mqtt: &str) -> std::process::Output {
     let cfg = config(dir, mqtt, "*.jpg", true, 10.0);
@@ -977,6 +998,63 @@ fn with_credentials_the_embedded_broker_lets_in_only_clients_that_log_in() {
     }
     signal(&d, Signal::SIGTERM);
     assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+}
+
+// Issue #19: the client id is drawn anew at every start, so a previous run's connection
+// may still be open at an external broker (a power cut) and fire its last will after the
+// new run said `online`. The daemon takes such an `offline` back while it is connected.
+#[test]
+fn a_stale_offline_status_is_taken_back_while_the_daemon_is_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let sub = Subscriber::start(
+        broker.port,
+        "status-sub",
+        &["-t", "shelfwatch/dev-1/status"],
+    );
+    let cfg = config(
+        dir.path(),
+        &format!("broker = \"127.0.0.1:{}\"", broker.port),
+        "*.jpg",
+        true,
+        5.0,
+    );
+    let mut d = daemon(&cfg);
+    let status = |m: &[(bool, String, String)]| -> Vec<String> {
+        m.iter()
+            .filter(|(_, t, _)| t.ends_with("/status"))
+            .map(|(_, _, p)| p.clone())
+            .collect()
+    };
+    sub.wait_for(
+        |m| status(m).contains(&"online".into()),
+        Duration::from_secs(60),
+    );
+    let ok = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+        .args([
+            "-q",
+            "1",
+            "-r",
+            "-t",
+            "shelfwatch/dev-1/status",
+            "-m",
+            "offline",
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    sub.wait_for(
+        |m| status(m).ends_with(&["offline".into(), "online".into()]),
+        Duration::from_secs(30),
+    );
+    // A clean stop still ends on `offline`.
+    signal(&d, Signal::SIGTERM);
+    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    sub.wait_for(
+        |m| status(m).last().is_some_and(|s| s == "offline"),
+        Duration::from_secs(20),
+    );
 }
 
 // Issue #19: the unit's `ProcSubset=pid` hides /proc/net/tcp, which the readiness wait

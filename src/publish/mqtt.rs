@@ -50,7 +50,8 @@ pub struct MqttSettings {
     /// Topic prefix.
     #[serde(default = "default_prefix")]
     pub prefix: String,
-    /// Stable client id; default `shelfwatch-<device id>`.
+    /// Client id; default `shelfwatch-<device id>-<random>`, drawn at every start so no
+    /// other client can guess it and take the daemon's session over.
     #[serde(default)]
     pub client_id: Option<String>,
     #[serde(default = "default_keep_alive")]
@@ -169,6 +170,8 @@ pub enum MqttError {
     Spool(#[from] SpoolError),
     #[error("embedded broker: {0}")]
     Embedded(String),
+    #[error("cannot draw a random client id: {0}")]
+    Random(std::io::Error),
 }
 
 /// A command received under `<prefix>/<device>/cmd/`.
@@ -304,6 +307,8 @@ pub struct MqttClient {
     zones: Vec<ZoneInfo>,
     discovery_record: PathBuf,
     scanner: Option<ScannerLink>,
+    /// Set once the goodbye `offline` is on its way, so it is not taken back.
+    leaving: bool,
 }
 
 /// Sets up the spool, the sink and the client for `device`. `resolve` makes
@@ -319,10 +324,13 @@ pub fn setup(
 ) -> Result<(MqttSink, MqttClient, Arc<MqttStats>), MqttError> {
     let topics = Topics::new(&settings.prefix, device);
     let (host, port) = broker_address(settings)?;
-    let client_id = settings
-        .client_id
-        .clone()
-        .unwrap_or_else(|| format!("shelfwatch-{device}"));
+    let client_id = match &settings.client_id {
+        Some(id) => id.clone(),
+        None => format!(
+            "shelfwatch-{device}-{:016x}",
+            random_u64().map_err(MqttError::Random)?
+        ),
+    };
     let credentials = match &settings.username {
         Some(user) => {
             let password = match &settings.password_file {
@@ -377,6 +385,7 @@ pub fn setup(
         zones,
         discovery_record: spool_dir.join("ha-discovery.json"),
         scanner,
+        leaving: false,
     };
     Ok((sink, client, stats))
 }
@@ -410,6 +419,18 @@ pub fn check_secret_file(path: &Path) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// 64 bits from the kernel's random number generator.
+fn random_u64() -> std::io::Result<u64> {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own and
+    // keeps no pointer to it.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(u64::from_ne_bytes(bytes))
 }
 
 fn broker_address(s: &MqttSettings) -> Result<(String, u16), MqttError> {
@@ -576,6 +597,7 @@ impl MqttClient {
         if link.connected {
             // A clean goodbye: the retained status says offline without waiting for the
             // broker to fire the last will.
+            self.leaving = true;
             link.untracked(client.try_publish(
                 self.topics.status(),
                 QoS::AtLeastOnce,
@@ -645,6 +667,8 @@ impl MqttClient {
                     b"online".to_vec(),
                 ));
                 let _ = client.try_subscribe(self.topics.commands(), QoS::AtLeastOnce);
+                // Our own status, to take back a stale `offline` (see on_event).
+                let _ = client.try_subscribe(self.topics.status(), QoS::AtLeastOnce);
                 if self.scanner.is_some() {
                     let _ = client.try_subscribe(self.topics.identify_request(), QoS::AtLeastOnce);
                 }
@@ -677,6 +701,22 @@ impl MqttClient {
                 response_topic,
                 correlation,
             } => {
+                if topic == self.topics.status() {
+                    // The client id is new at every start, so the broker may still hold
+                    // the previous run's connection (half-open after a power cut) and fire
+                    // its last will after we said `online`; anyone may also publish there.
+                    // While we are connected, `offline` is wrong: say `online` again.
+                    if &payload[..] == b"offline" && !self.leaving {
+                        tracing::info!("status said offline while connected (a previous session's last will?); publishing online again");
+                        link.untracked(client.try_publish(
+                            self.topics.status(),
+                            QoS::AtLeastOnce,
+                            true,
+                            b"online".to_vec(),
+                        ));
+                    }
+                    return false;
+                }
                 if topic == self.topics.identify_request() {
                     if let Some(scanner) = &self.scanner {
                         let request = Incoming {
@@ -1654,6 +1694,11 @@ mod tests {
             std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
             assert_eq!(check_secret_file(&file).is_ok(), ok, "{mode:o}");
         }
+    }
+
+    #[test]
+    fn client_ids_are_drawn_anew() {
+        assert_ne!(random_u64().unwrap(), random_u64().unwrap());
     }
 
     #[test]
