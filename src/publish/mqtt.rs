@@ -427,7 +427,8 @@ fn random_u64() -> std::io::Result<u64> {
     // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer we own and
     // keeps no pointer to it.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n != bytes.len() as isize {
+    // ssize_t: -1 on error (never short for 8 bytes); 32 bits on armv7.
+    if n < 0 || n as usize != bytes.len() {
         return Err(std::io::Error::last_os_error());
     }
     Ok(u64::from_ne_bytes(bytes))
@@ -1329,9 +1330,9 @@ pub fn embedded_listen_address(listen: &str) -> Result<std::net::SocketAddr, Str
 const EMBEDDED_SEGMENTS: usize = 2;
 
 /// File descriptors kept for the daemon itself: cameras, model and gallery files, spool,
-/// state, logging, the async runtime and the client's own socket. A daemon with two
-/// cameras and the embedded broker idle holds about 30 (`ls /proc/<pid>/fd`); twice
-/// that leaves room for reloads and snapshots. The embedded broker gets the rest.
+/// state, logging, the async runtime and the client's own socket. The demo (one camera,
+/// the embedded broker idle) holds 20 (`ls /proc/<pid>/fd`); three times that leaves
+/// room for more cameras, reloads and snapshots. The embedded broker gets the rest.
 const FD_RESERVE: u64 = 64;
 
 /// What the open-file limit lets the embedded broker hold.
@@ -1388,6 +1389,8 @@ fn open_files_limit() -> std::io::Result<u64> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // rlim_t is 32 bits on armv7.
+    #[allow(clippy::unnecessary_cast)]
     Ok(limit.rlim_cur as u64)
 }
 
