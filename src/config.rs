@@ -921,6 +921,9 @@ impl LoadedConfig {
                     problems.push((format!("{key}.password-file"), e));
                 }
             }
+            if m.broker == "embedded" {
+                self.validate_embedded_broker(&key, m, &mut problems);
+            }
             if let Some(t) = &m.tls {
                 if let Err(e) = std::fs::metadata(self.resolve(&t.ca_file)) {
                     problems.push((
@@ -1028,6 +1031,58 @@ impl LoadedConfig {
 }
 
 impl LoadedConfig {
+    /// The embedded broker's keys of MQTT sink `key`. Run before anything binds: a
+    /// broker open to the LAN without credentials is refused here, with exit 78.
+    fn validate_embedded_broker(
+        &self,
+        key: &str,
+        m: &crate::publish::mqtt::MqttSettings,
+        problems: &mut Vec<(String, String)>,
+    ) {
+        match crate::publish::mqtt::embedded_listen_address(&m.embedded_listen) {
+            Err(e) => problems.push((format!("{key}.embedded-listen"), e)),
+            Ok(addr)
+                if !addr.ip().is_loopback()
+                    && (m.username.is_none() || m.password_file.is_none()) =>
+            {
+                problems.push((
+                    format!("{key}.embedded-listen"),
+                    format!(
+                        "{addr} is not a loopback address: the embedded broker has no \
+                         authentication unless username and password-file are set (then every \
+                         client must log in); set them, keep it on 127.0.0.1, or use mosquitto \
+                         for the LAN (docs/mqtt.md)"
+                    ),
+                ));
+            }
+            Ok(_) => {}
+        }
+        if m.username.is_some() && m.password_file.is_none() {
+            problems.push((
+                format!("{key}.password-file"),
+                "the embedded broker checks username against this password: set it".into(),
+            ));
+        }
+        if !(2..=4096).contains(&m.embedded_max_connections) {
+            problems.push((
+                format!("{key}.embedded-max-connections"),
+                "must be between 2 and 4096 (the daemon's own client is one)".into(),
+            ));
+        }
+        if !((4 << 10)..=(16 << 20)).contains(&m.embedded_max_packet_bytes) {
+            problems.push((
+                format!("{key}.embedded-max-packet-bytes"),
+                "must be between 4096 and 16777216".into(),
+            ));
+        }
+        if !(500..=60_000).contains(&m.embedded_connect_timeout_ms) {
+            problems.push((
+                format!("{key}.embedded-connect-timeout-ms"),
+                "must be between 500 and 60000".into(),
+            ));
+        }
+    }
+
     fn validate_identify(&self, i: &IdentifyConfig, problems: &mut Vec<(String, String)>) {
         for (key, v) in [
             ("identify.unknown-threshold", i.unknown_threshold),

@@ -186,7 +186,7 @@ pub fn init_logging(filter: &str, format: LogFormat) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let registry = tracing_subscriber::registry()
         .with(filter)
-        .with(crate::publish::mqtt::BrokerNoiseFilter);
+        .with(crate::publish::mqtt::BrokerNoiseFilter::default());
     let lines = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);

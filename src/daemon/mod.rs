@@ -198,7 +198,7 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
             continue;
         };
         if m.broker == "embedded" {
-            publish::mqtt::start_embedded_broker(&m.embedded_listen)?;
+            publish::mqtt::start_embedded_broker(m, |p| loaded.resolve(p))?;
         }
         let spool_dir = store.path().with_file_name("spool");
         let zones = config
