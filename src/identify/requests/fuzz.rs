@@ -55,7 +55,9 @@ struct Envelope {
 
 fn envelope() -> impl Strategy<Value = Envelope> {
     (
-        prop::option::of(".{0,64}"),
+        // At most 128 bytes (32 characters of up to 4): longer ids are refused by the
+        // id cap of issue #19 part 1, which has its own tests.
+        prop::option::of(".{0,32}"),
         prop::option::of(".{0,64}"),
         prop_oneof![
             prop::collection::vec(any::<u8>(), 0..512),
