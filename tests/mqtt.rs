@@ -1032,7 +1032,7 @@ fn an_embedded_broker_on_the_lan_without_credentials_is_a_config_error_naming_th
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("sinks[0].password-file"), "{stderr}");
-    assert!(stderr.contains("open to every user"), "{stderr}");
+    assert!(stderr.contains("world-readable"), "{stderr}");
     secret_file(&password, "s3cret\n");
     let out = check_config(dir.path(), lan);
     assert!(out.status.success(), "{out:?}");
