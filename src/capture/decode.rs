@@ -205,6 +205,11 @@ fn header(bytes: &[u8]) -> Option<Header> {
             if bytes[at] != 0xff {
                 return None;
             }
+            // Any number of 0xff fill bytes may precede a marker.
+            if bytes[at + 1] == 0xff {
+                at += 1;
+                continue;
+            }
             let marker = bytes[at + 1];
             let len = usize::from(be16(at + 2)?);
             // SOF0-SOF15, except DHT (C4), JPG (C8) and DAC (CC).
@@ -418,6 +423,11 @@ mod tests {
         let bmp = bmp.into_inner();
         assert_eq!(header(&bmp).map(|h| (h.width, h.height)), Some((5, 3)));
         assert_eq!(header(b"GIF89a"), None);
+        // Fill bytes before a marker are skipped, not read as one.
+        let mut filled = jpeg()[..2].to_vec();
+        filled.extend([0xff, 0xff]);
+        filled.extend(&jpeg()[2..]);
+        assert_eq!(header(&filled).map(|h| (h.width, h.height)), Some((16, 16)));
         assert_eq!(header(&jpeg()[..3]), None);
     }
 
