@@ -703,12 +703,12 @@ mod tests {
     }
 
     /// Issue #19 (found by fuzzing): 1 reference x 2^62 dimensions x 4 bytes wrapped to
-    /// 0 expected bytes, so a gallery without vectors loaded; `gallery remove` then
+    /// 0 expected bytes (2^30 on a 32-bit board), so a gallery without vectors loaded; `gallery remove` then
     /// dropped its references and reported none removed. 0 dimensions loaded too, and
     /// the first search panicked (chunks of 0).
     #[test]
     fn a_gallery_whose_dimensions_are_zero_or_overflow_its_size_is_refused_at_load() {
-        for dimensions in [0, 1 << 62] {
+        for dimensions in [0, 1 << (usize::BITS - 2)] {
             let dir = tempfile::tempdir().unwrap();
             let g = Gallery {
                 model: ModelId {
