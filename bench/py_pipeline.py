@@ -104,7 +104,7 @@ def overlap_area(poly, box):
     x1, y1, x2, y2 = box
     pts = list(poly)
     for axis, bound, keep_above in ((0, x1, True), (0, x2, False), (1, y1, True), (1, y2, False)):
-        inside = lambda p: p[axis] >= bound if keep_above else p[axis] <= bound
+        inside = lambda p, axis=axis, bound=bound, keep_above=keep_above: p[axis] >= bound if keep_above else p[axis] <= bound
         out = []
         for k in range(len(pts)):
             cur, prev = pts[k], pts[k - 1]

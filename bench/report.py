@@ -267,7 +267,7 @@ def main():
            "The Python pipeline (`bench/py_pipeline.py`): decode (Pillow), resize, normalise, onnxruntime, SSD decoding, "
            "NMS, counts per zone, each frame's counts published with QoS 1, one frame after the other. "
            "Wall time is launch to exit for both (model loading and waiting for the broker's acknowledgements included); "
-           "peak RSS from `/usr/bin/time` (or VmHWM).", "",
+           "peak RSS from the kernel's accounting of the child (wait4).", "",
            e2e_table(res), ""]
     if py:
         md += [f"The Python pipeline's own account: frame loop {py['loop_s']:.2f} s ({py['loop_frames_per_second']:.1f} frames/s), "

@@ -14,14 +14,9 @@ check=0
 work=${SHELFWATCH_MODEL_WORK:-$here/.build}
 venv=$work/venv
 mkdir -p "$work"
-# (Re)install when requirements.txt changed since the venv was made.
-want=$(sha256sum "$here/requirements.txt" | cut -d' ' -f1)
-have=$(cat "$venv/.requirements.sha256" 2>/dev/null || true)
-if [ ! -x "$venv/bin/python" ] || [ "$want" != "$have" ]; then
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt"
-  echo "$want" >"$venv/.requirements.sha256"
-fi
+# shellcheck source=../scripts/lib.sh
+. "$here/../scripts/lib.sh"
+ensure_venv "$venv" .requirements.sha256 "$here/requirements.txt"
 
 objectron=@mediapipe/objectron@0.4.1675468480
 if [ ! -f "$work/package/objectron_solution_packed_assets.data" ]; then

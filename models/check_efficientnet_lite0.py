@@ -126,7 +126,7 @@ def reference(weights, x):
     relu6 = lambda t: np.clip(t, 0.0, 6.0)  # noqa: E731
     h = relu6(_bn(_conv_full(x[0].astype(np.float64), w["_conv_stem.weight"], 2), w, "_bn0"))
     blocks = conv.blocks_from_weights(weights)
-    for (p, cin, mid, cout, k), stride in zip(blocks, conv.block_strides(blocks)):
+    for (p, cin, mid, cout, _k), stride in zip(blocks, conv.block_strides(blocks)):
         skip = h
         if mid != cin:
             h = relu6(_bn(np.einsum("oc,chw->ohw", w[f"{p}._expand_conv.weight"][:, :, 0, 0], h), w, f"{p}._bn0"))

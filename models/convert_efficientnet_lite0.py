@@ -336,7 +336,7 @@ def build(weights):
     blocks = blocks_from_weights(weights)
     if blocks[0][1] != STEM_CHANNELS:
         raise ValueError("the first block does not take the stem's channels")
-    for (p, cin, mid, cout, k), stride in zip(blocks, block_strides(blocks)):
+    for (p, cin, mid, cout, _k), stride in zip(blocks, block_strides(blocks)):
         n = f"block{p.split('.')[1]}"
         skip = x
         if mid != cin:

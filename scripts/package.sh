@@ -37,7 +37,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-die() { echo "package.sh: $*" >&2; exit 1; }
+# shellcheck source=lib.sh
+. scripts/lib.sh
 
 targets=()
 while [ $# -gt 0 ]; do

@@ -7,7 +7,7 @@
 #
 #   scripts/setup.sh          # to build and run (the README's first command)
 #   scripts/setup.sh --bench  # to run bench/run.sh (it calls this itself): mosquitto,
-#                             # python3-venv, time
+#                             # python3-venv
 #   scripts/setup.sh --test   # to run scripts/test.sh (it calls this itself)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,11 +40,11 @@ if $with_tests; then
     qemu-system-x86 qemu-system-arm busybox-static # vivid VMs (tests/vivid/run-vm.sh)
     python3-venv   # cargo-zigbuild and zig, pinned, from PyPI
     dpkg-dev lintian debootstrap man-db groff-base # packages: checks and a throwaway install
-    gcc time       # bench/: the qemu instruction-count plugin, peak RSS of whole processes
+    gcc            # bench/arm-insns.sh: the qemu instruction-count plugin
   )
 fi
 if $with_bench; then
-  apt_packages+=(mosquitto python3-venv time)
+  apt_packages+=(mosquitto python3-venv)
 fi
 
 missing=()

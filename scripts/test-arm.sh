@@ -31,15 +31,12 @@ esac
 # The oldest glibc among the systems we support (bullseye, JetPack 5 / Ubuntu 20.04).
 readonly glibc=2.31
 
-stage() {
-  local name=$1; shift
-  local t0=$SECONDS
-  echo "==> $target: $name"
-  "$@"
-  echo "<== $target: $name: $((SECONDS - t0)) s"
-}
+# shellcheck source=lib.sh
+. scripts/lib.sh
+STAGE_PREFIX="$target: "
 
-export PATH=$(bash scripts/zig-venv.sh)/bin:$PATH
+PATH=$(bash scripts/zig-venv.sh)/bin:$PATH
+export PATH
 # Options go before the subcommand's own arguments (and any `-- test-binary args`).
 cargo_zig() {
   local sub=$1

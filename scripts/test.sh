@@ -7,35 +7,37 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-stage() {
-  local name=$1; shift
-  local t0=$SECONDS
-  echo "==> $name"
-  "$@"
-  echo "<== $name: $((SECONDS - t0)) s (disk free: $(df -h --output=avail . | tail -1 | tr -d ' '))"
-}
+# shellcheck source=lib.sh
+. scripts/lib.sh
+export STAGE_DISK=1
 
 stage "setup" bash scripts/setup.sh --test
-export PATH=$(bash scripts/zig-venv.sh)/bin:$PWD/target/tools/bin:$PATH
+PATH=$(bash scripts/zig-venv.sh)/bin:$PWD/target/tools/bin:$PATH
+export PATH
 
 # Plain `cargo test` (not --all-targets, which would build the examples as test
 # harnesses): the vivid-guest example is built as the program the x86_64 VM runs.
 stage "x86_64: unit and integration tests" cargo test --release --locked
-stage "shipped configs" bash -c '
+shipped_configs() {
+  local f
   for f in examples/*.toml; do
     target/release/shelfwatch check-config "$f"
-  done'
+  done
+}
+stage "shipped configs" shipped_configs
 # The shelf counter's training pipeline from this clone, one command (README of
 # models/train), on a few dozen images, fine-tuning on labelled frames included; then the
 # binary reads what it exported. The full run (35 min) is not repeated here.
-stage "shelf counter: retrain and fine-tune with one command, smoke run" bash -c '
-  out=$PWD/target/train-smoke
+train_smoke() {
+  local out=$PWD/target/train-smoke
   rm -rf "$out"
   QUICK=1 SHELF_TRAIN_OUT=$out models/train/run.sh --finetune tests/fixtures/shelf-scenes/frames \
-    >"$out.log" 2>&1 || { tail -n 40 "$out.log"; exit 1; }
+    >"$out.log" 2>&1 || { tail -n 40 "$out.log"; return 1; }
   cat "$out/stages.txt"
   target/release/shelfwatch detect --model "$out/shelf_counter.toml" \
-    tests/fixtures/shelves/shelf_01.jpg >/dev/null'
+    tests/fixtures/shelves/shelf_01.jpg >/dev/null
+}
+stage "shelf counter: retrain and fine-tune with one command, smoke run" train_smoke
 stage "vivid VM: capture from the real V4L2 driver (x86_64)" \
   tests/vivid/run-vm.sh --arch x86_64 --binary target/release/examples/vivid-guest -- /dev/video0
 
@@ -59,15 +61,21 @@ stage "vivid VM: the daemon end to end on arm64 (capture, model, counts, events)
 
 stage "packages: build the .debs" scripts/package.sh --target x86_64-unknown-linux-gnu \
   --target aarch64-unknown-linux-gnu --target armv7-unknown-linux-gnueabihf
-stage "packages: lintian, and the amd64 one installed in a throwaway root" bash -c '
-  for deb in target/debian/*.deb; do scripts/check-deb.sh "$deb"; done'
+check_debs() {
+  local deb
+  for deb in target/debian/*.deb; do scripts/check-deb.sh "$deb"; done
+}
+stage "packages: lintian, and the amd64 one installed in a throwaway root" check_debs
 
-stage "systemd unit: verify and security rating" bash -c '
-  tmp=$(mktemp -d)
-  trap "rm -rf $tmp" EXIT
+check_unit() {
+  local dir out
+  dir=$(mktemp -d)
   # verify resolves ExecStart on this machine: point it at the binary just built.
-  sed "s#/usr/bin/shelfwatch#$PWD/target/release/shelfwatch#" systemd/shelfwatch.service > "$tmp/shelfwatch.service"
-  out=$(systemd-analyze verify --man=no "$tmp/shelfwatch.service" 2>&1)
-  if [ -n "$out" ]; then echo "$out"; exit 1; fi
+  sed "s#/usr/bin/shelfwatch#$PWD/target/release/shelfwatch#" systemd/shelfwatch.service >"$dir/shelfwatch.service"
+  out=$(systemd-analyze verify --man=no "$dir/shelfwatch.service" 2>&1)
+  rm -rf "$dir"
+  if [ -n "$out" ]; then echo "$out"; return 1; fi
   # Fails above an exposure of 2.0.
-  systemd-analyze security --offline=true --threshold=20 systemd/shelfwatch.service | tail -n 1'
+  systemd-analyze security --offline=true --threshold=20 systemd/shelfwatch.service | tail -n 1
+}
+stage "systemd unit: verify and security rating" check_unit

@@ -2,7 +2,7 @@
 
 Everything here is deterministic: paths, the texture split, the cut backbone, the
 product-width range and [scale] band, and the heat-map decoder (identical to shelfwatch's Rust decoder,
-src/vision/decode.rs HeatmapDecoder + src/vision/nms.rs).
+src/vision/outputs.rs HeatmapDecoder + src/vision/nms.rs).
 """
 import hashlib
 import json

@@ -29,7 +29,7 @@ import sys
 import time
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -65,8 +65,8 @@ def font(size):
 def fit_font(text, maxw, maxh):
     size = max(5, int(maxh))
     while size > 5:
-        l, t, r, b = font(size).getbbox(text)
-        if r - l <= maxw and b - t <= maxh:
+        left, t, r, b = font(size).getbbox(text)
+        if r - left <= maxw and b - t <= maxh:
             break
         size = int(size * 0.9)
     return font(size)
@@ -688,7 +688,7 @@ def build_unit(scene, rng, cat, skus, x0, x1, top, floors, t, back, board, opts,
     draw_unit_back(scene, rng, x0, x1, top, floors[-1], back, pegboard=opts.pop("pegboard", False))
     prev = top
     rows = []
-    for i, fl in enumerate(floors):
+    for fl in floors:
         shade_under(scene, x0, x1, prev, (fl - prev) * 0.35)
         clear = fl - prev - 3
         bays = uprights or [(x0, x1)]
@@ -699,9 +699,9 @@ def build_unit(scene, rng, cat, skus, x0, x1, top, floors, t, back, board, opts,
             allg += g
         rows.append((fl, allb, allg))
         prev = fl + t
-    for fl, b, g in rows:
+    for _fl, b, _g in rows:
         scene.place(b, shadow=(max(2, t // 3), max(1, t // 5), max(1.5, t / 3), 0.45))
-    for i, (fl, b, g) in enumerate(rows):
+    for i, (fl, _b, g) in enumerate(rows):
         strip = strips[i] if strips else 0
         shelf_board(scene, rng, x0 - uw, x1 + uw, fl, t, board, tags, g, strip=strip, tag_h=tag_h)
     # uprights (at the unit's ends and between bays) and a header board
@@ -717,10 +717,10 @@ def build_unit(scene, rng, cat, skus, x0, x1, top, floors, t, back, board, opts,
 
 
 def strip_fraction_ok(scene, rows, strips):
-    for (fl, b, g), c in zip(rows, strips):
+    for (fl, b, _g), c in zip(rows, strips):
         if not c:
             continue
-        for rgba, x, y, typ, sku in b:
+        for rgba, _x, y, _typ, _sku in b:
             if y + rgba.shape[0] == fl:  # standing on the board (not the top of a stack)
                 f = c / rgba.shape[0]
                 assert 0.095 <= f <= 0.255, f"strip covers {f:.2f} of a product"

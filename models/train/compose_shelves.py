@@ -137,7 +137,7 @@ def main():
             d = ImageDraw.Draw(img)
             d.rectangle([0, floor, W, floor + 5], fill=board)
             d.rectangle([0, floor + 5, W, floor + 15], fill=strip)
-            for k in range(int(rng.integers(3, 6))):
+            for _k in range(int(rng.integers(3, 6))):
                 lx = rng.uniform(10, W - 40)
                 d.rectangle([lx, floor + 6, lx + 26, floor + 14], fill=(255, 255, 255))
         a = np.asarray(img, np.float32)

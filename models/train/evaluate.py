@@ -50,7 +50,6 @@ def match(dets, objects):
     Returns the products to find, their matched flags and per detection (kind, the
     product it hit or lies on, None for the background)."""
     gts = [o for o in objects if not o["ignore"]]
-    ign = [o for o in objects if o["ignore"]]
     used = [False] * len(gts)
     kinds = []
     for d in dets:
@@ -107,7 +106,7 @@ def load_yolo(folder):
         with Image.open(os.path.join(folder, f)) as im:
             W, H = im.size
         objs = []
-        rows = [l.split() for l in open(txt) if l.strip()]
+        rows = [line.split() for line in open(txt) if line.strip()]
         for i, v in enumerate(rows):
             _, cx, cy, w, h = map(float, v[:5])
             t = types.get(f)[i] if types.get(f) else "product"

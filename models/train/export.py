@@ -114,7 +114,7 @@ def build(params, norm):
 
     C = common.HEAD_CH
     branches = []
-    for (tap, ch, s), key, (mean, std) in zip(common.TAPS, ("p8", "p16", "p32"), norm):
+    for (tap, _ch, s), key, (mean, std) in zip(common.TAPS, ("p8", "p16", "p32"), norm):
         W = head[key].astype(np.float64)
         mean = mean.reshape(-1).astype(np.float64)
         std = std.reshape(-1).astype(np.float64)

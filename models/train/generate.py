@@ -23,7 +23,6 @@ number of workers.
 """
 import argparse
 import hashlib
-import io
 import json
 import math
 import os
@@ -552,14 +551,18 @@ def render(seed):
         mode = rng.random()
         k = rng.uniform(0.0, 0.9)
         if mode < 0.35:  # camera low (looking up): the top is farther
-            quad[0, 0] -= k * fx; quad[1, 0] += k * fx
+            quad[0, 0] -= k * fx
+            quad[1, 0] += k * fx
         elif mode < 0.7:  # camera high
-            quad[3, 0] -= k * fx; quad[2, 0] += k * fx
+            quad[3, 0] -= k * fx
+            quad[2, 0] += k * fx
         elif mode < 0.85:  # off to one side
             if rng.random() < 0.5:
-                quad[0, 1] -= k * fy; quad[3, 1] += k * fy
+                quad[0, 1] -= k * fy
+                quad[3, 1] += k * fy
             else:
-                quad[1, 1] -= k * fy; quad[2, 1] += k * fy
+                quad[1, 1] -= k * fy
+                quad[2, 1] += k * fy
         quad += rng.uniform(-0.25, 0.25, quad.shape) * [fx, fy]
         H_c2f = homography(quad, frame)   # canvas -> frame
     H_f2c = np.linalg.inv(H_c2f)

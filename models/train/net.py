@@ -29,7 +29,7 @@ class Blocks:
         g = model.graph
         producers = {o: n for n in g.node for o in n.output}
         inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-        order, seen, stack = [], set(), [end]
+        seen, stack = set(), [end]
         # depth-first from the end back to `start`, then in graph order
         while stack:
             t = stack.pop()

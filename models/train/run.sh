@@ -27,23 +27,13 @@ fi
 work=${SHELFWATCH_MODEL_WORK:-$models/.build}
 venv=$work/venv
 mkdir -p "$work"
-t_all=$(date +%s.%N)
+t_all=$SECONDS
 t_venv=$t_all
-want=$(sha256sum "$models/requirements.txt" | cut -d' ' -f1)
-have=$(cat "$venv/.requirements.sha256" 2>/dev/null || true)
-if [ ! -x "$venv/bin/python" ] || [ "$want" != "$have" ]; then
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$models/requirements.txt"
-  echo "$want" >"$venv/.requirements.sha256"
-fi
+# shellcheck source=../../scripts/lib.sh
+. "$root/scripts/lib.sh"
+ensure_venv "$venv" .requirements.sha256 "$models/requirements.txt"
 # the training's extra pins, on top (their own marker, so models/build.sh's is untouched)
-want_t=$(cat "$models/requirements.txt" "$here/requirements.txt" | sha256sum | cut -d' ' -f1)
-have_t=$(cat "$venv/.train-requirements.sha256" 2>/dev/null || true)
-if [ "$want_t" != "$have_t" ]; then
-  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$models/requirements.txt" \
-    -r "$here/requirements.txt"
-  echo "$want_t" >"$venv/.train-requirements.sha256"
-fi
+ensure_venv "$venv" .train-requirements.sha256 "$models/requirements.txt" "$here/requirements.txt"
 py="$venv/bin/python"
 
 threads=${THREADS:-2}
@@ -59,16 +49,9 @@ out=${SHELF_TRAIN_OUT:-$here/out}
 export SHELF_TRAIN_OUT=$out
 mkdir -p "$out"
 
-since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
-stage() {
-  local name=$1; shift
-  local t0; t0=$(date +%s.%N)
-  echo "== $name" >&2
-  "$@"
-  echo "== $name: $(since "$t0") s" | tee -a "$out/stages.txt" >&2
-}
-: >"$out/stages.txt"
-echo "== venv: $(since "$t_venv") s" | tee -a "$out/stages.txt" >&2
+# Each stage's seconds go to stages.txt (name, tab, seconds), which CI prints.
+export STAGE_LOG=$out/stages.txt
+printf 'venv\t%s\n' "$((SECONDS - t_venv))" >"$STAGE_LOG"
 rm -rf "$out/data"
 stage check-decoder "$py" "$here/test_decode.py"
 stage generate-train "$py" "$here/generate.py" --split train --count "$ntrain" --workers "$threads"
@@ -84,5 +67,5 @@ if [ -f "$root/tests/fixtures/shelves/expected.json" ]; then
   stage evaluate-real-composites "$py" "$here/evaluate.py" --yolo "$root/tests/fixtures/shelves" \
     --per-image --json "$out/eval_shelves.json"
 fi
-echo "== total: $(since "$t_all") s" | tee -a "$out/stages.txt" >&2
+printf 'total\t%s\n' "$((SECONDS - t_all))" | tee -a "$STAGE_LOG"
 sha256sum "$out/shelf_counter.onnx"

@@ -1,4 +1,4 @@
-"""The Rust HeatmapDecoder's unit tests (src/vision/decode.rs), replayed against
+"""The Rust HeatmapDecoder's unit tests (src/vision/outputs.rs), replayed against
 common.decode, so evaluate.py's decoding stays identical to shelfwatch's.
 
     models/.build/venv/bin/python models/train/test_decode.py

@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # Guest side of the daemon's end-to-end test in the vivid VM (busybox sh; /test is the
 # shelfwatch binary). Started by scripts/test.sh through tests/vivid/run-vm.sh:
 #   run-vm.sh --arch aarch64 --binary shelfwatch --script tests/vivid/e2e.sh \
@@ -9,6 +10,7 @@ out=/tmp/shelfwatch/out.jsonl
 mkdir -p /tmp/shelfwatch
 uname -m
 /test check-config /e2e.toml || exit 1
+# shellcheck disable=SC2265 # /test is shelfwatch here, not test(1): the & backgrounds it
 /test run --config /e2e.toml --log info &
 pid=$!
 

@@ -368,7 +368,7 @@ cp "$ready"/modules/*.ko "$root/lib/modules/"
 cp -- "$binary" "$root/test"
 # Debug builds carry hundreds of MB of DWARF that the guest would have to unpack into RAM.
 case $arch in
-  x86_64) strip_tool=strip ;;
+  x86_64) strip_tool="strip" ;;
   aarch64) strip_tool=aarch64-linux-gnu-strip ;;
 esac
 if command -v "$strip_tool" >/dev/null; then
