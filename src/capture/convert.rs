@@ -13,7 +13,7 @@ use yuvutils_rs::{
     YuvStandardMatrix,
 };
 
-use super::decode::{decode_image_within, DecodeError, DecodeLimits};
+use super::compressed::{decode_image_within, DecodeError, DecodeLimits};
 
 /// Pixel formats shelfwatch converts, by their V4L2 fourcc.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -2,7 +2,7 @@
 //! over a newest-frame-wins slot by a dedicated thread that survives camera loss.
 
 pub mod convert;
-pub mod decode;
+pub mod compressed;
 pub mod files;
 pub mod slot;
 pub mod v4l2;
@@ -19,7 +19,7 @@ use image::RgbImage;
 use serde::Deserialize;
 
 pub use convert::PixelFormat;
-pub use decode::{
+pub use compressed::{
     decode_image, decode_image_within, load_image, load_image_within, DecodeError, DecodeLimits,
 };
 pub use files::{FileSettings, FileSource};

@@ -220,194 +220,31 @@ fn bench(
     config: &LoadedConfig,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
-    let baseline: Option<Report> = match &args.compare {
-        Some(path) => {
-            let bytes = std::fs::read(path)
-                .with_context(|| format!("{}: cannot read the baseline", path.display()))?;
-            Some(serde_json::from_slice(&bytes).with_context(|| {
-                format!(
-                    "{}: not the JSON of `shelfwatch bench --json`",
-                    path.display()
-                )
-            })?)
-        }
-        None => None,
-    };
+    let baseline = args.compare.as_deref().map(read_baseline).transpose()?;
     let (cw, ch) = args.camera_size;
     let frames = args
         .images
         .iter()
         .map(|p| load_image(p).map(|img| yuyv_frame(&img, (cw, ch))))
         .collect::<Result<Vec<_>, _>>()?;
-    let layout = RawLayout {
-        format: PixelFormat::Yuyv,
-        width: cw,
-        height: ch,
-        stride: cw * 2,
-        encoding: YuvEncoding::default(),
-        limits: crate::capture::DecodeLimits::default(),
-    };
     let t = Instant::now();
-    let mut detector = ScaledDetector::new(
+    let detector = ScaledDetector::new(
         Detector::load(manifest, options)?,
         options.input_size,
         std::time::Duration::from_secs(config.config.model.rescale_interval_s),
     );
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
-
-    // The first camera's zones and counting rules, or the frame's two halves.
-    let counting = &config.config.counting;
-    let params = counting.params();
-    let specs: Vec<ZoneSpec> = match config.config.cameras.iter().find(|c| !c.zones.is_empty()) {
-        Some(camera) => camera
-            .zones
-            .iter()
-            .map(|z| z.spec(counting, (cw, ch)))
-            .collect(),
-        None => [("top", 0.0), ("bottom", 0.5)]
-            .into_iter()
-            .map(|(name, y)| {
-                let (w, h) = (cw as f32, ch as f32);
-                ZoneSpec {
-                    name: name.into(),
-                    polygon: Polygon::new(vec![
-                        (0.0, y * h),
-                        (w, y * h),
-                        (w, (y + 0.5) * h),
-                        (0.0, (y + 0.5) * h),
-                    ]),
-                    membership: counting.membership,
-                    overlap_fraction: counting.overlap_fraction,
-                    expected: Vec::new(),
-                    min: None,
-                    max: None,
-                }
-            })
-            .collect(),
-    };
-    let bounds: Vec<_> = specs.iter().map(|z| z.polygon.bounds()).collect();
-    let mut counters: Vec<ZoneCounter> = specs.into_iter().map(ZoneCounter::new).collect();
-    let mut passes = 0usize;
-    let device = config.config.device.id.clone();
-
-    let bar = ProgressBar::new((args.warmup + args.runs) as u64).with_style(
-        ProgressStyle::with_template("{msg:>8} {bar:40} {pos}/{len} [{elapsed}<{eta}]")
-            .expect("static template"),
-    );
-    let mut rgb = RgbImage::new(cw, ch);
-    let mut samples: [Vec<f64>; 7] = Default::default();
-    let mut allocations = [0u64; 7];
-    let mut payload = Vec::new();
-    bar.set_message("warm-up");
-    for i in 0..args.warmup + args.runs {
-        if i == args.warmup {
-            bar.set_message("measure");
-        }
-        let t0 = Instant::now();
-        let a0 = crate::alloc::allocations();
-        to_rgb(&layout, &frames[i % frames.len()], &mut rgb)?;
-        let t1 = Instant::now();
-        let a1 = crate::alloc::allocations();
-        // As in the daemon: the warm-up's first frame measures each zone's scale, the
-        // timed frames run its tiles.
-        let (detections, frame) = detector.detect(&rgb, &bounds, Instant::now())?;
-        let s = frame.timings;
-        if i >= args.warmup {
-            passes += frame.passes;
-        }
-        let t2 = Instant::now();
-        let a2 = crate::alloc::allocations();
-        let now = Instant::now();
-        let states: Vec<_> = counters
-            .iter_mut()
-            .map(|c| {
-                c.observe(now, &detections, &params);
-                (c.spec().name.clone(), c.state())
-            })
-            .collect();
-        let t3 = Instant::now();
-        let a3 = crate::alloc::allocations();
-        for (zone, state) in states {
-            let Some(state) = state else { continue };
-            let message = Envelope {
-                schema: 1,
-                device: device.clone(),
-                seq: i as u64,
-                ts: rfc3339(SystemTime::now()),
-                body: Body::State {
-                    camera: "bench".into(),
-                    zone,
-                    state,
-                },
-            };
-            payload.clear();
-            serde_json::to_writer(&mut payload, &message)?;
-        }
-        let t4 = Instant::now();
-        let a4 = crate::alloc::allocations();
-        if i >= args.warmup {
-            let [pre, inf, post] = s.allocations;
-            for (sum, n) in
-                allocations
-                    .iter_mut()
-                    .zip([a1 - a0, pre, inf, post, a3 - a2, a4 - a3, a4 - a0])
-            {
-                *sum += n;
-            }
-            let convert = ms(t1 - t0);
-            let counting = ms(t3 - t2);
-            let publish = ms(t4 - t3);
-            for (v, x) in samples.iter_mut().zip([
-                convert,
-                s.preprocess_ms,
-                s.inference_ms,
-                s.postprocess_ms,
-                counting,
-                publish,
-                ms(t4 - t0),
-            ]) {
-                v.push(x);
-            }
-        }
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
+    let mut pipeline = Pipeline::new(detector, config, (cw, ch));
+    let measured = pipeline.measure(args, &frames)?;
     // Averaged over up to 10 runs: one run's per-operation times are noisy.
     let profile = if args.profile {
-        let n = args.runs.min(10);
-        let mut total: Vec<crate::vision::OpTime> = Vec::new();
-        for _ in 0..n {
-            for op in detector.detector.profile(&rgb)? {
-                match total.iter_mut().find(|t| t.op == op.op) {
-                    Some(t) => t.ms += op.ms,
-                    None => total.push(op),
-                }
-            }
-        }
-        for t in &mut total {
-            t.ms /= n as f64;
-        }
-        total.sort_by(|a, b| b.ms.total_cmp(&a.ms));
-        Some(total)
+        Some(pipeline.profile(args.runs.min(10))?)
     } else {
         None
     };
-    let [convert, preprocess, inference, postprocess, counting, publish, total] = samples
-        .into_iter()
-        .zip(allocations)
-        .map(|(mut v, n)| StageStats::of(&mut v).with_allocations(n as f64 / args.runs as f64))
-        .collect::<Vec<_>>()
-        .try_into()
-        .expect("seven stages");
-    let stages = Stages {
-        convert,
-        preprocess,
-        inference,
-        postprocess,
-        counting,
-        publish,
-        total,
-    };
+    let passes = measured.passes;
+    let stages = measured.stages(args.runs);
+    let detector = &pipeline.detector;
     let (w, h) = detector.detector.input_size();
     let report = Report {
         model: detector.detector.manifest().manifest.name.clone(),
@@ -431,6 +268,241 @@ fn bench(
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
+    print_header(&report);
+    match &baseline {
+        None => print_stages(&report),
+        Some(base) => {
+            let path = args.compare.as_deref().unwrap_or(std::path::Path::new("-"));
+            print_comparison(&report, base, path);
+        }
+    }
+    if let Some(ops) = &report.profile {
+        print_profile(ops);
+    }
+    Ok(())
+}
+
+/// A previous `bench --json` output, for `--compare`.
+fn read_baseline(path: &std::path::Path) -> anyhow::Result<Report> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("{}: cannot read the baseline", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{}: not the JSON of `shelfwatch bench --json`",
+            path.display()
+        )
+    })
+}
+
+/// The first camera's zones in the config, or the frame's two halves.
+fn zone_specs(config: &LoadedConfig, (cw, ch): (u32, u32)) -> Vec<ZoneSpec> {
+    let counting = &config.config.counting;
+    if let Some(camera) = config.config.cameras.iter().find(|c| !c.zones.is_empty()) {
+        return camera
+            .zones
+            .iter()
+            .map(|z| z.spec(counting, (cw, ch)))
+            .collect();
+    }
+    [("top", 0.0), ("bottom", 0.5)]
+        .into_iter()
+        .map(|(name, y)| {
+            let (w, h) = (cw as f32, ch as f32);
+            ZoneSpec {
+                name: name.into(),
+                polygon: Polygon::new(vec![
+                    (0.0, y * h),
+                    (w, y * h),
+                    (w, (y + 0.5) * h),
+                    (0.0, (y + 0.5) * h),
+                ]),
+                membership: counting.membership,
+                overlap_fraction: counting.overlap_fraction,
+                expected: Vec::new(),
+                min: None,
+                max: None,
+            }
+        })
+        .collect()
+}
+
+/// The daemon's per-frame work, set up once: camera frame layout, the model with the
+/// scale rule, the zones' counters and the buffers the loop reuses.
+struct Pipeline {
+    layout: RawLayout,
+    detector: ScaledDetector,
+    bounds: Vec<crate::vision::BBox>,
+    counters: Vec<ZoneCounter>,
+    params: crate::counting::CountingParams,
+    device: String,
+    rgb: RgbImage,
+    payload: Vec<u8>,
+}
+
+/// Per-stage samples (ms) and allocation totals over the timed runs, in the order of
+/// [`Stages::rows`].
+struct Measured {
+    samples: [Vec<f64>; 7],
+    allocations: [u64; 7],
+    passes: usize,
+}
+
+impl Measured {
+    fn stages(self, runs: usize) -> Stages {
+        let [convert, preprocess, inference, postprocess, counting, publish, total] = self
+            .samples
+            .into_iter()
+            .zip(self.allocations)
+            .map(|(mut v, n)| StageStats::of(&mut v).with_allocations(n as f64 / runs as f64))
+            .collect::<Vec<_>>()
+            .try_into()
+            .expect("seven stages");
+        Stages {
+            convert,
+            preprocess,
+            inference,
+            postprocess,
+            counting,
+            publish,
+            total,
+        }
+    }
+}
+
+impl Pipeline {
+    fn new(detector: ScaledDetector, config: &LoadedConfig, (cw, ch): (u32, u32)) -> Self {
+        let specs = zone_specs(config, (cw, ch));
+        Self {
+            layout: RawLayout {
+                format: PixelFormat::Yuyv,
+                width: cw,
+                height: ch,
+                stride: cw * 2,
+                encoding: YuvEncoding::default(),
+                limits: crate::capture::DecodeLimits::default(),
+            },
+            detector,
+            bounds: specs.iter().map(|z| z.polygon.bounds()).collect(),
+            counters: specs.into_iter().map(ZoneCounter::new).collect(),
+            params: config.config.counting.params(),
+            device: config.config.device.id.clone(),
+            rgb: RgbImage::new(cw, ch),
+            payload: Vec::new(),
+        }
+    }
+
+    /// The warm-up, then the timed runs, cycling through the frames.
+    fn measure(&mut self, args: &BenchArgs, frames: &[Vec<u8>]) -> anyhow::Result<Measured> {
+        let bar = ProgressBar::new((args.warmup + args.runs) as u64).with_style(
+            ProgressStyle::with_template("{msg:>8} {bar:40} {pos}/{len} [{elapsed}<{eta}]")
+                .expect("static template"),
+        );
+        let mut m = Measured {
+            samples: Default::default(),
+            allocations: [0; 7],
+            passes: 0,
+        };
+        bar.set_message("warm-up");
+        for i in 0..args.warmup + args.runs {
+            if i == args.warmup {
+                bar.set_message("measure");
+            }
+            let (ms, allocations, passes) = self.frame(&frames[i % frames.len()], i as u64)?;
+            if i >= args.warmup {
+                m.passes += passes;
+                for (sum, n) in m.allocations.iter_mut().zip(allocations) {
+                    *sum += n;
+                }
+                for (v, x) in m.samples.iter_mut().zip(ms) {
+                    v.push(x);
+                }
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        Ok(m)
+    }
+
+    /// One camera frame through the daemon's stages: per stage the milliseconds and the
+    /// heap allocations (rows of [`Stages::rows`]), and the model passes it took.
+    fn frame(&mut self, raw: &[u8], seq: u64) -> anyhow::Result<([f64; 7], [u64; 7], usize)> {
+        let t0 = Instant::now();
+        let a0 = crate::alloc::allocations();
+        to_rgb(&self.layout, raw, &mut self.rgb)?;
+        let t1 = Instant::now();
+        let a1 = crate::alloc::allocations();
+        // As in the daemon: the warm-up's first frame measures each zone's scale, the
+        // timed frames run its tiles.
+        let (detections, frame) = self
+            .detector
+            .detect(&self.rgb, &self.bounds, Instant::now())?;
+        let s = frame.timings;
+        let t2 = Instant::now();
+        let a2 = crate::alloc::allocations();
+        let now = Instant::now();
+        let params = &self.params;
+        let states: Vec<_> = self
+            .counters
+            .iter_mut()
+            .map(|c| {
+                c.observe(now, &detections, params);
+                (c.spec().name.clone(), c.state())
+            })
+            .collect();
+        let t3 = Instant::now();
+        let a3 = crate::alloc::allocations();
+        for (zone, state) in states {
+            let Some(state) = state else { continue };
+            let message = Envelope {
+                schema: 1,
+                device: self.device.clone(),
+                seq,
+                ts: rfc3339(SystemTime::now()),
+                body: Body::State {
+                    camera: "bench".into(),
+                    zone,
+                    state,
+                },
+            };
+            self.payload.clear();
+            serde_json::to_writer(&mut self.payload, &message)?;
+        }
+        let t4 = Instant::now();
+        let a4 = crate::alloc::allocations();
+        let [pre, inf, post] = s.allocations;
+        let times = [
+            ms(t1 - t0),
+            s.preprocess_ms,
+            s.inference_ms,
+            s.postprocess_ms,
+            ms(t3 - t2),
+            ms(t4 - t3),
+            ms(t4 - t0),
+        ];
+        let allocations = [a1 - a0, pre, inf, post, a3 - a2, a4 - a3, a4 - a0];
+        Ok((times, allocations, frame.passes))
+    }
+
+    /// Time per kind of operation, averaged over n runs on the last frame.
+    fn profile(&mut self, n: usize) -> anyhow::Result<Vec<crate::vision::OpTime>> {
+        let mut total: Vec<crate::vision::OpTime> = Vec::new();
+        for _ in 0..n {
+            for op in self.detector.detector.profile(&self.rgb)? {
+                match total.iter_mut().find(|t| t.op == op.op) {
+                    Some(t) => t.ms += op.ms,
+                    None => total.push(op),
+                }
+            }
+        }
+        for t in &mut total {
+            t.ms /= n as f64;
+        }
+        total.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+        Ok(total)
+    }
+}
+
+fn print_header(report: &Report) {
     let at = if report.scale_rule {
         let zones: Vec<String> = report
             .zone_scales
@@ -452,83 +524,87 @@ fn bench(
             report.passes_per_frame
         )
     } else {
+        let [w, h] = report.input_size;
         format!("{w}x{h}")
     };
+    let [cw, ch] = report.camera_frame;
     println!(
         "model {} at {} from {}x{} YUYV frames, {} threads, {} images, {} runs after {} warm-up",
         report.model, at, cw, ch, report.threads, report.images, report.runs, report.warmup
     );
     println!("kernels {}", report.kernels.join(", "));
-    let rss = |r: &Report| r.peak_rss_mb.map_or("-".into(), |v| format!("{v:.1} MB"));
-    match &baseline {
-        None => {
-            println!("load {:.1} ms, peak RSS {}", report.load_ms, rss(&report));
-            println!(
-                "{:<12} {:>9} {:>9} {:>9} {:>9} {:>11}",
-                "stage (ms)", "p50", "p90", "p99", "mean", "allocs/frame"
-            );
-            for (name, s) in report.stages_ms.rows() {
-                println!(
-                    "{name:<12} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>11.1}",
-                    s.p50, s.p90, s.p99, s.mean, s.allocations
-                );
-            }
-            println!("{:.1} frames/s", report.frames_per_second);
-        }
-        Some(base) => {
-            let path = args.compare.as_deref().unwrap_or(std::path::Path::new("-"));
-            println!("compared with {} ({}):", path.display(), base.model);
-            println!(
-                "{:<12} {:>10} {:>10} {:>9}",
-                "p50 (ms)", "baseline", "this", "speed-up"
-            );
-            for ((name, s), (_, b)) in report
-                .stages_ms
-                .rows()
-                .into_iter()
-                .zip(base.stages_ms.rows())
-            {
-                println!(
-                    "{name:<12} {:>10.3} {:>10.3} {:>8.2}x",
-                    b.p50,
-                    s.p50,
-                    b.p50 / s.p50.max(f64::EPSILON)
-                );
-            }
-            println!(
-                "{:<12} {:>10.1} {:>10.1} {:>8.2}x",
-                "load (ms)",
-                base.load_ms,
-                report.load_ms,
-                base.load_ms / report.load_ms.max(f64::EPSILON)
-            );
-            println!("{:<12} {:>10} {:>10}", "peak RSS", rss(base), rss(&report));
-            println!(
-                "{:<12} {:>10.1} {:>10.1} {:>8.2}x",
-                "frames/s",
-                base.frames_per_second,
-                report.frames_per_second,
-                report.frames_per_second / base.frames_per_second.max(f64::EPSILON)
-            );
-        }
-    }
-    if let Some(ops) = &report.profile {
-        let sum: f64 = ops.iter().map(|o| o.ms).sum();
+}
+
+fn rss(r: &Report) -> String {
+    r.peak_rss_mb.map_or("-".into(), |v| format!("{v:.1} MB"))
+}
+
+fn print_stages(report: &Report) {
+    println!("load {:.1} ms, peak RSS {}", report.load_ms, rss(report));
+    println!(
+        "{:<12} {:>9} {:>9} {:>9} {:>9} {:>11}",
+        "stage (ms)", "p50", "p90", "p99", "mean", "allocs/frame"
+    );
+    for (name, s) in report.stages_ms.rows() {
         println!(
-            "{:<28} {:>6} {:>9} {:>6}",
-            "operation", "nodes", "ms", "share"
+            "{name:<12} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>11.1}",
+            s.p50, s.p90, s.p99, s.mean, s.allocations
         );
-        for o in ops {
-            println!(
-                "{:<28} {:>6} {:>9.2} {:>5.1}%",
-                o.op,
-                o.nodes,
-                o.ms,
-                100.0 * o.ms / sum.max(f64::EPSILON)
-            );
-        }
     }
-    Ok(())
+    println!("{:.1} frames/s", report.frames_per_second);
+}
+
+fn print_comparison(report: &Report, base: &Report, path: &std::path::Path) {
+    println!("compared with {} ({}):", path.display(), base.model);
+    println!(
+        "{:<12} {:>10} {:>10} {:>9}",
+        "p50 (ms)", "baseline", "this", "speed-up"
+    );
+    for ((name, s), (_, b)) in report
+        .stages_ms
+        .rows()
+        .into_iter()
+        .zip(base.stages_ms.rows())
+    {
+        println!(
+            "{name:<12} {:>10.3} {:>10.3} {:>8.2}x",
+            b.p50,
+            s.p50,
+            b.p50 / s.p50.max(f64::EPSILON)
+        );
+    }
+    println!(
+        "{:<12} {:>10.1} {:>10.1} {:>8.2}x",
+        "load (ms)",
+        base.load_ms,
+        report.load_ms,
+        base.load_ms / report.load_ms.max(f64::EPSILON)
+    );
+    println!("{:<12} {:>10} {:>10}", "peak RSS", rss(base), rss(report));
+    println!(
+        "{:<12} {:>10.1} {:>10.1} {:>8.2}x",
+        "frames/s",
+        base.frames_per_second,
+        report.frames_per_second,
+        report.frames_per_second / base.frames_per_second.max(f64::EPSILON)
+    );
+}
+
+fn print_profile(ops: &[crate::vision::OpTime]) {
+    let sum: f64 = ops.iter().map(|o| o.ms).sum();
+    println!(
+        "{:<28} {:>6} {:>9} {:>6}",
+        "operation", "nodes", "ms", "share"
+    );
+    for o in ops {
+        println!(
+            "{:<28} {:>6} {:>9.2} {:>5.1}%",
+            o.op,
+            o.nodes,
+            o.ms,
+            100.0 * o.ms / sum.max(f64::EPSILON)
+        );
+    }
 }
 
 fn ms(d: std::time::Duration) -> f64 {

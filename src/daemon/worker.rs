@@ -167,191 +167,15 @@ impl Worker {
             if g != generation {
                 generation = g;
                 rt = current;
-                if let Err(e) = self.detector.detector.set_options(&rt.detector) {
-                    tracing::error!(error = %e, "new thresholds rejected; keeping the old ones");
-                }
-                if let (Some(d), Some(o)) = (self.occluder.as_mut(), &rt.occluder) {
-                    if let Err(e) = d.set_options(o) {
-                        tracing::error!(error = %e, "new occluder threshold rejected; keeping the old one");
-                    }
-                }
-                if let Some(z) = zones.as_mut() {
-                    rebuild(z, &rt);
-                }
-                // Zones may have moved, and a reload is the user's way to ask for a
-                // new measurement (a shelf re-stocked with other products).
-                self.detector.reset();
-                self.detector.set_interval(rt.rescale_interval);
-                // SKUs of tracked products may differ under a new gallery or thresholds.
-                tracker.clear();
-                tracing::info!("configuration reloaded");
+                self.apply_reload(&rt, zones.as_mut(), &mut tracker);
             }
-            let size = frame.image.dimensions();
-            let z = zones.get_or_insert_with(|| Zones {
-                size,
-                counters: rt
-                    .zones
-                    .iter()
-                    .map(|zc| {
-                        let spec = zc.spec(&rt.counting, size);
-                        match self.restored.get(&zc.name) {
-                            Some(state) => ZoneCounter::restored(spec, state),
-                            None => ZoneCounter::new(spec),
-                        }
-                    })
-                    .collect(),
-            });
-            if z.size != size {
-                // A camera renegotiated another size: zones in normalised coordinates
-                // follow it; counts are kept.
-                z.size = size;
-                rebuild(z, &rt);
-                self.detector.reset();
+            let z = self.zones_for(&mut zones, &rt, frame.image.dimensions());
+            // None: the frame was skipped (its error is logged and counted).
+            if let Some(detections) = self.process(&frame, z, &rt, &mut tracker) {
+                self.stats.processed.fetch_add(1, Ordering::Relaxed);
+                latest = Some((frame, detections));
+                self.maybe_snapshot(&latest, zones.as_ref(), &mut last_snapshot);
             }
-            let t = Instant::now();
-            let bounds: Vec<_> = z
-                .counters
-                .iter()
-                .map(|c| c.spec().polygon.bounds())
-                .collect();
-            let mut detections = match self.detector.detect(&frame.image, &bounds, t) {
-                Ok((d, report)) => {
-                    let choices = if report.rescaled.is_empty() {
-                        Vec::new()
-                    } else {
-                        self.detector.choices()
-                    };
-                    for &i in &report.rescaled {
-                        let (Some(Some(c)), Some(counter)) = (choices.get(i), z.counters.get(i))
-                        else {
-                            continue;
-                        };
-                        tracing::info!(
-                            zone = %counter.spec().name,
-                            scale = c.scale,
-                            tiles = c.tiles,
-                            median_width_cells = c.median_width_cells,
-                            passes = report.passes,
-                            "zone scale chosen"
-                        );
-                    }
-                    d
-                }
-                Err(e) => {
-                    self.stats.inference_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, "inference failed; frame skipped");
-                    continue;
-                }
-            };
-            // The occluder model costs a second inference; it only matters on a frame
-            // that could move a count, so steady frames (every zone repeating its
-            // stable total) skip it.
-            let steady = z
-                .counters
-                .iter()
-                .all(|c| c.steady_on(&detections, &rt.params));
-            if let Some(occluder) = self.occluder.as_mut().filter(|_| !steady) {
-                self.stats.occluder_runs.fetch_add(1, Ordering::Relaxed);
-                match occluder.detect(&frame.image) {
-                    Ok((found, _)) => detections.extend(
-                        found
-                            .into_iter()
-                            .filter(|d| rt.params.occluders.contains(&d.label)),
-                    ),
-                    Err(e) => {
-                        // Without the occluders a person in front of a shelf would be
-                        // counted as an empty shelf: skip the frame rather than risk it.
-                        self.stats.inference_errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(error = %e, "occluder inference failed; frame skipped");
-                        continue;
-                    }
-                }
-            }
-            let now = Instant::now();
-            let tracks = match (&rt.identify, self.embedder.as_mut()) {
-                (Some(id), Some(embedder)) => {
-                    let (tracks, s) = tracker.label(
-                        &frame.image,
-                        &mut detections,
-                        embedder,
-                        &id.gallery,
-                        &id.params,
-                        now,
-                    );
-                    self.stats
-                        .embedded
-                        .fetch_add(s.embedded as u64, Ordering::Relaxed);
-                    self.stats
-                        .embed_deferred
-                        .fetch_add(s.deferred as u64, Ordering::Relaxed);
-                    if s.embedded > 0 {
-                        tracing::debug!(
-                            embedded = s.embedded,
-                            reused = s.reused,
-                            deferred = s.deferred,
-                            ms = s.embed_ms,
-                            "products identified"
-                        );
-                    }
-                    Some(tracks)
-                }
-                _ => None,
-            };
-            self.stats.record(t.elapsed().as_secs_f64() * 1e3);
-            for counter in &mut z.counters {
-                let u = counter.observe(now, &detections, &rt.params);
-                let zone = counter.spec().name.clone();
-                if let (Some(id), Some(tracks)) = (&rt.identify, &tracks) {
-                    for (d, ti) in detections.iter().zip(tracks) {
-                        let Some(ti) = *ti else { continue };
-                        if !counter.admits(d, &rt.params) {
-                            continue;
-                        }
-                        let track = tracker.track(ti);
-                        if let Some(m) = check_mismatch(
-                            track,
-                            &counter.spec().expected,
-                            &id.gallery,
-                            id.params.mismatch_threshold,
-                        ) {
-                            tracker.track_mut(ti).mismatch_reported = true;
-                            tracing::warn!(zone = %zone, found = %m.found, similarity = m.similarity, expected_similarity = ?m.expected_similarity, "product mismatch");
-                            self.send(Update::Event {
-                                camera: self.camera.clone(),
-                                zone: Some(zone.clone()),
-                                event: EventKind::ProductMismatch {
-                                    label: m.found,
-                                    similarity: m.similarity,
-                                    expected: m.expected,
-                                    expected_similarity: m.expected_similarity,
-                                },
-                                at: frame.captured_at,
-                            });
-                        }
-                    }
-                }
-                for event in u.events {
-                    self.send(Update::Event {
-                        camera: self.camera.clone(),
-                        zone: Some(zone.clone()),
-                        event,
-                        at: frame.captured_at,
-                    });
-                }
-                if u.state_changed {
-                    if let Some(state) = counter.state() {
-                        self.send(Update::State {
-                            camera: self.camera.clone(),
-                            zone,
-                            state,
-                            at: frame.captured_at,
-                        });
-                    }
-                }
-            }
-            self.stats.processed.fetch_add(1, Ordering::Relaxed);
-            latest = Some((frame, detections));
-            self.maybe_snapshot(&latest, zones.as_ref(), &mut last_snapshot);
         }
         self.forward_status();
         self.stats.finished.store(true, Ordering::Relaxed);
@@ -361,6 +185,261 @@ impl Worker {
             occluder_runs = self.stats.occluder_runs.load(Ordering::Relaxed),
             "worker stopped"
         );
+    }
+
+    /// A reload took effect: new thresholds, zones and gallery from the next frame on.
+    fn apply_reload(
+        &mut self,
+        rt: &CameraRuntime,
+        zones: Option<&mut Zones>,
+        tracker: &mut Tracker,
+    ) {
+        if let Err(e) = self.detector.detector.set_options(&rt.detector) {
+            tracing::error!(error = %e, "new thresholds rejected; keeping the old ones");
+        }
+        if let (Some(d), Some(o)) = (self.occluder.as_mut(), &rt.occluder) {
+            if let Err(e) = d.set_options(o) {
+                tracing::error!(error = %e, "new occluder threshold rejected; keeping the old one");
+            }
+        }
+        if let Some(z) = zones {
+            rebuild(z, rt);
+        }
+        // Zones may have moved, and a reload is the user's way to ask for a new
+        // measurement (a shelf re-stocked with other products).
+        self.detector.reset();
+        self.detector.set_interval(rt.rescale_interval);
+        // SKUs of tracked products may differ under a new gallery or thresholds.
+        tracker.clear();
+        tracing::info!("configuration reloaded");
+    }
+
+    /// The zone counters for a frame of this size: made at the first frame (from the
+    /// saved counts), rebuilt when the camera renegotiated another size.
+    fn zones_for<'z>(
+        &mut self,
+        zones: &'z mut Option<Zones>,
+        rt: &CameraRuntime,
+        size: (u32, u32),
+    ) -> &'z mut Zones {
+        let z = zones.get_or_insert_with(|| Zones {
+            size,
+            counters: rt
+                .zones
+                .iter()
+                .map(|zc| {
+                    let spec = zc.spec(&rt.counting, size);
+                    match self.restored.get(&zc.name) {
+                        Some(state) => ZoneCounter::restored(spec, state),
+                        None => ZoneCounter::new(spec),
+                    }
+                })
+                .collect(),
+        });
+        if z.size != size {
+            // Zones in normalised coordinates follow the new size; counts are kept.
+            z.size = size;
+            rebuild(z, rt);
+            self.detector.reset();
+        }
+        z
+    }
+
+    /// One frame through detection, occluders, identification and the zone counters;
+    /// None when it had to be skipped.
+    fn process(
+        &mut self,
+        frame: &Frame,
+        z: &mut Zones,
+        rt: &CameraRuntime,
+        tracker: &mut Tracker,
+    ) -> Option<Vec<Detection>> {
+        let t = Instant::now();
+        let mut detections = self.detect(frame, z, t)?;
+        self.add_occluders(frame, z, rt, &mut detections)?;
+        let now = Instant::now();
+        let tracks = self.identify(frame, &mut detections, rt, tracker, now);
+        self.stats.record(t.elapsed().as_secs_f64() * 1e3);
+        for counter in &mut z.counters {
+            let u = counter.observe(now, &detections, &rt.params);
+            if let (Some(id), Some(tracks)) = (&rt.identify, &tracks) {
+                self.report_mismatches(counter, frame, &detections, tracks, id, tracker, rt);
+            }
+            let zone = counter.spec().name.clone();
+            for event in u.events {
+                self.send(Update::Event {
+                    camera: self.camera.clone(),
+                    zone: Some(zone.clone()),
+                    event,
+                    at: frame.captured_at,
+                });
+            }
+            if u.state_changed {
+                if let Some(state) = counter.state() {
+                    self.send(Update::State {
+                        camera: self.camera.clone(),
+                        zone,
+                        state,
+                        at: frame.captured_at,
+                    });
+                }
+            }
+        }
+        Some(detections)
+    }
+
+    /// The counting model on each zone at its scale; logs the scales it chose anew.
+    fn detect(&mut self, frame: &Frame, z: &Zones, t: Instant) -> Option<Vec<Detection>> {
+        let bounds: Vec<_> = z
+            .counters
+            .iter()
+            .map(|c| c.spec().polygon.bounds())
+            .collect();
+        let (detections, report) = match self.detector.detect(&frame.image, &bounds, t) {
+            Ok(found) => found,
+            Err(e) => {
+                self.stats.inference_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "inference failed; frame skipped");
+                return None;
+            }
+        };
+        if !report.rescaled.is_empty() {
+            let choices = self.detector.choices();
+            for &i in &report.rescaled {
+                let (Some(Some(c)), Some(counter)) = (choices.get(i), z.counters.get(i)) else {
+                    continue;
+                };
+                tracing::info!(
+                    zone = %counter.spec().name,
+                    scale = c.scale,
+                    tiles = c.tiles,
+                    median_width_cells = c.median_width_cells,
+                    passes = report.passes,
+                    "zone scale chosen"
+                );
+            }
+        }
+        Some(detections)
+    }
+
+    /// Adds the occluder model's people to the detections; None skips the frame.
+    fn add_occluders(
+        &mut self,
+        frame: &Frame,
+        z: &Zones,
+        rt: &CameraRuntime,
+        detections: &mut Vec<Detection>,
+    ) -> Option<()> {
+        // The occluder model costs a second inference; it only matters on a frame that
+        // could move a count, so steady frames (every zone repeating its stable total)
+        // skip it.
+        let steady = z
+            .counters
+            .iter()
+            .all(|c| c.steady_on(detections, &rt.params));
+        let Some(occluder) = self.occluder.as_mut().filter(|_| !steady) else {
+            return Some(());
+        };
+        self.stats.occluder_runs.fetch_add(1, Ordering::Relaxed);
+        match occluder.detect(&frame.image) {
+            Ok((found, _)) => {
+                detections.extend(
+                    found
+                        .into_iter()
+                        .filter(|d| rt.params.occluders.contains(&d.label)),
+                );
+                Some(())
+            }
+            Err(e) => {
+                // Without the occluders a person in front of a shelf would be counted as
+                // an empty shelf: skip the frame rather than risk it.
+                self.stats.inference_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "occluder inference failed; frame skipped");
+                None
+            }
+        }
+    }
+
+    /// Names detections by SKU when identification is configured: the track of each
+    /// detection, if it has one.
+    fn identify(
+        &mut self,
+        frame: &Frame,
+        detections: &mut [Detection],
+        rt: &CameraRuntime,
+        tracker: &mut Tracker,
+        now: Instant,
+    ) -> Option<Vec<Option<usize>>> {
+        let (Some(id), Some(embedder)) = (&rt.identify, self.embedder.as_mut()) else {
+            return None;
+        };
+        let (tracks, s) = tracker.label(
+            &frame.image,
+            detections,
+            embedder,
+            &id.gallery,
+            &id.params,
+            now,
+        );
+        self.stats
+            .embedded
+            .fetch_add(s.embedded as u64, Ordering::Relaxed);
+        self.stats
+            .embed_deferred
+            .fetch_add(s.deferred as u64, Ordering::Relaxed);
+        if s.embedded > 0 {
+            tracing::debug!(
+                embedded = s.embedded,
+                reused = s.reused,
+                deferred = s.deferred,
+                ms = s.embed_ms,
+                "products identified"
+            );
+        }
+        Some(tracks)
+    }
+
+    /// A product-mismatch event for each tracked product in this zone that is not what
+    /// the zone expects (once per track).
+    #[allow(clippy::too_many_arguments)] // one frame's state, borrowed apart
+    fn report_mismatches(
+        &self,
+        counter: &ZoneCounter,
+        frame: &Frame,
+        detections: &[Detection],
+        tracks: &[Option<usize>],
+        id: &IdentifyRuntime,
+        tracker: &mut Tracker,
+        rt: &CameraRuntime,
+    ) {
+        let zone = &counter.spec().name;
+        for (d, ti) in detections.iter().zip(tracks) {
+            let Some(ti) = *ti else { continue };
+            if !counter.admits(d, &rt.params) {
+                continue;
+            }
+            let Some(m) = check_mismatch(
+                tracker.track(ti),
+                &counter.spec().expected,
+                &id.gallery,
+                id.params.mismatch_threshold,
+            ) else {
+                continue;
+            };
+            tracker.track_mut(ti).mismatch_reported = true;
+            tracing::warn!(zone = %zone, found = %m.found, similarity = m.similarity, expected_similarity = ?m.expected_similarity, "product mismatch");
+            self.send(Update::Event {
+                camera: self.camera.clone(),
+                zone: Some(zone.clone()),
+                event: EventKind::ProductMismatch {
+                    label: m.found,
+                    similarity: m.similarity,
+                    expected: m.expected,
+                    expected_similarity: m.expected_similarity,
+                },
+                at: frame.captured_at,
+            });
+        }
     }
 
     fn send(&self, u: Update) {

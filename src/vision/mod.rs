@@ -6,7 +6,7 @@
 
 pub mod annotate;
 pub mod cache;
-pub mod decode;
+pub mod outputs;
 pub mod embed;
 pub mod eval;
 pub mod manifest;
@@ -22,7 +22,7 @@ use image::RgbImage;
 use serde::Serialize;
 use tract_onnx::prelude::*;
 
-pub use decode::{Candidate, Decoder, Thresholds};
+pub use outputs::{Candidate, Decoder, Thresholds};
 pub use embed::{Embedder, EmbedderOptions};
 pub use manifest::{LoadedManifest, Manifest};
 pub use preprocess::{Geometry, Preprocessor};
