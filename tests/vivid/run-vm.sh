@@ -11,7 +11,7 @@
 # config) into the guest at DEST.
 #
 # Why a VM: neither the dev machines nor CI have /dev/video*, and a container cannot
-# load kernel modules. Background and measurements: shared notes "v4l2-vivid.md".
+# load kernel modules. What the runs show (and take) on arm64: docs/arm.md.
 #
 # Exit status: the guest test's own status (0-255), or 125 when the harness could not
 # get a verdict (no marker from the guest, module load failure, download failure),

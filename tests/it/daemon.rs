@@ -1,26 +1,17 @@
 //! The real `shelfwatch run` daemon over composed shelf scenes (tests/fixtures/scenes),
 //! with its signals, state file and config handling.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
-mod common;
-use common::patience;
+use crate::util::{fixture, jsonl, patience, Camera, Config, Daemon, Sink, Zone, SHELFWATCH};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Which committed frame sequence a daemon replays, and with which models.
+/// With which models a daemon replays a committed frame sequence.
 struct Replay {
-    /// Under tests/fixtures/.
-    fixture: &'static str,
     /// The counting model; `None`: the default (the shelf counter).
     model: Option<&'static str>,
     occluder_model: Option<&'static str>,
@@ -31,99 +22,43 @@ struct Replay {
 
 /// The cup scenes, composed for the generic-class SSD (cups and a person).
 const CUP_SCENES: Replay = Replay {
-    fixture: "scenes",
     model: Some("ssd_mobilenetv2_oidv4.toml"),
     occluder_model: None,
     label: "Coffee cup",
     min: 2,
 };
 
-/// A config over the scene frames with a JSONL sink and state in `dir`.
-fn scene_config(dir: &Path, frames: &str, looping: bool) -> PathBuf {
-    replay_config(dir, &CUP_SCENES, frames, looping)
+/// A config over the scene frames `frames` (a pattern) with a JSONL sink and state
+/// in the directory it is written to.
+fn scene_config(frames: &str, looping: bool) -> Config {
+    replay_config(&CUP_SCENES, &fixture("scenes/frames").join(frames), looping)
 }
 
-fn replay_config(dir: &Path, replay: &Replay, frames: &str, looping: bool) -> PathBuf {
-    let model = replay
-        .model
-        .map(|m| format!("[model]\nmanifest = \"{m}\"\n"))
-        .unwrap_or_default();
-    let occluder = replay
-        .occluder_model
-        .map(|m| format!("occluder-model = \"{m}\""))
-        .unwrap_or_default();
-    let (label, min) = (replay.label, replay.min);
-    let text = format!(
-        r#"
-[device]
-id = "test-device"
-
-{model}
-[counting]
-window-frames = 5
-min-agreement = 0.6
-out-of-stock-after-s = 0.0
-{occluder}
-
-[[cameras]]
-id = "shelf"
-[cameras.source]
-kind = "files"
-path = "{frames}"
-fps = 50.0
-loop = {looping}
-every-frame = true
-
-[[cameras.zones]]
-name = "top-shelf"
-polygon = [[0.0, 0.0], [1.0, 0.0], [1.0, 0.5], [0.0, 0.5]]
-labels = ["{label}"]
-min = {min}
-
-[[cameras.zones]]
-name = "bottom-shelf"
-polygon = [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 1.0]]
-labels = ["{label}"]
-min = {min}
-
-[[sinks]]
-kind = "jsonl"
-path = "out.jsonl"
-
-[state]
-dir = "state"
-
-[health]
-interval-s = 0
-"#,
-        frames = root()
-            .join("tests/fixtures")
-            .join(replay.fixture)
-            .join("frames")
-            .join(frames)
-            .display(),
-    );
-    let path = dir.join("shelfwatch.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn spawn(config: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("SHELFWATCH_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+fn replay_config(replay: &Replay, frames: &Path, looping: bool) -> Config {
+    let zone = |z: Zone| z.labels(&[replay.label]).min(replay.min);
+    let mut config = Config::new("test-device")
+        .window_frames(5)
+        .min_agreement(0.6)
+        .out_of_stock_after_s(0.0)
+        .camera(
+            Camera::files(frames, 50.0)
+                .looping(looping)
+                .every_frame()
+                .zone(zone(Zone::top_shelf()))
+                .zone(zone(Zone::bottom_shelf())),
+        )
+        .sink(Sink::jsonl("out.jsonl"));
+    if let Some(m) = replay.model {
+        config = config.model(m);
+    }
+    if let Some(m) = replay.occluder_model {
+        config = config.occluder_model(m);
+    }
+    config
 }
 
 fn messages(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("out.jsonl"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    jsonl(&dir.join("out.jsonl"))
 }
 
 /// Published stable counts of cups in one zone, in order.
@@ -146,18 +81,6 @@ fn events(msgs: &[Value], zone: &str) -> Vec<String> {
         .collect()
 }
 
-fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let limit = patience(limit);
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if let Some(s) = child.try_wait().unwrap() {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
 fn wait_for(dir: &Path, what: impl Fn(&[Value]) -> bool) {
     let t = Instant::now();
     while !what(&messages(dir)) {
@@ -173,13 +96,12 @@ fn wait_for(dir: &Path, what: impl Fn(&[Value]) -> bool) {
 #[test]
 fn the_daemon_over_the_composed_scenes_publishes_exactly_the_known_stable_counts() {
     let dir = tempfile::tempdir().unwrap();
-    let msgs = run_to_end(&scene_config(dir.path(), "*.jpg", false));
+    let msgs = run_to_end(&scene_config("*.jpg", false).write(dir.path()));
 
     // expected.json: top 3 -> 2; bottom 2, held at 2 while a person hides it, 0, then 4.
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("tests/fixtures/scenes/expected.json")).unwrap(),
-    )
-    .unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("scenes/expected.json")).unwrap())
+            .unwrap();
     for zone in ["top-shelf", "bottom-shelf"] {
         let mut want: Vec<u64> = expected["stable"]
             .as_array()
@@ -226,7 +148,7 @@ fn a_decompression_bomb_among_a_cameras_frames_is_skipped_and_the_counts_still_c
     let dir = tempfile::tempdir().unwrap();
     let frames = dir.path().join("frames");
     std::fs::create_dir(&frames).unwrap();
-    let scenes = root().join("tests/fixtures/scenes/frames");
+    let scenes = fixture("scenes/frames");
     for entry in std::fs::read_dir(&scenes).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "jpg") {
@@ -234,26 +156,12 @@ fn a_decompression_bomb_among_a_cameras_frames_is_skipped_and_the_counts_still_c
         }
     }
     // Sorted between two frames of the same scene: its absence changes no majority.
-    std::fs::copy(
-        root().join("tests/fixtures/bad/bomb-60000x60000.png"),
-        frames.join("001b.png"),
-    )
-    .unwrap();
-    let config = scene_config(dir.path(), "*.jpg", false);
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        &scenes.join("*.jpg").display().to_string(),
-        &frames.join("*").display().to_string(),
-    );
-    std::fs::write(&config, text).unwrap();
+    std::fs::copy(fixture("bad/bomb-60000x60000.png"), frames.join("001b.png")).unwrap();
+    let config = replay_config(&CUP_SCENES, &frames.join("*"), false).write(dir.path());
 
-    let mut child = spawn(&config);
-    let Some(status) = wait_exit(&mut child, Duration::from_secs(120)) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("the daemon did not end with its input");
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let mut daemon = Daemon::start(&config);
+    let status = daemon.wait(Duration::from_secs(120));
+    let stderr = daemon.log();
     assert!(status.success(), "{status:?}: {stderr}");
     assert!(
         stderr.contains("corrupt frame skipped") && stderr.contains("001b.png"),
@@ -266,38 +174,29 @@ fn a_decompression_bomb_among_a_cameras_frames_is_skipped_and_the_counts_still_c
 
 /// The default model (the shelf counter) over tests/fixtures/shelf-scenes, with or
 /// without the SSD as occluder model.
-fn shelf_scene_config(dir: &Path, occluder_model: bool) -> PathBuf {
+fn shelf_scene_config(occluder_model: bool) -> Config {
     let replay = Replay {
-        fixture: "shelf-scenes",
         model: None,
         occluder_model: occluder_model.then_some("ssd_mobilenetv2_oidv4.toml"),
         label: "product",
         min: 3,
     };
-    replay_config(dir, &replay, "*.jpg", false)
+    replay_config(&replay, &fixture("shelf-scenes/frames/*.jpg"), false)
 }
 
 /// Two of three frames agreeing, as a shelf camera that reacts faster would configure
 /// it. What the counter sees of a person (a product or two left visible, parts of the
 /// person read as boxes) varies from frame to frame, so a five-frame window may find no
 /// majority and hold a count by luck, and the occluder tests would prove nothing.
-fn fast_window(config: PathBuf) -> PathBuf {
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("window-frames = 5", "window-frames = 3");
-    std::fs::write(&config, text).unwrap();
-    config
+fn fast_window(config: Config) -> Config {
+    config.window_frames(3)
 }
 
-/// Runs the daemon over a non-looping replay until it exits; a daemon that does not is
-/// killed before the test fails, so no stray process outlives the test.
+/// Runs the daemon over a non-looping replay until it exits (the guard kills one that
+/// does not, so no stray process outlives the test).
 fn run_to_end(config: &Path) -> Vec<Value> {
-    let mut child = spawn(config);
-    let Some(status) = wait_exit(&mut child, Duration::from_secs(120)) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("the daemon did not end with its input");
-    };
+    let mut daemon = Daemon::start(config);
+    let status = daemon.wait(Duration::from_secs(120));
     assert!(status.success(), "{status:?}");
     messages(config.parent().unwrap())
 }
@@ -307,11 +206,11 @@ fn the_default_counter_counts_unseen_products_and_holds_a_count_while_a_person_h
     let dir = tempfile::tempdir().unwrap();
     // The window of the test below, where the counter alone drops the count: here the
     // occluder model is what holds it, not a window too slow to agree.
-    let msgs = run_to_end(&fast_window(shelf_scene_config(dir.path(), true)));
+    let msgs = run_to_end(&fast_window(shelf_scene_config(true)).write(dir.path()));
     // expected.json: top 6 -> 4; bottom 5, held while the person (found by the SSD)
     // hides four of its products, emptied, restocked with 5.
     let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("tests/fixtures/shelf-scenes/expected.json")).unwrap(),
+        &std::fs::read_to_string(fixture("shelf-scenes/expected.json")).unwrap(),
     )
     .unwrap();
     for zone in ["top-shelf", "bottom-shelf"] {
@@ -348,7 +247,7 @@ fn without_an_occluder_model_a_person_in_front_of_the_shelf_drops_its_count() {
     // What `counting.occluder-model` is for: the counter alone knows no people, sees
     // the one product the person leaves visible, and reports a false low stock.
     let dir = tempfile::tempdir().unwrap();
-    let msgs = run_to_end(&fast_window(shelf_scene_config(dir.path(), false)));
+    let msgs = run_to_end(&fast_window(shelf_scene_config(false)).write(dir.path()));
     let bottom = label_counts(&msgs, "bottom-shelf", "product");
     assert_eq!(bottom.len(), 5, "{bottom:?}");
     assert_eq!((bottom[0], bottom[2], bottom[3], bottom[4]), (5, 5, 0, 5));
@@ -361,19 +260,17 @@ fn without_an_occluder_model_a_person_in_front_of_the_shelf_drops_its_count() {
 fn after_a_restart_the_last_counts_are_published_at_once_and_seq_continues() {
     let dir = tempfile::tempdir().unwrap();
     // First run: block A only (top 3, bottom 2).
-    let config = scene_config(dir.path(), "00[0-4].jpg", false);
-    let mut child = spawn(&config);
-    assert!(wait_exit(&mut child, Duration::from_secs(60))
-        .unwrap()
+    let config = scene_config("00[0-4].jpg", false).write(dir.path());
+    assert!(Daemon::start(&config)
+        .wait(Duration::from_secs(60))
         .success());
     let first = messages(dir.path());
     let last_seq = first.last().unwrap()["seq"].as_u64().unwrap();
 
     // Second run: a frame where nothing is decided yet (one frame is no consensus).
-    let config = scene_config(dir.path(), "018.jpg", false);
-    let mut child = spawn(&config);
-    assert!(wait_exit(&mut child, Duration::from_secs(60))
-        .unwrap()
+    let config = scene_config("018.jpg", false).write(dir.path());
+    assert!(Daemon::start(&config)
+        .wait(Duration::from_secs(60))
         .success());
     let all = messages(dir.path());
     let second = &all[first.len()..];
@@ -395,12 +292,11 @@ fn sigterm_exits_zero_within_two_seconds_with_the_state_written() {
     // Two seconds natively: systemd's TimeoutStopSec is 15, and a stop must not wait for
     // more than the frame in flight. (Under emulation one frame takes seconds.)
     let dir = tempfile::tempdir().unwrap();
-    let config = scene_config(dir.path(), "*.jpg", true);
-    let mut child = spawn(&config);
+    let config = scene_config("*.jpg", true).write(dir.path());
+    let mut daemon = Daemon::start(&config);
     wait_for(dir.path(), |m| m.iter().any(|m| m["type"] == "state"));
     let t = Instant::now();
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let status = wait_exit(&mut child, Duration::from_secs(10)).expect("exits after SIGTERM");
+    let status = daemon.terminate();
     let took = t.elapsed();
     assert!(status.success(), "{status:?}");
     assert!(took < patience(Duration::from_secs(2)), "took {took:?}");
@@ -417,35 +313,18 @@ fn sigterm_exits_zero_within_two_seconds_with_the_state_written() {
 #[test]
 fn sighup_with_a_broken_config_keeps_running_and_names_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let config = scene_config(dir.path(), "*.jpg", true);
-    let mut child = spawn(&config);
+    let good = scene_config("*.jpg", true);
+    let config = good.write(dir.path());
+    let mut daemon = Daemon::start(&config);
     wait_for(dir.path(), |m| m.iter().any(|m| m["type"] == "state"));
-    let good = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        good.replace(
-            "min-agreement = 0.6",
-            "min-agreement = 0.6\nwindow-frame = 3",
-        ),
-    )
-    .unwrap();
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
+    good.set("counting.window-frame", 3).write(dir.path());
+    daemon.signal(Signal::SIGHUP);
     std::thread::sleep(patience(Duration::from_millis(1500)));
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "the daemon must keep running"
-    );
+    assert!(daemon.is_running(), "the daemon must keep running");
     let before = messages(dir.path()).len();
     wait_for(dir.path(), |m| m.len() > before + 1);
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(wait_exit(&mut child, Duration::from_secs(10))
-        .unwrap()
-        .success());
-    let mut stderr = String::new();
-    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
-        stderr.push_str(&line.unwrap());
-        stderr.push('\n');
-    }
+    daemon.stop();
+    let stderr = daemon.log();
     assert!(stderr.contains("counting.window-frame"), "{stderr}");
     assert!(stderr.contains("keeping the running one"), "{stderr}");
 }
@@ -453,14 +332,10 @@ fn sighup_with_a_broken_config_keeps_running_and_names_the_key() {
 #[test]
 fn run_with_an_unknown_config_key_exits_78() {
     let dir = tempfile::tempdir().unwrap();
-    let config = scene_config(dir.path(), "*.jpg", false);
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replace("[state]", "[state]\ndirectory = \"x\""),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+    let config = scene_config("*.jpg", false)
+        .set("state.directory", "x")
+        .write(dir.path());
+    let out = Command::new(SHELFWATCH)
         .args(["run", "--config", config.to_str().unwrap()])
         .output()
         .unwrap();
@@ -480,7 +355,7 @@ fn run_without_any_camera_exits_78_so_systemd_does_not_restart_it() {
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+    let out = Command::new(SHELFWATCH)
         .args(["run", "--config", config.to_str().unwrap()])
         .output()
         .unwrap();

@@ -3,264 +3,45 @@
 //! credentials, last will, and the embedded broker.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::util::{
+    fixture, free_port, Broker, Camera, Config, Daemon, Message, Sink, Subscriber, Zone, SHELFWATCH,
+};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn signal(child: &Child, sig: Signal) {
-    let _ = kill(Pid::from_raw(child.id() as i32), sig);
-}
-
-/// A mosquitto process on 127.0.0.1:`port` with its own config and persistence.
-struct Broker {
-    child: Option<Child>,
-    conf: PathBuf,
-    port: u16,
-}
-
-impl Broker {
-    fn start(dir: &Path, extra: &str) -> Self {
-        let port = free_port();
-        let conf = dir.join(format!("mosquitto-{port}.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\npersistence true\npersistence_location {}/\n{user}{extra}\n",
-                dir.display(),
-                // As root, mosquitto drops to its own user, which cannot read the
-                // test's private temp dir (certificates, persistence).
-                user = if nix::unistd::geteuid().is_root() { "user root\n" } else { "" },
-            ),
+/// The cup scenes (composed for the generic-class SSD: cups and a person) counted by
+/// device `dev-1` into `sink`, with health records every second.
+fn scenes(sink: Sink, frames: &str, looping: bool, fps: f64) -> Config {
+    let zone = |z: Zone| z.labels(&["Coffee cup"]).min(2);
+    Config::new("dev-1")
+        .model("ssd_mobilenetv2_oidv4.toml")
+        .window_frames(3)
+        .min_agreement(0.6)
+        .out_of_stock_after_s(0.0)
+        .camera(
+            Camera::files(&fixture("scenes/frames").join(frames), fps)
+                .looping(looping)
+                .every_frame()
+                .zone(zone(Zone::top_shelf()))
+                .zone(zone(Zone::bottom_shelf())),
         )
-        .unwrap();
-        let mut b = Broker {
-            child: None,
-            conf,
-            port,
-        };
-        b.restart();
-        b
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed by scripts/setup.sh");
-        self.child = Some(child);
-        let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "mosquitto did not start"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(&c, Signal::SIGTERM);
-            let _ = c.wait();
-        }
-    }
+        .sink(sink)
+        .health_interval_s(1)
 }
 
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// A `mosquitto_sub` with a persistent session, collecting `retained|topic|payload` lines.
-struct Subscriber {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Subscriber {
-    fn start(port: u16, id: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-q",
-                "1",
-                "-c",
-                "-i",
-                id,
-            ])
-            .args(["-t", "shelfwatch/#", "-F", "%r|%t|%p"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let l = lines.clone();
-        std::thread::spawn(move || {
-            // Snapshots are binary JPEG: read bytes, not UTF-8 lines.
-            for line in BufReader::new(out).split(b'\n').map_while(Result::ok) {
-                l.lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&line).into_owned());
-            }
-        });
-        // Let the subscription be in place before anything is published.
-        std::thread::sleep(Duration::from_millis(500));
-        Subscriber { child, lines }
-    }
-
-    /// (retained, topic, payload)
-    fn messages(&self) -> Vec<(bool, String, String)> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| {
-                let mut p = l.splitn(3, '|');
-                Some((p.next()? == "1", p.next()?.to_owned(), p.next()?.to_owned()))
-            })
-            .collect()
-    }
-
-    fn json(&self) -> Vec<Value> {
-        self.messages()
-            .into_iter()
-            .filter_map(|(_, _, p)| serde_json::from_str(&p).ok())
-            .collect()
-    }
-
-    fn wait_for(&self, what: impl Fn(&[(bool, String, String)]) -> bool, limit: Duration) {
-        let t = Instant::now();
-        while !what(&self.messages()) {
-            assert!(t.elapsed() < limit, "timed out; got {:#?}", self.messages());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        signal(&self.child, Signal::SIGTERM);
-        let _ = self.child.wait();
-    }
-}
-
-fn config(dir: &Path, mqtt: &str, frames: &str, looping: bool, fps: f64) -> PathBuf {
-    let text = format!(
-        r#"
-[device]
-id = "dev-1"
-
-# The scenes are composed for the generic-class SSD (cups and a person).
-[model]
-manifest = "ssd_mobilenetv2_oidv4.toml"
-
-[counting]
-window-frames = 3
-min-agreement = 0.6
-out-of-stock-after-s = 0.0
-
-[[cameras]]
-id = "shelf"
-[cameras.source]
-kind = "files"
-path = "{frames}"
-fps = {fps}
-loop = {looping}
-every-frame = true
-
-[[cameras.zones]]
-name = "top-shelf"
-polygon = [[0.0, 0.0], [1.0, 0.0], [1.0, 0.5], [0.0, 0.5]]
-labels = ["Coffee cup"]
-min = 2
-
-[[cameras.zones]]
-name = "bottom-shelf"
-polygon = [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 1.0]]
-labels = ["Coffee cup"]
-min = 2
-
-[[sinks]]
-kind = "mqtt"
-{mqtt}
-
-[state]
-dir = "state"
-
-[health]
-interval-s = 1
-"#,
-        frames = root()
-            .join("tests/fixtures/scenes/frames")
-            .join(frames)
-            .display(),
-    );
-    let path = dir.join("shelfwatch.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn daemon_command(config: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shelfwatch"));
-    cmd.args(["run", "--config", config.to_str().unwrap()])
-        .env("SHELFWATCH_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    cmd
-}
-
-fn daemon(config: &Path) -> Child {
-    daemon_command(config).spawn().unwrap()
-}
-
-fn stderr_of(mut child: Child) -> String {
-    let mut s = String::new();
-    if let Some(e) = child.stderr.take() {
-        for l in BufReader::new(e).lines().map_while(Result::ok) {
-            s.push_str(&l);
-            s.push('\n');
-        }
-    }
-    s
-}
-
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let t = Instant::now();
-    loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            return s;
-        }
-        assert!(t.elapsed() < limit, "process did not exit in {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// The seq of the last message the daemon counted, from its state file.
+fn last_seq(dir: &Path) -> u64 {
+    let text = std::fs::read_to_string(dir.join("state/state.json")).unwrap();
+    serde_json::from_str::<Value>(&text).unwrap()["seq"]
+        .as_u64()
+        .unwrap()
 }
 
 /// Sequence numbers of the device's JSON messages, deduplicated.
@@ -279,21 +60,11 @@ fn assert_no_gaps(seqs: &BTreeSet<u64>, from: u64, to: u64) {
 #[test]
 fn a_subscriber_receives_retained_state_events_and_status() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), "allow_anonymous true");
-    let live = Subscriber::start(broker.port, "live", &[]);
-    let cfg = config(
-        dir.path(),
-        &format!("broker = \"127.0.0.1:{}\"", broker.port),
-        "*.jpg",
-        false,
-        50.0,
-    );
-    let mut d = daemon(&cfg);
-    assert!(
-        wait_exit(&mut d, Duration::from_secs(120)).success(),
-        "{}",
-        stderr_of(d)
-    );
+    let broker = Broker::anonymous(dir.path());
+    let live = Subscriber::start(broker.port(), "live", &[]);
+    let cfg = scenes(Sink::mqtt(&broker.address()), "*.jpg", false, 50.0).write(dir.path());
+    let mut d = Daemon::start(&cfg);
+    assert!(d.wait(Duration::from_secs(120)).success(), "{}", d.log());
 
     let msgs = live.json();
     let events: Vec<&Value> = msgs.iter().filter(|m| m["type"] == "event").collect();
@@ -316,7 +87,7 @@ fn a_subscriber_receives_retained_state_events_and_status() {
     assert_no_gaps(&all, 1, *all.last().unwrap());
 
     // A subscriber arriving later gets the retained final counts and the status.
-    let late = Subscriber::start(broker.port, "late", &["-W", "3"]);
+    let late = Subscriber::start(broker.port(), "late", &["-W", "3"]);
     late.wait_for(|m| m.len() >= 3, Duration::from_secs(10));
     let retained = late.messages();
     assert!(retained.iter().all(|(r, _, _)| *r), "{retained:?}");
@@ -336,19 +107,13 @@ fn a_subscriber_receives_retained_state_events_and_status() {
 #[test]
 fn a_broker_outage_of_20_seconds_loses_no_message_and_keeps_order() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Broker::start(dir.path(), "allow_anonymous true");
-    let sub = Subscriber::start(broker.port, "outage-sub", &[]);
-    let cfg = config(
-        dir.path(),
-        &format!(
-            "broker = \"127.0.0.1:{}\"\nreconnect-min-ms = 200\nreconnect-max-s = 2",
-            broker.port
-        ),
-        "*.jpg",
-        true,
-        10.0,
-    );
-    let mut d = daemon(&cfg);
+    let mut broker = Broker::anonymous(dir.path());
+    let sub = Subscriber::start(broker.port(), "outage-sub", &[]);
+    let sink = Sink::mqtt(&broker.address())
+        .set("reconnect-min-ms", 200)
+        .set("reconnect-max-s", 2);
+    let cfg = scenes(sink, "*.jpg", true, 10.0).write(dir.path());
+    let mut d = Daemon::start(&cfg);
     sub.wait_for(
         |m| m.iter().any(|(_, t, _)| t.ends_with("/events")),
         Duration::from_secs(60),
@@ -358,13 +123,8 @@ fn a_broker_outage_of_20_seconds_loses_no_message_and_keeps_order() {
     std::thread::sleep(Duration::from_secs(20));
     broker.restart();
     std::thread::sleep(Duration::from_secs(8));
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
-    let state: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("state/state.json")).unwrap(),
-    )
-    .unwrap();
-    let last = state["seq"].as_u64().unwrap();
+    d.stop();
+    let last = last_seq(dir.path());
     sub.wait_for(
         |_| seqs(&sub.json()).contains(&last),
         Duration::from_secs(20),
@@ -389,11 +149,11 @@ fn a_broker_outage_of_20_seconds_loses_no_message_and_keeps_order() {
     assert!(changes >= 10, "only {changes} count changes over the run");
 }
 
-/// The daemon as `daemon()` starts it, but unable to grow any file past `max_file` bytes
-/// (RLIMIT_FSIZE; writes beyond it fail as they do on a full disk).
-fn daemon_with_file_limit(config: &Path, max_file: libc::rlim_t) -> Child {
+/// The daemon as `Daemon::start` starts it, but unable to grow any file past `max_file`
+/// bytes (RLIMIT_FSIZE; writes beyond it fail as they do on a full disk).
+fn daemon_with_file_limit(config: &Path, max_file: libc::rlim_t) -> Daemon {
     use std::os::unix::process::CommandExt;
-    let mut cmd = daemon_command(config);
+    let mut cmd = Daemon::command(config);
     // SAFETY: runs in the forked child before exec; setrlimit and signal are
     // async-signal-safe system calls that touch no memory of the parent.
     unsafe {
@@ -411,24 +171,18 @@ fn daemon_with_file_limit(config: &Path, max_file: libc::rlim_t) -> Child {
             Ok(())
         });
     }
-    cmd.spawn().unwrap()
+    Daemon::spawn(cmd)
 }
 
 #[test]
 fn with_its_disk_full_the_daemon_keeps_delivering_and_says_so_until_it_has_room_again() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), "allow_anonymous true");
-    let sub = Subscriber::start(broker.port, "full-disk-sub", &[]);
-    let cfg = config(
-        dir.path(),
-        &format!("broker = \"127.0.0.1:{}\"", broker.port),
-        "*.jpg",
-        true,
-        10.0,
-    );
+    let broker = Broker::anonymous(dir.path());
+    let sub = Subscriber::start(broker.port(), "full-disk-sub", &[]);
+    let cfg = scenes(Sink::mqtt(&broker.address()), "*.jpg", true, 10.0).write(dir.path());
     // 8 KiB: the state file fits, the spool's log fills within seconds.
     let mut d = daemon_with_file_limit(&cfg, 8 << 10);
-    let health = |m: &[(bool, String, String)]| -> Vec<Value> {
+    let health = |m: &[Message]| -> Vec<Value> {
         m.iter()
             .filter(|(_, t, _)| t.ends_with("/health"))
             .filter_map(|(_, _, p)| serde_json::from_str(p).ok())
@@ -457,7 +211,7 @@ fn with_its_disk_full_the_daemon_keeps_delivering_and_says_so_until_it_has_room_
     // SAFETY: prlimit reads `unlimited` and writes nothing (old limit pointer null).
     let rc = unsafe {
         libc::prlimit(
-            d.id() as libc::pid_t,
+            d.pid() as libc::pid_t,
             libc::RLIMIT_FSIZE,
             &unlimited,
             std::ptr::null_mut(),
@@ -473,21 +227,15 @@ fn with_its_disk_full_the_daemon_keeps_delivering_and_says_so_until_it_has_room_
         },
         Duration::from_secs(40),
     );
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
-    let last: u64 = serde_json::from_str::<Value>(
-        &std::fs::read_to_string(dir.path().join("state/state.json")).unwrap(),
-    )
-    .unwrap()["seq"]
-        .as_u64()
-        .unwrap();
+    d.stop();
+    let last = last_seq(dir.path());
     sub.wait_for(
         |_| seqs(&sub.json()).contains(&last),
         Duration::from_secs(20),
     );
     assert_no_gaps(&seqs(&sub.json()), 1, last);
     // Said once when it happened and once when it was over, not at every message.
-    let log = stderr_of(d);
+    let log = d.log();
     assert_eq!(log.matches("cannot write the spool").count(), 1, "{log}");
     assert_eq!(
         log.matches("the spool is on disk again").count(),
@@ -499,19 +247,13 @@ fn with_its_disk_full_the_daemon_keeps_delivering_and_says_so_until_it_has_room_
 #[test]
 fn a_backlog_spooled_while_the_broker_is_down_survives_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Broker::start(dir.path(), "allow_anonymous true");
+    let mut broker = Broker::anonymous(dir.path());
     broker.stop();
-    let cfg = config(
-        dir.path(),
-        &format!(
-            "broker = \"127.0.0.1:{}\"\nreconnect-min-ms = 200\nreconnect-max-s = 1",
-            broker.port
-        ),
-        "*.jpg",
-        false,
-        50.0,
-    );
-    let mut d = daemon(&cfg);
+    let sink = Sink::mqtt(&broker.address())
+        .set("reconnect-min-ms", 200)
+        .set("reconnect-max-s", 1);
+    let cfg = scenes(sink, "*.jpg", false, 50.0).write(dir.path());
+    let mut d = Daemon::start(&cfg);
     // The whole scene set is counted (and spooled) with no broker to send to.
     let t = Instant::now();
     while !stderr_hint_done(dir.path()) {
@@ -519,31 +261,18 @@ fn a_backlog_spooled_while_the_broker_is_down_survives_sigkill() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(500));
-    signal(&d, Signal::SIGKILL);
-    let _ = d.wait();
-    let state: Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("state/state.json")).unwrap(),
-    )
-    .unwrap();
-    let spooled_up_to = state["seq"].as_u64().unwrap();
+    d.kill();
+    let spooled_up_to = last_seq(dir.path());
     assert!(spooled_up_to >= 5);
 
     broker.restart();
     // A subscriber that is there before the replay; the backlog was published nowhere yet.
-    let sub = Subscriber::start(broker.port, "kill-sub", &[]);
+    let sub = Subscriber::start(broker.port(), "kill-sub", &[]);
     // The next run (over one frame) replays the backlog first.
-    let cfg = config(
-        dir.path(),
-        &format!(
-            "broker = \"127.0.0.1:{}\"\nreconnect-min-ms = 200",
-            broker.port
-        ),
-        "000.jpg",
-        false,
-        50.0,
-    );
-    let mut d = daemon(&cfg);
-    assert!(wait_exit(&mut d, Duration::from_secs(60)).success());
+    let sink = Sink::mqtt(&broker.address()).set("reconnect-min-ms", 200);
+    let cfg = scenes(sink, "000.jpg", false, 50.0).write(dir.path());
+    let mut d = Daemon::start(&cfg);
+    assert!(d.wait(Duration::from_secs(60)).success());
     sub.wait_for(
         |_| seqs(&sub.json()).contains(&spooled_up_to),
         Duration::from_secs(20),
@@ -558,21 +287,15 @@ fn a_backlog_spooled_while_the_broker_is_down_survives_sigkill() {
 #[test]
 fn a_damaged_spool_is_replayed_around_the_damage_and_reported_in_health() {
     let dir = tempfile::tempdir().unwrap();
-    let mut broker = Broker::start(dir.path(), "allow_anonymous true");
+    let mut broker = Broker::anonymous(dir.path());
     broker.stop();
-    let mqtt = format!(
-        "broker = \"127.0.0.1:{}\"\nreconnect-min-ms = 200\nreconnect-max-s = 1",
-        broker.port
-    );
-    let cfg = config(dir.path(), &mqtt, "*.jpg", false, 50.0);
-    let mut d = daemon(&cfg);
-    assert!(wait_exit(&mut d, Duration::from_secs(120)).success());
-    let spooled_up_to = serde_json::from_str::<Value>(
-        &std::fs::read_to_string(dir.path().join("state/state.json")).unwrap(),
-    )
-    .unwrap()["seq"]
-        .as_u64()
-        .unwrap();
+    let sink = Sink::mqtt(&broker.address())
+        .set("reconnect-min-ms", 200)
+        .set("reconnect-max-s", 1);
+    let cfg = scenes(sink.clone(), "*.jpg", false, 50.0).write(dir.path());
+    let mut d = Daemon::start(&cfg);
+    assert!(d.wait(Duration::from_secs(120)).success());
+    let spooled_up_to = last_seq(dir.path());
     assert!(spooled_up_to >= 10, "{spooled_up_to}");
 
     let log = dir.path().join("state/spool/spool.log");
@@ -588,9 +311,9 @@ fn a_damaged_spool_is_replayed_around_the_damage_and_reported_in_health() {
     std::fs::write(&log, &bytes).unwrap();
 
     broker.restart();
-    let sub = Subscriber::start(broker.port, "damaged-sub", &[]);
-    let cfg = config(dir.path(), &mqtt, "*.jpg", true, 10.0);
-    let mut d = daemon(&cfg);
+    let sub = Subscriber::start(broker.port(), "damaged-sub", &[]);
+    let cfg = scenes(sink, "*.jpg", true, 10.0).write(dir.path());
+    let mut d = Daemon::start(&cfg);
     sub.wait_for(
         |m| {
             m.iter().any(|(_, t, p)| {
@@ -601,14 +324,8 @@ fn a_damaged_spool_is_replayed_around_the_damage_and_reported_in_health() {
         },
         Duration::from_secs(60),
     );
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
-    let last = serde_json::from_str::<Value>(
-        &std::fs::read_to_string(dir.path().join("state/state.json")).unwrap(),
-    )
-    .unwrap()["seq"]
-        .as_u64()
-        .unwrap();
+    d.stop();
+    let last = last_seq(dir.path());
     sub.wait_for(
         |_| seqs(&sub.json()).contains(&last),
         Duration::from_secs(20),
@@ -616,7 +333,7 @@ fn a_damaged_spool_is_replayed_around_the_damage_and_reported_in_health() {
     let got = seqs(&sub.json());
     let missing: Vec<u64> = (1..=last).filter(|s| !got.contains(s)).collect();
     assert_eq!(missing, [damaged_seq], "only the damaged message is lost");
-    let log = stderr_of(d);
+    let log = d.log();
     assert_eq!(log.matches("held damaged records").count(), 1, "{log}");
     assert!(log.contains("damaged=2"), "{log}");
 }
@@ -644,20 +361,16 @@ fn wrong_credentials_are_reported_and_retries_are_spaced_by_the_backoff() {
         &format!("allow_anonymous false\npassword_file {}", pw.display()),
     );
     secret_file(&dir.path().join("mqtt-password"), "wrong-password\n");
-    let cfg = config(
-        dir.path(),
-        &format!(
-            "broker = \"127.0.0.1:{}\"\nusername = \"shelf\"\npassword-file = \"mqtt-password\"\nreconnect-min-ms = 400\nreconnect-max-s = 60",
-            broker.port
-        ),
-        "*.jpg",
-        true,
-        5.0,
-    );
-    let d = daemon(&cfg);
+    let sink = Sink::mqtt(&broker.address())
+        .set("username", "shelf")
+        .set("password-file", "mqtt-password")
+        .set("reconnect-min-ms", 400)
+        .set("reconnect-max-s", 60);
+    let cfg = scenes(sink, "*.jpg", true, 5.0).write(dir.path());
+    let mut d = Daemon::start(&cfg);
     std::thread::sleep(Duration::from_secs(8));
-    signal(&d, Signal::SIGTERM);
-    let log = stderr_of(d);
+    d.terminate();
+    let log = d.log();
     let failures: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("mqtt connection failed"))
@@ -680,40 +393,23 @@ fn wrong_credentials_are_reported_and_retries_are_spaced_by_the_backoff() {
 #[test]
 fn killing_the_daemon_makes_the_broker_publish_the_last_will() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), "allow_anonymous true");
-    let sub = Subscriber::start(broker.port, "will-sub", &["-t", "shelfwatch/dev-1/status"]);
-    let cfg = config(
-        dir.path(),
-        &format!("broker = \"127.0.0.1:{}\"", broker.port),
-        "*.jpg",
-        true,
-        5.0,
+    let broker = Broker::anonymous(dir.path());
+    let sub = Subscriber::start(
+        broker.port(),
+        "will-sub",
+        &["-t", "shelfwatch/dev-1/status"],
     );
-    let mut d = daemon(&cfg);
-    sub.wait_for(
-        |m| {
-            m.iter()
-                .any(|(_, t, p)| t.ends_with("/status") && p == "online")
-        },
-        Duration::from_secs(60),
-    );
-    signal(&d, Signal::SIGKILL);
-    let _ = d.wait();
-    sub.wait_for(
-        |m| {
-            m.iter()
-                .rev()
-                .find(|(_, t, _)| t.ends_with("/status"))
-                .is_some_and(|(_, _, p)| p == "offline")
-        },
-        Duration::from_secs(20),
-    );
+    let cfg = scenes(Sink::mqtt(&broker.address()), "*.jpg", true, 5.0).write(dir.path());
+    let mut d = Daemon::start(&cfg);
+    sub.wait_online();
+    d.kill();
+    sub.wait_offline();
 }
 
 #[test]
 fn the_embedded_broker_serves_the_demo_with_nothing_else_running() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut d, port) = embedded_daemon(dir.path(), "", daemon);
+    let (mut d, port) = embedded_daemon(dir.path(), &[], Daemon::start);
     let watcher = Subscriber::start(port, "embedded-sub", &["-t", "test/#"]);
     watcher.wait_for(
         |m| m.iter().any(|(_, t, _)| t.ends_with("/state")),
@@ -733,12 +429,11 @@ fn the_embedded_broker_serves_the_demo_with_nothing_else_running() {
         Duration::from_secs(30),
     );
     drop(watcher);
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    d.stop();
     // The probes above, subscribers leaving and the daemon's own clean disconnect are
     // normal life for a broker: none of them may read as an error in the journal, and
     // the daemon's client, started after the broker listens, is never refused.
-    let log = stderr_of(d);
+    let log = d.log();
     let alarming: Vec<&str> = log
         .lines()
         .filter(|l| l.contains(" ERROR ") || l.contains("mqtt connection failed"))
@@ -781,20 +476,26 @@ fn secret_file(path: &Path, text: &str) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-/// A daemon with its embedded broker on a free loopback port (`extra` sink keys), once
-/// the broker accepts connections.
-fn embedded_daemon(dir: &Path, extra: &str, spawn: impl FnOnce(&Path) -> Child) -> (Child, u16) {
+/// A daemon with its embedded broker on a free loopback port (and `extra` sink keys),
+/// once the broker accepts connections.
+fn embedded_daemon(
+    dir: &Path,
+    extra: &[(&str, &str)],
+    spawn: impl FnOnce(&Path) -> Daemon,
+) -> (Daemon, u16) {
     let port = free_port();
-    let cfg = config(
-        dir,
-        &format!("broker = \"embedded\"\nembedded-listen = \"127.0.0.1:{port}\"\n{extra}"),
-        "*.jpg",
-        true,
-        10.0,
-    );
+    let sink = extra
+        .iter()
+        .fold(embedded_sink(port), |s, (k, v)| s.set(k, *v));
+    let cfg = scenes(sink, "*.jpg", true, 10.0).write(dir);
     let d = spawn(&cfg);
     wait_listening(port);
     (d, port)
+}
+
+/// The embedded broker, listening on 127.0.0.1:`port`.
+fn embedded_sink(port: u16) -> Sink {
+    Sink::mqtt("embedded").set("embedded-listen", format!("127.0.0.1:{port}"))
 }
 
 /// Until something accepts on 127.0.0.1:`port` (the embedded broker drops the log line
@@ -810,10 +511,10 @@ fn wait_listening(port: u16) {
     }
 }
 
-/// The daemon as `daemon()` starts it, allowed `max_open` open files (RLIMIT_NOFILE).
-fn daemon_with_open_files_limit(config: &Path, max_open: libc::rlim_t) -> Child {
+/// The daemon as `Daemon::start` starts it, allowed `max_open` open files (RLIMIT_NOFILE).
+fn daemon_with_open_files_limit(config: &Path, max_open: libc::rlim_t) -> Daemon {
     use std::os::unix::process::CommandExt;
-    let mut cmd = daemon_command(config);
+    let mut cmd = Daemon::command(config);
     // SAFETY: runs in the forked child before exec; setrlimit is an async-signal-safe
     // system call that touches no memory of the parent.
     unsafe {
@@ -828,7 +529,7 @@ fn daemon_with_open_files_limit(config: &Path, max_open: libc::rlim_t) -> Child 
             Ok(())
         });
     }
-    cmd.spawn().unwrap()
+    Daemon::spawn(cmd)
 }
 
 /// `frames_processed` of the first camera in the health records seen so far.
@@ -846,8 +547,9 @@ fn frames_processed(sub: &Subscriber) -> Vec<u64> {
 #[test]
 fn idle_connections_beyond_the_file_limit_leave_the_daemon_counting_and_its_log_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut d, port) =
-        embedded_daemon(dir.path(), "", |cfg| daemon_with_open_files_limit(cfg, 256));
+    let (mut d, port) = embedded_daemon(dir.path(), &[], |cfg| {
+        daemon_with_open_files_limit(cfg, 256)
+    });
     let sub = Subscriber::start(port, "files-sub", &[]);
     sub.wait_for(
         |m| m.iter().any(|(_, t, _)| t.ends_with("/health")),
@@ -881,9 +583,8 @@ fn idle_connections_beyond_the_file_limit_leave_the_daemon_counting_and_its_log_
         },
         Duration::from_secs(60),
     );
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
-    let log = stderr_of(d);
+    d.stop();
+    let log = d.log();
     assert!(!log.contains("Too many open files"), "EMFILE:\n{log}");
     assert_eq!(log.matches("connected to the broker").count(), 1, "{log}");
     // The broker's lines about them (an `accept` each at info, a connect timeout each at
@@ -930,9 +631,9 @@ fn publish_retained(port: u16, topic: &str, payload: Vec<u8>) -> bool {
 fn an_oversized_retained_publish_is_refused_and_the_daemon_does_not_grow() {
     use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
     let dir = tempfile::tempdir().unwrap();
-    let (mut d, port) = embedded_daemon(dir.path(), "", daemon);
+    let (mut d, port) = embedded_daemon(dir.path(), &[], Daemon::start);
     wait_online(port);
-    let before = rss(d.id());
+    let before = rss(d.pid());
     for i in 0..10 {
         assert!(
             !publish_retained(port, &format!("shelfwatch/attack/{i}"), vec![b'x'; 8 << 20]),
@@ -945,7 +646,7 @@ fn an_oversized_retained_publish_is_refused_and_the_daemon_does_not_grow() {
         "shelfwatch/attack/small",
         vec![b'y'; 64 << 10]
     ));
-    let grown = rss(d.id()).saturating_sub(before);
+    let grown = rss(d.pid()).saturating_sub(before);
     assert!(grown < 16 << 20, "the daemon grew by {} MiB", grown >> 20);
 
     // A subscriber gets the retained messages of its filter before anything published
@@ -971,10 +672,9 @@ fn an_oversized_retained_publish_is_refused_and_the_daemon_does_not_grow() {
         retained,
         [("shelfwatch/attack/small".to_string(), 64 << 10)]
     );
-    assert!(d.try_wait().unwrap().is_none(), "daemon died");
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
-    let log = stderr_of(d);
+    assert!(d.is_running(), "daemon died");
+    d.stop();
+    let log = d.log();
     assert!(log.contains("PayloadSizeLimitExceeded"), "{log}");
     assert_eq!(log.matches("connected to the broker").count(), 1, "{log}");
 }
@@ -984,7 +684,7 @@ fn an_oversized_retained_publish_is_refused_and_the_daemon_does_not_grow() {
 #[test]
 fn a_client_with_the_daemons_old_client_id_does_not_disconnect_the_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut d, port) = embedded_daemon(dir.path(), "", daemon);
+    let (mut d, port) = embedded_daemon(dir.path(), &[], Daemon::start);
     wait_online(port);
     let intruder = Subscriber::start(port, "shelfwatch-dev-1", &[]);
     // Connected alongside the daemon, and the daemon keeps publishing to it.
@@ -993,17 +693,16 @@ fn a_client_with_the_daemons_old_client_id_does_not_disconnect_the_daemon() {
         Duration::from_secs(60),
     );
     drop(intruder);
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
-    let log = stderr_of(d);
+    d.stop();
+    let log = d.log();
     assert_eq!(log.matches("connected to the broker").count(), 1, "{log}");
     assert!(!log.contains("mqtt connection failed"), "{log}");
 }
 
-/// `shelfwatch check-config` on a config with these MQTT sink keys.
-fn check_config(dir: &Path, mqtt: &str) -> std::process::Output {
-    let cfg = config(dir, mqtt, "*.jpg", true, 10.0);
-    Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+/// `shelfwatch check-config` on a config with this MQTT sink.
+fn check_config(dir: &Path, sink: Sink) -> std::process::Output {
+    let cfg = scenes(sink, "*.jpg", true, 10.0).write(dir);
+    Command::new(SHELFWATCH)
         .args(["check-config", cfg.to_str().unwrap()])
         .output()
         .unwrap()
@@ -1017,7 +716,7 @@ fn an_embedded_broker_on_the_lan_without_credentials_is_a_config_error_naming_th
     for listen in ["0.0.0.0:1883", "192.168.1.20:1883", "[::]:1883"] {
         let out = check_config(
             dir.path(),
-            &format!("broker = \"embedded\"\nembedded-listen = \"{listen}\""),
+            Sink::mqtt("embedded").set("embedded-listen", listen),
         );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(78), "{listen}: {stderr}");
@@ -1027,8 +726,11 @@ fn an_embedded_broker_on_the_lan_without_credentials_is_a_config_error_naming_th
     // With credentials it is accepted, once the password is not open to every user.
     let password = dir.path().join("broker-password");
     std::fs::write(&password, "s3cret\n").unwrap();
-    let lan = "broker = \"embedded\"\nembedded-listen = \"0.0.0.0:1883\"\nusername = \"shelf\"\npassword-file = \"broker-password\"";
-    let out = check_config(dir.path(), lan);
+    let lan = Sink::mqtt("embedded")
+        .set("embedded-listen", "0.0.0.0:1883")
+        .set("username", "shelf")
+        .set("password-file", "broker-password");
+    let out = check_config(dir.path(), lan.clone());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("sinks[0].password-file"), "{stderr}");
@@ -1045,8 +747,8 @@ fn with_credentials_the_embedded_broker_lets_in_only_clients_that_log_in() {
     secret_file(&dir.path().join("broker-password"), "s3cret\n");
     let (mut d, port) = embedded_daemon(
         dir.path(),
-        "username = \"shelf\"\npassword-file = \"broker-password\"",
-        daemon,
+        &[("username", "shelf"), ("password-file", "broker-password")],
+        Daemon::start,
     );
     // The daemon's own client logs in with the same credentials.
     let sub = Subscriber::start(port, "with-login", &["-u", "shelf", "-P", "s3cret"]);
@@ -1066,8 +768,7 @@ fn with_credentials_the_embedded_broker_lets_in_only_clients_that_log_in() {
             "{login:?} was let in"
         );
     }
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    d.stop();
 }
 
 // Issue #19: the client id is drawn anew at every start, so a previous run's connection
@@ -1076,21 +777,15 @@ fn with_credentials_the_embedded_broker_lets_in_only_clients_that_log_in() {
 #[test]
 fn a_stale_offline_status_is_taken_back_while_the_daemon_is_connected() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let broker = Broker::anonymous(dir.path());
     let sub = Subscriber::start(
-        broker.port,
+        broker.port(),
         "status-sub",
         &["-t", "shelfwatch/dev-1/status"],
     );
-    let cfg = config(
-        dir.path(),
-        &format!("broker = \"127.0.0.1:{}\"", broker.port),
-        "*.jpg",
-        true,
-        5.0,
-    );
-    let mut d = daemon(&cfg);
-    let status = |m: &[(bool, String, String)]| -> Vec<String> {
+    let cfg = scenes(Sink::mqtt(&broker.address()), "*.jpg", true, 5.0).write(dir.path());
+    let mut d = Daemon::start(&cfg);
+    let status = |m: &[Message]| -> Vec<String> {
         m.iter()
             .filter(|(_, t, _)| t.ends_with("/status"))
             .map(|(_, _, p)| p.clone())
@@ -1101,7 +796,7 @@ fn a_stale_offline_status_is_taken_back_while_the_daemon_is_connected() {
         Duration::from_secs(60),
     );
     let ok = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+        .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
         .args([
             "-q",
             "1",
@@ -1119,8 +814,7 @@ fn a_stale_offline_status_is_taken_back_while_the_daemon_is_connected() {
         Duration::from_secs(30),
     );
     // A clean stop still ends on `offline`.
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    d.stop();
     sub.wait_for(
         |m| status(m).last().is_some_and(|s| s == "offline"),
         Duration::from_secs(20),
@@ -1136,13 +830,7 @@ fn a_stale_offline_status_is_taken_back_while_the_daemon_is_connected() {
 fn the_embedded_broker_is_ready_at_once_where_proc_net_is_hidden_as_under_the_unit() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let cfg = config(
-        dir.path(),
-        &format!("broker = \"embedded\"\nembedded-listen = \"127.0.0.1:{port}\""),
-        "*.jpg",
-        true,
-        10.0,
-    );
+    let cfg = scenes(embedded_sink(port), "*.jpg", true, 10.0).write(dir.path());
     // The daemon's READY=1 (broker, client, a counted frame) arrives here.
     let notify_path = dir.path().join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
@@ -1153,7 +841,8 @@ fn the_embedded_broker_is_ready_at_once_where_proc_net_is_hidden_as_under_the_un
         && test ! -e /proc/net/tcp && exec \"$0\" \"$@\"";
     // unshare blocks SIGTERM while it waits: the daemon is signalled itself (and killed
     // with unshare should the test die first).
-    let mut d = Command::new("unshare")
+    let mut unshare = Command::new("unshare");
+    unshare
         .args([
             "--mount",
             "--pid",
@@ -1163,14 +852,11 @@ fn the_embedded_broker_is_ready_at_once_where_proc_net_is_hidden_as_under_the_un
             "-c",
             sandboxed,
         ])
-        .arg(env!("CARGO_BIN_EXE_shelfwatch"))
+        .arg(SHELFWATCH)
         .args(["run", "--config", cfg.to_str().unwrap()])
         .env("SHELFWATCH_LOG", "info")
-        .env("NOTIFY_SOCKET", &notify_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("unshare (util-linux)");
+        .env("NOTIFY_SOCKET", &notify_path);
+    let mut d = Daemon::spawn(unshare);
     let mut message = [0u8; 512];
     let ready = loop {
         match notify.recv(&mut message) {
@@ -1180,15 +866,15 @@ fn the_embedded_broker_is_ready_at_once_where_proc_net_is_hidden_as_under_the_un
         }
     };
     // The daemon (sh exec'd it) is unshare's only child.
-    let children = format!("/proc/{0}/task/{0}/children", d.id());
+    let children = format!("/proc/{0}/task/{0}/children", d.pid());
     if let Some(daemon) = std::fs::read_to_string(children)
         .ok()
         .and_then(|c| c.split_whitespace().next()?.parse().ok())
     {
         let _ = kill(Pid::from_raw(daemon), Signal::SIGTERM);
     }
-    let _ = wait_exit(&mut d, Duration::from_secs(20));
-    let log = stderr_of(d);
+    d.wait(Duration::from_secs(20));
+    let log = d.log();
     assert!(ready, "no READY=1 in the sandbox:\n{log}");
     let started = log
         .lines()
@@ -1279,49 +965,30 @@ fn tls_connects_with_the_right_ca_and_fails_clearly_with_a_wrong_one() {
             key.display()
         ),
     );
-    let sub = Subscriber::start(broker.port, "tls-sub", &["--cafile", ca.to_str().unwrap()]);
+    let sub = Subscriber::start(
+        broker.port(),
+        "tls-sub",
+        &["--cafile", ca.to_str().unwrap()],
+    );
 
-    let good = config(
-        dir.path(),
-        &format!(
-            "broker = \"127.0.0.1:{}\"\n[sinks.tls]\nca-file = \"{}\"",
-            broker.port,
-            ca.display()
-        ),
-        "*.jpg",
-        true,
-        5.0,
-    );
-    let mut d = daemon(&good);
-    sub.wait_for(
-        |m| {
-            m.iter()
-                .any(|(_, t, p)| t.ends_with("/status") && p == "online")
-        },
-        Duration::from_secs(60),
-    );
+    let sink = Sink::mqtt(&broker.address()).set("tls.ca-file", ca.display().to_string());
+    let good = scenes(sink, "*.jpg", true, 5.0).write(dir.path());
+    let mut d = Daemon::start(&good);
+    sub.wait_online();
     sub.wait_for(
         |m| m.iter().any(|(_, t, _)| t.ends_with("/state")),
         Duration::from_secs(60),
     );
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    d.stop();
 
-    let bad = config(
-        dir.path(),
-        &format!(
-            "broker = \"127.0.0.1:{}\"\nreconnect-min-ms = 400\n[sinks.tls]\nca-file = \"{}\"",
-            broker.port,
-            other_ca.display()
-        ),
-        "*.jpg",
-        true,
-        5.0,
-    );
-    let d = daemon(&bad);
+    let sink = Sink::mqtt(&broker.address())
+        .set("reconnect-min-ms", 400)
+        .set("tls.ca-file", other_ca.display().to_string());
+    let bad = scenes(sink, "*.jpg", true, 5.0).write(dir.path());
+    let mut d = Daemon::start(&bad);
     std::thread::sleep(Duration::from_secs(5));
-    signal(&d, Signal::SIGTERM);
-    let log = stderr_of(d);
+    d.terminate();
+    let log = d.log();
     let failures: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("mqtt connection failed"))
@@ -1338,20 +1005,19 @@ fn tls_connects_with_the_right_ca_and_fails_clearly_with_a_wrong_one() {
 #[test]
 fn home_assistant_discovery_is_published_refreshed_and_removed_with_its_zone() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), "allow_anonymous true");
-    let sub = Subscriber::start(broker.port, "ha-sub", &["-t", "homeassistant/#"]);
-    let mqtt = format!(
-        "broker = \"127.0.0.1:{}\"\nhome-assistant = {{ discovery-prefix = \"homeassistant\" }}",
-        broker.port
-    );
-    let cfg = config(dir.path(), &mqtt, "*.jpg", true, 5.0);
-    let configs = |m: &[(bool, String, String)]| -> Vec<(String, String)> {
+    let broker = Broker::anonymous(dir.path());
+    let sub = Subscriber::start(broker.port(), "ha-sub", &["-t", "homeassistant/#"]);
+    let sink =
+        Sink::mqtt(&broker.address()).set("home-assistant.discovery-prefix", "homeassistant");
+    let config = scenes(sink, "*.jpg", true, 5.0);
+    let cfg = config.write(dir.path());
+    let configs = |m: &[Message]| -> Vec<(String, String)> {
         m.iter()
             .filter(|(_, t, _)| t.starts_with("homeassistant/") && t.ends_with("/config"))
             .map(|(_, t, p)| (t.clone(), p.clone()))
             .collect()
     };
-    let mut d = daemon(&cfg);
+    let mut d = Daemon::start(&cfg);
     // Per zone: a total, one per planogram label, and an out-of-stock binary sensor.
     sub.wait_for(|m| configs(m).len() >= 6, Duration::from_secs(60));
     let first = configs(&sub.messages());
@@ -1375,7 +1041,7 @@ fn home_assistant_discovery_is_published_refreshed_and_removed_with_its_zone() {
             "-h",
             "127.0.0.1",
             "-p",
-            &broker.port.to_string(),
+            &broker.port().to_string(),
             "-t",
             "homeassistant/status",
             "-m",
@@ -1385,17 +1051,11 @@ fn home_assistant_discovery_is_published_refreshed_and_removed_with_its_zone() {
         .unwrap();
     assert!(ok.success());
     sub.wait_for(|m| configs(m).len() >= 12, Duration::from_secs(30));
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    d.stop();
 
     // The bottom shelf leaves the config: its entities are removed (empty retained payload).
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let start = text
-        .find("[[cameras.zones]]\nname = \"bottom-shelf\"")
-        .unwrap();
-    let end = text[start..].find("[[sinks]]").unwrap() + start;
-    std::fs::write(&cfg, format!("{}{}", &text[..start], &text[end..])).unwrap();
-    let mut d = daemon(&cfg);
+    let cfg = config.without_zone("bottom-shelf").write(dir.path());
+    let mut d = Daemon::start(&cfg);
     sub.wait_for(
         |m| {
             let removed: Vec<_> = configs(m)
@@ -1406,24 +1066,18 @@ fn home_assistant_discovery_is_published_refreshed_and_removed_with_its_zone() {
         },
         Duration::from_secs(60),
     );
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    d.stop();
 }
 
 #[test]
 fn mqtt5_delivers_every_message_commands_and_the_last_will_like_3_1_1() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let broker = Broker::anonymous(dir.path());
     // The subscriber may speak 3.1.1; what is tested is the daemon's MQTT 5.
-    let sub = Subscriber::start(broker.port, "v5-sub", &[]);
-    let cfg = config(
-        dir.path(),
-        &format!("broker = \"127.0.0.1:{}\"\nprotocol = \"5\"", broker.port),
-        "*.jpg",
-        true,
-        20.0,
-    );
-    let mut d = daemon(&cfg);
+    let sub = Subscriber::start(broker.port(), "v5-sub", &[]);
+    let sink = Sink::mqtt(&broker.address()).set("protocol", "5");
+    let cfg = scenes(sink, "*.jpg", true, 20.0).write(dir.path());
+    let mut d = Daemon::start(&cfg);
     sub.wait_for(
         |m| m.iter().filter(|(_, t, _)| t.ends_with("/events")).count() >= 4,
         Duration::from_secs(60),
@@ -1433,7 +1087,7 @@ fn mqtt5_delivers_every_message_commands_and_the_last_will_like_3_1_1() {
             "-h",
             "127.0.0.1",
             "-p",
-            &broker.port.to_string(),
+            &broker.port().to_string(),
             "-V",
             "mqttv5",
         ])
@@ -1451,27 +1105,23 @@ fn mqtt5_delivers_every_message_commands_and_the_last_will_like_3_1_1() {
     // Keep going long enough to wrap the broker's packet ids several times.
     let before = sub.json().len();
     sub.wait_for(|_| sub.json().len() > before + 60, Duration::from_secs(60));
-    signal(&d, Signal::SIGKILL);
-    let _ = d.wait();
-    sub.wait_for(
-        |m| {
-            m.iter()
-                .rev()
-                .find(|(_, t, _)| t.ends_with("/status"))
-                .is_some_and(|(_, _, p)| p == "offline")
-        },
-        Duration::from_secs(20),
-    );
+    d.kill();
+    sub.wait_offline();
     let all = seqs(&sub.json());
     assert_no_gaps(&all, *all.first().unwrap(), *all.last().unwrap());
 }
 
-/// A daemon with a two-SKU gallery answering scanner requests over `protocol`.
-/// `identify` adds keys to `[identify]`.
-fn scanner_daemon_with(dir: &Path, broker: &Broker, protocol: &str, identify: &str) -> Child {
+/// A daemon with a two-SKU gallery answering scanner requests over `protocol`;
+/// `identify` adds to its config.
+fn scanner_daemon_with(
+    dir: &Path,
+    broker: &Broker,
+    protocol: &str,
+    identify: impl FnOnce(Config) -> Config,
+) -> Daemon {
     let gallery = dir.join("gallery");
     for (sku, photo) in [("GUITAR-1", "guitar.jpg"), ("CAM-100", "camera.jpg")] {
-        let out = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+        let out = Command::new(SHELFWATCH)
             .args([
                 "enroll",
                 "--gallery",
@@ -1479,45 +1129,28 @@ fn scanner_daemon_with(dir: &Path, broker: &Broker, protocol: &str, identify: &s
                 "--sku",
                 sku,
             ])
-            .arg(root().join("tests/fixtures/products").join(photo))
+            .arg(fixture("products").join(photo))
             .env("SHELFWATCH_LOG", "warn")
             .output()
             .unwrap();
         assert!(out.status.success(), "{out:?}");
     }
-    let cfg = config(
-        dir,
-        &format!(
-            "broker = \"127.0.0.1:{}\"\nprotocol = \"{protocol}\"",
-            broker.port
-        ),
-        "*.jpg",
-        true,
-        5.0,
-    );
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(concat!(
-        "\n[identify]\ngallery = \"gallery\"\ntop-k = 2\nmax-request-bytes = 200000\n",
-        "reply-topics = [\"scanners/+/replies\"]\n",
-    ));
-    text.push_str(identify);
-    std::fs::write(&cfg, text).unwrap();
-    daemon(&cfg)
+    let sink = Sink::mqtt(&broker.address()).set("protocol", protocol);
+    let config = scenes(sink, "*.jpg", true, 5.0)
+        .gallery("gallery")
+        .set("identify.top-k", 2)
+        .set("identify.max-request-bytes", 200_000)
+        .set("identify.reply-topics", vec!["scanners/+/replies"]);
+    Daemon::start(&identify(config).write(dir))
 }
 
-fn scanner_daemon(dir: &Path, broker: &Broker, protocol: &str) -> Child {
-    scanner_daemon_with(dir, broker, protocol, "")
+fn scanner_daemon(dir: &Path, broker: &Broker, protocol: &str) -> Daemon {
+    scanner_daemon_with(dir, broker, protocol, |c| c)
 }
 
+/// Until the daemon says it is online, to a subscriber of its own.
 fn wait_online(port: u16) {
-    let sub = Subscriber::start(port, "online-probe", &[]);
-    sub.wait_for(
-        |m| {
-            m.iter()
-                .any(|(_, t, p)| t.ends_with("/status") && p == "online")
-        },
-        Duration::from_secs(30),
-    );
+    Subscriber::start(port, "online-probe", &[]).wait_online();
 }
 
 #[test]
@@ -1525,11 +1158,11 @@ fn a_scanner_gets_its_answer_on_the_mqtt5_response_topic_with_its_correlation_da
     use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
     use rumqttc::v5::{mqttbytes::QoS, Client, Event, MqttOptions};
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let broker = Broker::anonymous(dir.path());
     let mut d = scanner_daemon(dir.path(), &broker, "5");
-    wait_online(broker.port);
+    wait_online(broker.port());
 
-    let mut opts = MqttOptions::new("scanner-7", "127.0.0.1", broker.port);
+    let mut opts = MqttOptions::new("scanner-7", "127.0.0.1", broker.port());
     opts.set_max_packet_size(Some(1 << 20));
     let (client, mut conn) = Client::new(opts, 16);
     client
@@ -1552,7 +1185,7 @@ fn a_scanner_gets_its_answer_on_the_mqtt5_response_topic_with_its_correlation_da
             .unwrap();
     };
     ask(
-        std::fs::read(root().join("tests/fixtures/products/guitar.jpg")).unwrap(),
+        std::fs::read(fixture("products/guitar.jpg")).unwrap(),
         b"req-1",
     );
     ask(b"\xff\xd8\xff\xe0 this is not a JPEG".to_vec(), b"req-2");
@@ -1599,26 +1232,25 @@ fn a_scanner_gets_its_answer_on_the_mqtt5_response_topic_with_its_correlation_da
     );
 
     // The daemon survived the bad requests and still counts.
-    assert!(d.try_wait().unwrap().is_none(), "daemon died");
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    assert!(d.is_running(), "daemon died");
+    d.stop();
 }
 
 #[test]
 fn a_mqtt_3_1_1_scanner_uses_the_json_envelope_and_gets_its_request_id_back() {
     use base64::Engine;
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let broker = Broker::anonymous(dir.path());
     let mut d = scanner_daemon(dir.path(), &broker, "3.1.1");
-    wait_online(broker.port);
+    wait_online(broker.port());
     let sub = Subscriber::start(
-        broker.port,
+        broker.port(),
         "scanner-3",
         &["-V", "mqttv311", "-t", "scanners/3/#"],
     );
     let pubd = |payload: String| {
         let ok = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+            .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
             .args(["-V", "mqttv311", "-q", "1"])
             .args(["-t", "shelfwatch/dev-1/identify/request", "-s"])
             .stdin(Stdio::piped())
@@ -1632,12 +1264,12 @@ fn a_mqtt_3_1_1_scanner_uses_the_json_envelope_and_gets_its_request_id_back() {
         assert!(ok.success());
     };
     let camera = base64::engine::general_purpose::STANDARD
-        .encode(std::fs::read(root().join("tests/fixtures/products/camera.jpg")).unwrap());
+        .encode(std::fs::read(fixture("products/camera.jpg")).unwrap());
     pubd(format!(
         r#"{{"id": "scan-41", "reply-to": "scanners/3/replies", "image": "{camera}"}}"#
     ));
     let truncated = base64::engine::general_purpose::STANDARD
-        .encode(std::fs::read(root().join("tests/fixtures/bad/truncated.jpg")).unwrap());
+        .encode(std::fs::read(fixture("bad/truncated.jpg")).unwrap());
     pubd(format!(
         r#"{{"id": "scan-42", "reply-to": "scanners/3/replies", "image": "{truncated}"}}"#
     ));
@@ -1666,9 +1298,8 @@ fn a_mqtt_3_1_1_scanner_uses_the_json_envelope_and_gets_its_request_id_back() {
     let bad = by("scan-42");
     assert_eq!(bad["status"], "error");
     assert!(bad["error"].as_str().unwrap().contains("decode"), "{bad}");
-    assert!(d.try_wait().unwrap().is_none(), "daemon died");
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    assert!(d.is_running(), "daemon died");
+    d.stop();
 }
 
 /// Publishes one JSON envelope request as MQTT 3.1.1 (from stdin: topics and ids may be
@@ -1698,12 +1329,12 @@ fn publish_request(port: u16, payload: &str) {
 fn hostile_reply_topics_are_answered_on_the_response_topic_and_never_published_to() {
     use base64::Engine;
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let broker = Broker::anonymous(dir.path());
     let mut d = scanner_daemon(dir.path(), &broker, "3.1.1");
-    wait_online(broker.port);
-    let all = Subscriber::start(broker.port, "everything", &["-V", "mqttv311", "-t", "#"]);
+    wait_online(broker.port());
+    let all = Subscriber::start(broker.port(), "everything", &["-V", "mqttv311", "-t", "#"]);
     let camera = base64::engine::general_purpose::STANDARD
-        .encode(std::fs::read(root().join("tests/fixtures/products/camera.jpg")).unwrap());
+        .encode(std::fs::read(fixture("products/camera.jpg")).unwrap());
     let long = format!("scanners/{}/replies", "x".repeat(65_557));
     let hostile = [
         "shelfwatch/dev-1/zones/top/state".to_owned(),
@@ -1714,18 +1345,18 @@ fn hostile_reply_topics_are_answered_on_the_response_topic_and_never_published_t
     ];
     for (n, topic) in hostile.iter().enumerate() {
         publish_request(
-            broker.port,
+            broker.port(),
             &format!(r#"{{"id": "evil-{n}", "reply-to": "{topic}", "image": "{camera}"}}"#),
         );
     }
     let huge_id = "i".repeat(100_000);
     publish_request(
-        broker.port,
+        broker.port(),
         &format!(r#"{{"id": "{huge_id}", "reply-to": "scanners/9/replies", "image": "{camera}"}}"#),
     );
     // A well-behaved scanner after them is answered where it asked.
     publish_request(
-        broker.port,
+        broker.port(),
         &format!(r#"{{"id": "good", "reply-to": "scanners/9/replies", "image": "{camera}"}}"#),
     );
     all.wait_for(
@@ -1778,9 +1409,8 @@ fn hostile_reply_topics_are_answered_on_the_response_topic_and_never_published_t
         "the id was echoed: {} bytes",
         id_reply.2.len()
     );
-    assert!(d.try_wait().unwrap().is_none(), "daemon died");
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    assert!(d.is_running(), "daemon died");
+    d.stop();
 }
 
 // Issue #19: requests had no rate limit; one scanner could keep the request thread busy.
@@ -1788,27 +1418,25 @@ fn hostile_reply_topics_are_answered_on_the_response_topic_and_never_published_t
 fn a_scanner_over_its_request_rate_is_told_busy_while_another_is_still_answered() {
     use base64::Engine;
     let dir = tempfile::tempdir().unwrap();
-    let broker = Broker::start(dir.path(), "allow_anonymous true");
+    let broker = Broker::anonymous(dir.path());
     // Two at once, then one every 10 s: twelve requests published back to back cannot
     // all be in budget, however slow the machine.
-    let mut d = scanner_daemon_with(
-        dir.path(),
-        &broker,
-        "3.1.1",
-        "requests-per-s = 0.1\nrequest-burst = 2\n",
-    );
-    wait_online(broker.port);
+    let mut d = scanner_daemon_with(dir.path(), &broker, "3.1.1", |c| {
+        c.set("identify.requests-per-s", 0.1)
+            .set("identify.request-burst", 2)
+    });
+    wait_online(broker.port());
     let all = Subscriber::start(
-        broker.port,
+        broker.port(),
         "replies",
         &["-V", "mqttv311", "-t", "scanners/#"],
     );
     let camera = base64::engine::general_purpose::STANDARD
-        .encode(std::fs::read(root().join("tests/fixtures/products/camera.jpg")).unwrap());
+        .encode(std::fs::read(fixture("products/camera.jpg")).unwrap());
     let t0 = Instant::now();
     for n in 0..12 {
         publish_request(
-            broker.port,
+            broker.port(),
             &format!(
                 r#"{{"id": "flood-{n}", "reply-to": "scanners/1/replies", "image": "{camera}"}}"#
             ),
@@ -1816,7 +1444,7 @@ fn a_scanner_over_its_request_rate_is_told_busy_while_another_is_still_answered(
     }
     let took = t0.elapsed();
     publish_request(
-        broker.port,
+        broker.port(),
         &format!(r#"{{"id": "other", "reply-to": "scanners/2/replies", "image": "{camera}"}}"#),
     );
     all.wait_for(
@@ -1855,7 +1483,6 @@ fn a_scanner_over_its_request_rate_is_told_busy_while_another_is_still_answered(
         .map(|(_, _, p)| serde_json::from_str(p).unwrap())
         .unwrap();
     assert_eq!(other["status"], "ok", "{other}");
-    assert!(d.try_wait().unwrap().is_none(), "daemon died");
-    signal(&d, Signal::SIGTERM);
-    assert!(wait_exit(&mut d, Duration::from_secs(10)).success());
+    assert!(d.is_running(), "daemon died");
+    d.stop();
 }

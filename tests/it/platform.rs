@@ -6,12 +6,12 @@
 //! for aarch64 and `TRACT_CPU_ARM32_NEON=true` for armv7, because under emulation tract
 //! reads the host's /proc/cpuinfo. The x86_64 detections are recorded in
 //! tests/fixtures/platform/x86_64.json (regenerate on x86_64 with
-//! `SHELFWATCH_RECORD_X86_64=1 cargo test --release --test platform`).
-
-use std::path::PathBuf;
+//! `SHELFWATCH_RECORD_X86_64=1 cargo test --release --test it platform::`).
 
 use serde::{Deserialize, Serialize};
 use shelfwatch::vision::{Detector, DetectorOptions};
+
+use crate::util::{fixture, model};
 
 /// Low enough that every photo yields several boxes, including weak ones whose scores
 /// are the most sensitive to arithmetic differences between kernels.
@@ -32,25 +32,19 @@ struct RecordedDetection {
     bbox: [f32; 4],
 }
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn detector() -> Detector {
     let options = DetectorOptions {
         score_threshold: Some(THRESHOLD),
         ..Default::default()
     };
-    Detector::load(&root().join("models/ssd_mobilenetv2_oidv4.toml"), &options).unwrap()
+    Detector::load(&model("ssd_mobilenetv2_oidv4.toml"), &options).unwrap()
 }
 
 fn detect_all(d: &mut Detector) -> Vec<Recorded> {
     PHOTOS
         .iter()
         .map(|f| {
-            let img = image::open(root().join("tests/fixtures/photos").join(f))
-                .unwrap()
-                .to_rgb8();
+            let img = image::open(fixture("photos").join(f)).unwrap().to_rgb8();
             let (dets, _) = d.detect(&img).unwrap();
             Recorded {
                 file: f.to_string(),
@@ -99,7 +93,7 @@ fn inference_runs_on_the_simd_kernels_the_boards_have() {
 #[test]
 fn detections_on_the_fixture_photos_equal_the_x86_64_ones() {
     let got = detect_all(&mut detector());
-    let path = root().join("tests/fixtures/platform/x86_64.json");
+    let path = fixture("platform/x86_64.json");
     if cfg!(target_arch = "x86_64") && std::env::var_os("SHELFWATCH_RECORD_X86_64").is_some() {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, serde_json::to_string_pretty(&got).unwrap() + "\n").unwrap();

@@ -1,10 +1,12 @@
 //! shelfwatch's detections equal an independent onnxruntime pipeline's on real photos.
 //! The reference is produced by tests/fixtures/make_reference.py and committed.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 use shelfwatch::vision::{Detection, Detector, DetectorOptions};
+
+use crate::util::{fixture, model, root};
 
 #[derive(Deserialize)]
 struct Reference {
@@ -24,12 +26,8 @@ struct RefDetection {
     bbox: [f32; 4],
 }
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn references() -> Vec<Reference> {
-    let dir = root().join("tests/fixtures/reference");
+    let dir = fixture("reference");
     let mut out: Vec<Reference> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| {
@@ -51,7 +49,7 @@ fn detector(threshold: f32) -> Detector {
         score_threshold: Some(threshold),
         ..Default::default()
     };
-    Detector::load(&root().join("models/ssd_mobilenetv2_oidv4.toml"), &options).unwrap()
+    Detector::load(&model("ssd_mobilenetv2_oidv4.toml"), &options).unwrap()
 }
 
 fn detect(d: &mut Detector, file: &Path) -> (u32, u32, Vec<Detection>) {
@@ -65,7 +63,7 @@ fn detections_on_real_photos_equal_the_onnxruntime_reference() {
     let refs = references();
     let mut d = detector(refs[0].score_threshold);
     for r in &refs {
-        let (w, h, got) = detect(&mut d, &root().join("tests/fixtures/photos").join(&r.file));
+        let (w, h, got) = detect(&mut d, &fixture("photos").join(&r.file));
         assert_eq!((w, h), (r.width, r.height), "{}", r.file);
         // A box whose score sits within the tolerance of the threshold may fall on either
         // side of it; every other box must be present in both.
@@ -104,7 +102,7 @@ fn detections_on_real_photos_equal_the_onnxruntime_reference() {
 #[test]
 fn the_coffee_photo_shows_a_coffee_cup_where_the_cup_is() {
     let mut d = detector(0.4);
-    let (_, _, dets) = detect(&mut d, &root().join("tests/fixtures/photos/coffee.png"));
+    let (_, _, dets) = detect(&mut d, &fixture("photos/coffee.png"));
     let cup = dets
         .iter()
         .find(|x| x.label == "Coffee cup" || x.label == "Mug")

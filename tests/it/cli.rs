@@ -3,18 +3,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn shelfwatch(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
-        .args(args)
-        .current_dir(root())
-        .env("SHELFWATCH_LOG", "warn")
-        .output()
-        .expect("run shelfwatch")
-}
+use crate::util::{fixture, root, shelfwatch, SHELFWATCH};
 
 fn stdout_json(out: &Output) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(&out.stdout)
@@ -185,9 +174,7 @@ fn detect_annotate_writes_a_copy_with_boxes_drawn() {
     let annotated = image::open(dir.path().join("coffee.png"))
         .unwrap()
         .to_rgb8();
-    let original = image::open(root().join("tests/fixtures/photos/coffee.png"))
-        .unwrap()
-        .to_rgb8();
+    let original = image::open(fixture("photos/coffee.png")).unwrap().to_rgb8();
     assert_eq!(annotated.dimensions(), original.dimensions());
     let changed = annotated
         .pixels()
@@ -233,7 +220,7 @@ fn detect_and_bench_with_a_broken_config_exit_78_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");
     std::fs::write(&file, "[model]\nscore-threshold = 1.5\n").unwrap();
-    let photo = root().join("tests/fixtures/photos/coffee.png");
+    let photo = fixture("photos/coffee.png");
     for command in ["detect", "bench"] {
         let out = shelfwatch(&[
             command,
@@ -455,17 +442,13 @@ fn the_int8_model_keeps_the_float_models_quality_on_the_shelf_scenes() {
 #[test]
 fn eval_reads_coco_json_with_the_same_result_as_yolo_labels() {
     // The scenes' expected.json as a COCO file: same objects, pixel boxes.
-    let expected: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(root().join("tests/fixtures/scenes/expected.json")).unwrap(),
-    )
-    .unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("scenes/expected.json")).unwrap()).unwrap();
     let frames = &expected["frames"].as_array().unwrap()[..6];
     let (mut images, mut annotations) = (vec![], vec![]);
     for (id, f) in frames.iter().enumerate() {
         // An absolute file_name: the JSON lives elsewhere than the frames.
-        let file = root()
-            .join("tests/fixtures/scenes")
-            .join(f["file"].as_str().unwrap());
+        let file = fixture("scenes").join(f["file"].as_str().unwrap());
         images.push(serde_json::json!({"id": id, "file_name": file, "width": 640, "height": 480}));
         for o in f["objects"].as_array().unwrap() {
             let b: Vec<f64> = o["box"]
@@ -504,11 +487,7 @@ fn eval_reads_coco_json_with_the_same_result_as_yolo_labels() {
 #[test]
 fn eval_names_the_label_file_and_line_it_cannot_read() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        root().join("tests/fixtures/scenes/frames/000.jpg"),
-        dir.path().join("a.jpg"),
-    )
-    .unwrap();
+    std::fs::copy(fixture("scenes/frames/000.jpg"), dir.path().join("a.jpg")).unwrap();
     std::fs::write(
         dir.path().join("a.txt"),
         "13 0.5 0.5 0.2 0.2\n13 0.5 0.5 0.2\n",
@@ -528,7 +507,7 @@ fn a_cached_model_finds_the_same_boxes_and_a_damaged_entry_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().to_str().unwrap();
     let run = || {
-        let out = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+        let out = Command::new(SHELFWATCH)
             .args([
                 "detect",
                 "--model-cache",
@@ -586,7 +565,7 @@ fn a_model_cache_that_cannot_be_written_costs_a_warning_not_the_detection() {
     let file = dir.path().join("not-a-directory");
     std::fs::write(&file, b"").unwrap();
     let cache = file.join("cache");
-    let out = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
+    let out = Command::new(SHELFWATCH)
         .args([
             "detect",
             "--model-cache",

@@ -2,7 +2,6 @@
 //! per-SKU counting with planogram mismatches in the daemon.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
@@ -10,23 +9,21 @@ use serde_json::Value;
 use shelfwatch::identify::{answer, Gallery, Reference};
 use shelfwatch::vision::{Embedder, EmbedderOptions};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::util::{fixture, jsonl, model, shelfwatch, Camera, Config, Daemon, Sink, Zone};
 
 fn embedder_manifest() -> PathBuf {
-    root().join("models/efficientnet_lite0.toml")
+    model("efficientnet_lite0.toml")
 }
 
 /// The real photos enrolled as products: one SKU each.
 fn product_photos() -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("tests/fixtures/products"))
+    let mut v: Vec<PathBuf> = std::fs::read_dir(fixture("products"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
         .collect();
     for f in ["coffee.png", "chelsea.png", "astronaut.png", "rocket.jpg"] {
-        v.push(root().join("tests/fixtures/photos").join(f));
+        v.push(fixture("photos").join(f));
     }
     v.sort();
     v
@@ -34,14 +31,6 @@ fn product_photos() -> Vec<PathBuf> {
 
 fn sku_of(p: &Path) -> String {
     p.file_stem().unwrap().to_string_lossy().into_owned()
-}
-
-fn shelfwatch(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
-        .args(args)
-        .env("SHELFWATCH_LOG", "warn")
-        .output()
-        .unwrap()
 }
 
 /// A small deterministic generator, so the augmented set is the same on every run and
@@ -163,7 +152,7 @@ fn enroll_then_identify_round_trips_on_real_photos_and_a_stranger_is_unknown() {
     let dir = tempfile::tempdir().unwrap();
     let gallery = dir.path().join("gallery");
     let g = gallery.to_str().unwrap();
-    let photos = root().join("tests/fixtures/products");
+    let photos = fixture("products");
     for (sku, name, file) in [
         ("4006381333931", "Guitar, acoustic", "guitar.jpg"),
         ("CAM-100", "Compact camera", "camera.jpg"),
@@ -192,7 +181,7 @@ fn enroll_then_identify_round_trips_on_real_photos_and_a_stranger_is_unknown() {
     let query = dir.path().join("query.jpg");
     view.save(&query).unwrap();
     // A photo never enrolled is unknown.
-    let stranger = root().join("tests/fixtures/photos/rocket.jpg");
+    let stranger = fixture("photos/rocket.jpg");
     let out = shelfwatch(&[
         "identify",
         "--gallery",
@@ -240,7 +229,7 @@ fn enroll_then_identify_round_trips_on_real_photos_and_a_stranger_is_unknown() {
 fn a_damaged_gallery_is_refused_naming_the_file_and_enroll_does_not_overwrite_it() {
     let dir = tempfile::tempdir().unwrap();
     let g = dir.path().to_str().unwrap();
-    let photo = root().join("tests/fixtures/products/camera.jpg");
+    let photo = fixture("products/camera.jpg");
     let out = shelfwatch(&[
         "enroll",
         "--gallery",
@@ -282,7 +271,7 @@ fn a_damaged_gallery_is_refused_naming_the_file_and_enroll_does_not_overwrite_it
 fn recoloured_scenes(dir: &Path) -> PathBuf {
     let out = dir.join("frames");
     std::fs::create_dir_all(&out).unwrap();
-    for e in std::fs::read_dir(root().join("tests/fixtures/scenes/frames")).unwrap() {
+    for e in std::fs::read_dir(fixture("scenes/frames")).unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_none_or(|e| e != "jpg") {
             continue;
@@ -305,7 +294,7 @@ fn the_daemon_counts_per_sku_and_reports_the_wrong_variant_in_a_planogram_zone()
     let dir = tempfile::tempdir().unwrap();
     let frames = recoloured_scenes(dir.path());
     let gallery = dir.path().join("gallery");
-    let coffee = root().join("tests/fixtures/photos/coffee.png");
+    let coffee = fixture("photos/coffee.png");
     let mut blue = image::open(&coffee).unwrap().to_rgb8();
     blue.pixels_mut().for_each(|p| p.0.swap(0, 2));
     let blue_path = dir.path().join("coffee-blue.png");
@@ -321,84 +310,26 @@ fn the_daemon_counts_per_sku_and_reports_the_wrong_variant_in_a_planogram_zone()
         ]);
         assert!(out.status.success(), "{out:?}");
     }
-    let config = dir.path().join("shelfwatch.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[device]
-id = "sku-test"
-
-# The scenes are composed for the generic-class SSD (cups and a person).
-[model]
-manifest = "ssd_mobilenetv2_oidv4.toml"
-
-[counting]
-window-frames = 5
-min-agreement = 0.6
-out-of-stock-after-s = 0.0
-
-[identify]
-gallery = "gallery"
-
-[[cameras]]
-id = "shelf"
-[cameras.source]
-kind = "files"
-path = "{}/*.png"
-fps = 50.0
-loop = false
-every-frame = true
-
-# The planogram puts the brown cup on both boards; the bottom one holds the blue one.
-[[cameras.zones]]
-name = "top-shelf"
-polygon = [[0.0, 0.0], [1.0, 0.0], [1.0, 0.5], [0.0, 0.5]]
-labels = ["cup-brown"]
-
-[[cameras.zones]]
-name = "bottom-shelf"
-polygon = [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 1.0]]
-labels = ["cup-brown"]
-
-[[sinks]]
-kind = "jsonl"
-path = "out.jsonl"
-
-[state]
-dir = "state"
-
-[health]
-interval-s = 0
-"#,
-            frames.display()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("SHELFWATCH_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(300),
-            "daemon did not finish"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // The scenes are composed for the generic-class SSD (cups and a person). The
+    // planogram puts the brown cup on both boards; the bottom one holds the blue one.
+    let config = Config::new("sku-test")
+        .model("ssd_mobilenetv2_oidv4.toml")
+        .window_frames(5)
+        .min_agreement(0.6)
+        .out_of_stock_after_s(0.0)
+        .gallery("gallery")
+        .camera(
+            Camera::files(&frames.join("*.png"), 50.0)
+                .looping(false)
+                .every_frame()
+                .zone(Zone::top_shelf().labels(&["cup-brown"]))
+                .zone(Zone::bottom_shelf().labels(&["cup-brown"])),
+        )
+        .sink(Sink::jsonl("out.jsonl"))
+        .write(dir.path());
+    let status = Daemon::start(&config).wait(Duration::from_secs(300));
     assert!(status.success(), "{status:?}");
-    let msgs: Vec<Value> = std::fs::read_to_string(dir.path().join("out.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let msgs = jsonl(&dir.path().join("out.jsonl"));
     let states = |zone: &str| -> Vec<Value> {
         msgs.iter()
             .filter(|m| m["type"] == "state" && m["zone"] == zone)
@@ -406,10 +337,9 @@ interval-s = 0
             .collect()
     };
     // The untouched top board: the known counts (3, then 2), all brown.
-    let expected: Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("tests/fixtures/scenes/expected.json")).unwrap(),
-    )
-    .unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("scenes/expected.json")).unwrap())
+            .unwrap();
     let mut want: Vec<u64> = expected["stable"]
         .as_array()
         .unwrap()
@@ -471,8 +401,7 @@ interval-s = 0
 
 #[test]
 fn a_product_enrolled_while_the_daemon_runs_is_counted_after_sighup() {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
+    use nix::sys::signal::Signal;
     let dir = tempfile::tempdir().unwrap();
     let frames = recoloured_scenes(dir.path());
     let gallery = dir.path().join("gallery");
@@ -487,66 +416,23 @@ fn a_product_enrolled_while_the_daemon_runs_is_counted_after_sighup() {
         ]);
         assert!(out.status.success(), "{out:?}");
     };
-    enroll(
-        "cup-brown",
-        &root().join("tests/fixtures/photos/coffee.png"),
-    );
-    let config = dir.path().join("shelfwatch.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[device]
-id = "reload-test"
-
-# The scenes are composed for the generic-class SSD (cups and a person).
-[model]
-manifest = "ssd_mobilenetv2_oidv4.toml"
-
-[counting]
-window-frames = 3
-
-[identify]
-gallery = "gallery"
-
-[[cameras]]
-id = "shelf"
-[cameras.source]
-kind = "files"
-path = "{}/*.png"
-fps = 10.0
-loop = true
-
-[[cameras.zones]]
-name = "bottom-shelf"
-polygon = [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 1.0]]
-
-[[sinks]]
-kind = "jsonl"
-path = "out.jsonl"
-
-[state]
-dir = "state"
-
-[health]
-interval-s = 0
-"#,
-            frames.display()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("SHELFWATCH_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    enroll("cup-brown", &fixture("photos/coffee.png"));
+    // The scenes are composed for the generic-class SSD (cups and a person).
+    let config = Config::new("reload-test")
+        .model("ssd_mobilenetv2_oidv4.toml")
+        .window_frames(3)
+        .gallery("gallery")
+        .camera(
+            Camera::files(&frames.join("*.png"), 10.0)
+                .looping(true)
+                .zone(Zone::bottom_shelf()),
+        )
+        .sink(Sink::jsonl("out.jsonl"))
+        .write(dir.path());
+    let mut daemon = Daemon::start(&config);
     let states = || -> Vec<Value> {
-        std::fs::read_to_string(dir.path().join("out.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        jsonl(&dir.path().join("out.jsonl"))
+            .into_iter()
             .filter(|m| m["type"] == "state")
             .map(|m| m["counts"].clone())
             .collect()
@@ -562,15 +448,14 @@ interval-s = 0
     wait(&|s| s.iter().any(|c| c["cup-brown"].as_u64() > Some(0)));
     assert!(states().iter().all(|c| c.get("cup-blue").is_none()));
 
-    let coffee = image::open(root().join("tests/fixtures/photos/coffee.png")).unwrap();
+    let coffee = image::open(fixture("photos/coffee.png")).unwrap();
     let mut blue = coffee.to_rgb8();
     blue.pixels_mut().for_each(|p| p.0.swap(0, 2));
     let blue_path = dir.path().join("coffee-blue.png");
     blue.save(&blue_path).unwrap();
     enroll("cup-blue", &blue_path);
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGHUP).unwrap();
+    daemon.signal(Signal::SIGHUP);
     wait(&|s| s.iter().any(|c| c["cup-blue"].as_u64() > Some(0)));
 
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(child.wait().unwrap().success());
+    daemon.stop();
 }

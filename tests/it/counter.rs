@@ -6,16 +6,13 @@
 //! the scale rule, no per-image option (issue #16).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use shelfwatch::vision::scale::ScaledDetector;
 use shelfwatch::vision::{Detector, DetectorOptions};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::util::{fixture, model, root};
 
 /// Counts per condition: (true total, absolute error, exact images, images).
 #[derive(Default, Debug)]
@@ -55,11 +52,8 @@ impl Tally {
 /// Counts every image of a fixture set with the bundled counter at its defaults; the
 /// whole-set tally, per-condition tallies and a line per image for failure messages.
 fn count_set(dir: &str) -> (Tally, BTreeMap<String, Tally>, Vec<String>) {
-    let detector = Detector::load(
-        &root().join("models/shelf_counter.toml"),
-        &DetectorOptions::default(),
-    )
-    .unwrap();
+    let detector =
+        Detector::load(&model("shelf_counter.toml"), &DetectorOptions::default()).unwrap();
     let mut detector = ScaledDetector::new(detector, None, Duration::MAX);
     assert!(
         detector.rule().is_some(),
@@ -131,15 +125,12 @@ fn the_shelf_counter_counts_dense_far_and_perspective_shelves_within_eight_perce
 /// the default before the rule) the far views lose most of their products.
 #[test]
 fn at_one_fixed_input_size_the_far_shelves_lose_most_products_and_the_scale_rule_finds_them() {
-    let detector = Detector::load(
-        &root().join("models/shelf_counter.toml"),
-        &DetectorOptions::default(),
-    )
-    .unwrap();
+    let detector =
+        Detector::load(&model("shelf_counter.toml"), &DetectorOptions::default()).unwrap();
     let mut fixed = ScaledDetector::new(detector.fork().unwrap(), Some((384, 288)), Duration::MAX);
     let mut auto = ScaledDetector::new(detector, None, Duration::MAX);
     assert!(fixed.rule().is_none());
-    let img = image::open(root().join("tests/fixtures/shelves-hard/far_01.jpg"))
+    let img = image::open(fixture("shelves-hard/far_01.jpg"))
         .unwrap()
         .to_rgb8();
     let (at_fixed, _) = fixed.detect(&img, &[], Instant::now()).unwrap();

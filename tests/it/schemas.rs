@@ -1,20 +1,12 @@
 //! Every published payload, and every example in docs/mqtt.md, is valid against the JSON
 //! Schemas in docs/schemas.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde_json::Value;
 
-mod common;
-use common::patience;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use crate::util::{fixture, jsonl, patience, root, Camera, Config, Daemon, Sink, Zone};
 
 fn validator(kind: &str) -> jsonschema::Validator {
     let path = root().join(format!("docs/schemas/{kind}.schema.json"));
@@ -67,19 +59,8 @@ fn a_schema_rejects_a_payload_that_breaks_it() {
 }
 
 fn run_until(dir: &Path, config: &Path, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shelfwatch"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let read = || -> Vec<Value> {
-        std::fs::read_to_string(dir.join("out.jsonl"))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
-    };
+    let mut daemon = Daemon::start(config);
+    let read = || jsonl(&dir.join("out.jsonl"));
     let t = Instant::now();
     while !done(&read()) {
         assert!(
@@ -89,56 +70,27 @@ fn run_until(dir: &Path, config: &Path, done: impl Fn(&[Value]) -> bool) -> Vec<
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(child.wait().unwrap().success());
+    daemon.stop();
     read()
 }
 
 #[test]
 fn every_message_of_a_real_run_is_valid_against_its_schema() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("shelfwatch.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[device]
-id = "schema-test"
-# The scenes are composed for the generic-class SSD (cups and a person).
-[model]
-manifest = "ssd_mobilenetv2_oidv4.toml"
-
-[counting]
-window-frames = 3
-out-of-stock-after-s = 0.0
-[[cameras]]
-id = "shelf"
-[cameras.source]
-kind = "files"
-path = "{frames}"
-fps = 20.0
-every-frame = true
-[[cameras.zones]]
-name = "top-shelf"
-polygon = [[0.0, 0.0], [1.0, 0.0], [1.0, 0.5], [0.0, 0.5]]
-labels = ["Coffee cup"]
-min = 3
-max = 3
-[[cameras.zones]]
-name = "bottom-shelf"
-polygon = [[0.0, 0.5], [1.0, 0.5], [1.0, 1.0], [0.0, 1.0]]
-[[sinks]]
-kind = "jsonl"
-path = "out.jsonl"
-[state]
-dir = "state"
-[health]
-interval-s = 1
-"#,
-            frames = root().join("tests/fixtures/scenes/frames/*.jpg").display()
-        ),
-    )
-    .unwrap();
+    // The scenes are composed for the generic-class SSD (cups and a person).
+    let config = Config::new("schema-test")
+        .model("ssd_mobilenetv2_oidv4.toml")
+        .window_frames(3)
+        .out_of_stock_after_s(0.0)
+        .camera(
+            Camera::files(&fixture("scenes/frames/*.jpg"), 20.0)
+                .every_frame()
+                .zone(Zone::top_shelf().labels(&["Coffee cup"]).min(3).max(3))
+                .zone(Zone::bottom_shelf()),
+        )
+        .sink(Sink::jsonl("out.jsonl"))
+        .health_interval_s(1)
+        .write(dir.path());
     let msgs = run_until(dir.path(), &config, |m| {
         let has = |t: &str, e: &str| {
             m.iter()
