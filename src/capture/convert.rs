@@ -183,6 +183,9 @@ pub enum ConvertError {
 
 /// Converts one raw frame into `out` (resized to the frame when its size differs, so a
 /// long-lived buffer is reused frame after frame).
+// One match over the pixel formats, each arm a few lines: split up, the checks that
+// guard every arm (stride, buffer size) would be repeated or hidden.
+#[allow(clippy::too_many_lines)]
 pub fn to_rgb(layout: &RawLayout, data: &[u8], out: &mut RgbImage) -> Result<(), ConvertError> {
     let RawLayout {
         format,

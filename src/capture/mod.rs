@@ -1,8 +1,8 @@
 //! Capture: frames from cameras and files, converted to RGB, handed to the vision stage
 //! over a newest-frame-wins slot by a dedicated thread that survives camera loss.
 
-pub mod convert;
 pub mod compressed;
+pub mod convert;
 pub mod files;
 pub mod slot;
 pub mod v4l2;
@@ -18,10 +18,10 @@ use std::time::{Duration, SystemTime};
 use image::RgbImage;
 use serde::Deserialize;
 
-pub use convert::PixelFormat;
 pub use compressed::{
     decode_image, decode_image_within, load_image, load_image_within, DecodeError, DecodeLimits,
 };
+pub use convert::PixelFormat;
 pub use files::{FileSettings, FileSource};
 pub use slot::{LatestSlot, Take};
 pub use v4l2::{V4l2Settings, V4l2Source};

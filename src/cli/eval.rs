@@ -101,20 +101,11 @@ fn eval(args: &EvalArgs, manifest: &Path, options: DetectorOptions) -> anyhow::R
     let mut detector = ScaledDetector::new(detector, options.input_size, std::time::Duration::MAX);
     detector.set_measure_min_score(operating.iter().copied().fold(f32::INFINITY, f32::min));
     let dataset = Dataset::load(&args.dataset, &labels)?;
-    let mut reference = match &args.reference_model {
-        Some(m) => {
-            let r = Detector::load(m, &options)?;
-            let r = ScaledDetector::new(r, options.input_size, std::time::Duration::MAX);
-            anyhow::ensure!(
-                r.detector.labels() == labels.as_slice(),
-                "{}: its labels differ from those of {}; agreement needs the same label set",
-                m.display(),
-                manifest.display()
-            );
-            Some(r)
-        }
-        None => None,
-    };
+    let mut reference = args
+        .reference_model
+        .as_deref()
+        .map(|m| reference_detector(m, manifest, &options, &labels))
+        .transpose()?;
 
     let bar = ProgressBar::new(dataset.samples.len() as u64).with_style(
         ProgressStyle::with_template("{msg:>8} {bar:40} {pos}/{len} [{elapsed}<{eta}]")
@@ -167,6 +158,31 @@ fn eval(args: &EvalArgs, manifest: &Path, options: DetectorOptions) -> anyhow::R
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
+    print_report(&report);
+    Ok(())
+}
+
+/// The model whose detections stand in for labels (`--reference-model`): it must know
+/// the same labels.
+fn reference_detector(
+    m: &Path,
+    manifest: &Path,
+    options: &DetectorOptions,
+    labels: &[String],
+) -> anyhow::Result<ScaledDetector> {
+    let r = Detector::load(m, options)?;
+    let r = ScaledDetector::new(r, options.input_size, std::time::Duration::MAX);
+    anyhow::ensure!(
+        r.detector.labels() == labels,
+        "{}: its labels differ from those of {}; agreement needs the same label set",
+        m.display(),
+        manifest.display()
+    );
+    Ok(r)
+}
+
+/// The table `eval` prints without `--json`.
+fn print_report(report: &Report<'_>) {
     let s = &report.summary;
     println!(
         "{} on {} ({} images, {}), truth: {}, IoU >= {}, threshold {}",
@@ -219,5 +235,4 @@ fn eval(args: &EvalArgs, manifest: &Path, options: DetectorOptions) -> anyhow::R
         ap(s.map),
         s.count_mae
     );
-    Ok(())
 }

@@ -231,6 +231,9 @@ impl Tracker {
     /// Replaces the label of every detection to identify by its SKU (`unknown` below the
     /// threshold, `unidentified` while it waits for the embedding budget). Returns the
     /// track index of each detection (None for detections not identified).
+    // Matching, embedding within the budget and voting share the per-frame track state;
+    // kept as one pass so the order of those steps stays visible.
+    #[allow(clippy::too_many_lines)]
     pub fn label(
         &mut self,
         frame: &RgbImage,

@@ -6,11 +6,11 @@
 
 pub mod annotate;
 pub mod cache;
-pub mod outputs;
 pub mod embed;
 pub mod eval;
 pub mod manifest;
 pub mod nms;
+pub mod outputs;
 pub mod preprocess;
 pub mod scale;
 
@@ -22,9 +22,9 @@ use image::RgbImage;
 use serde::Serialize;
 use tract_onnx::prelude::*;
 
-pub use outputs::{Candidate, Decoder, Thresholds};
 pub use embed::{Embedder, EmbedderOptions};
 pub use manifest::{LoadedManifest, Manifest};
+pub use outputs::{Candidate, Decoder, Thresholds};
 pub use preprocess::{Geometry, Preprocessor};
 
 /// Errors of the vision module. Each names the file or tensor it is about.
