@@ -9,10 +9,10 @@
 //!
 //! This module is the public face: opening a sink ([`Background::open`]) starts what
 //! it needs beside the publisher thread (the embedded broker, the client task, the
-//! scanner request thread). The rooms: [`settings`], [`topics`] (and the sink),
-//! [`link`] (the at-least-once bookkeeping), [`client`] (the task), [`protocol`]
-//! (MQTT 3.1.1 and 5 behind one face), [`tls`], [`discovery`] (Home Assistant),
-//! [`scanner`], [`broker`] (embedded) and [`broker_log`] (its log filter).
+//! scanner request thread). Its rooms: `settings`, `topics` (and the sink), `link` (the
+//! at-least-once bookkeeping), `client` (the task), `protocol` (MQTT 3.1.1 and 5
+//! behind one face), `tls`, `discovery` (Home Assistant), `scanner`, `broker` (the
+//! embedded one) and `broker_log` (its log filter).
 
 mod broker;
 mod broker_log;
