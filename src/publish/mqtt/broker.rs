@@ -18,19 +18,7 @@ pub fn start_embedded_broker(
 ) -> Result<(), MqttError> {
     let addr = embedded_listen_address(&settings.embedded_listen)
         .map_err(|e| MqttError::Embedded(format!("embedded-listen: {e}")))?;
-    let auth = match (&settings.username, &settings.password_file) {
-        (Some(user), Some(file)) => {
-            let file = resolve(file);
-            crate::fsutil::check_secret_file(&file).map_err(MqttError::Embedded)?;
-            Some(HashMap::from([(user.clone(), read_password_file(&file)?)]))
-        }
-        _ if !addr.ip().is_loopback() => {
-            return Err(MqttError::Embedded(format!(
-                "embedded-listen: {addr} is not loopback and no username and password-file are set"
-            )))
-        }
-        _ => None,
-    };
+    let auth = logins(settings, addr, resolve)?;
     let fd_limit =
         open_files_limit().map_err(|e| MqttError::Embedded(format!("RLIMIT_NOFILE: {e}")))?;
     let connect_timeout = Duration::from_millis(settings.embedded_connect_timeout_ms);
@@ -45,46 +33,7 @@ pub fn start_embedded_broker(
         std::net::TcpListener::bind(addr)
             .map_err(|e| MqttError::Embedded(format!("{addr}: {e}")))?,
     );
-    let server = rumqttd::ServerSettings {
-        name: "shelfwatch-embedded".into(),
-        listen: addr,
-        tls: None,
-        next_connection_delay_ms: limits.accept_interval.as_millis() as u64,
-        connections: rumqttd::ConnectionSettings {
-            connection_timeout_ms: u16::try_from(settings.embedded_connect_timeout_ms)
-                .unwrap_or(u16::MAX),
-            max_payload_size: settings.embedded_max_packet_bytes,
-            max_inflight_count: 200,
-            auth: auth.clone(),
-            external_auth: None,
-            // Publishes to a topic nobody subscribes to are kept (under a filter of their
-            // own); without this rumqttd disconnects their publisher, the daemon included.
-            dynamic_filters: true,
-        },
-    };
-    let config = rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: limits.max_connections,
-            max_outgoing_packet_count: 200,
-            // Each topic filter keeps its recent messages in memory, in segments of this
-            // size (rumqttd refuses less than 1 KiB): at most EMBEDDED_SEGMENTS of them
-            // plus one packet, so a filter holds a few packets, not 4 x 16 MiB as before.
-            max_segment_size: settings.embedded_max_packet_bytes.max(1024),
-            max_segment_count: EMBEDDED_SEGMENTS,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v4: Some([("1".to_string(), server)].into()),
-        v5: None,
-        ws: None,
-        cluster: None,
-        console: None,
-        bridge: None,
-        prometheus: None,
-        metrics: None,
-    };
+    let config = rumqttd_config(settings, addr, limits, auth.clone());
     let broker = std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
@@ -106,6 +55,78 @@ pub fn start_embedded_broker(
         fd_limit, login_required = auth.is_some(),
         "embedded MQTT broker started");
     Ok(())
+}
+
+/// The logins the embedded broker requires: none on loopback without `username`;
+/// anywhere else `username` and `password-file` must be set.
+fn logins(
+    settings: &MqttSettings,
+    addr: std::net::SocketAddr,
+    resolve: impl Fn(&Path) -> PathBuf,
+) -> Result<Option<HashMap<String, String>>, MqttError> {
+    match (&settings.username, &settings.password_file) {
+        (Some(user), Some(file)) => {
+            let file = resolve(file);
+            crate::fsutil::check_secret_file(&file).map_err(MqttError::Embedded)?;
+            Ok(Some(HashMap::from([(
+                user.clone(),
+                read_password_file(&file)?,
+            )])))
+        }
+        _ if !addr.ip().is_loopback() => Err(MqttError::Embedded(format!(
+            "embedded-listen: {addr} is not loopback and no username and password-file are set"
+        ))),
+        _ => Ok(None),
+    }
+}
+
+/// rumqttd's configuration: one MQTT 3.1.1 listener on `addr`, within `limits`.
+fn rumqttd_config(
+    settings: &MqttSettings,
+    addr: std::net::SocketAddr,
+    limits: EmbeddedLimits,
+    auth: Option<HashMap<String, String>>,
+) -> rumqttd::Config {
+    let server = rumqttd::ServerSettings {
+        name: "shelfwatch-embedded".into(),
+        listen: addr,
+        tls: None,
+        next_connection_delay_ms: limits.accept_interval.as_millis() as u64,
+        connections: rumqttd::ConnectionSettings {
+            connection_timeout_ms: u16::try_from(settings.embedded_connect_timeout_ms)
+                .unwrap_or(u16::MAX),
+            max_payload_size: settings.embedded_max_packet_bytes,
+            max_inflight_count: 200,
+            auth,
+            external_auth: None,
+            // Publishes to a topic nobody subscribes to are kept (under a filter of their
+            // own); without this rumqttd disconnects their publisher, the daemon included.
+            dynamic_filters: true,
+        },
+    };
+    rumqttd::Config {
+        id: 0,
+        router: rumqttd::RouterConfig {
+            max_connections: limits.max_connections,
+            max_outgoing_packet_count: 200,
+            // Each topic filter keeps its recent messages in memory, in segments of this
+            // size (rumqttd refuses less than 1 KiB): at most EMBEDDED_SEGMENTS of them
+            // plus one packet, so a filter holds a few packets rather than megabytes.
+            max_segment_size: settings.embedded_max_packet_bytes.max(1024),
+            max_segment_count: EMBEDDED_SEGMENTS,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+        },
+        v4: Some([("1".to_string(), server)].into()),
+        v5: None,
+        ws: None,
+        cluster: None,
+        console: None,
+        bridge: None,
+        prometheus: None,
+        metrics: None,
+    }
 }
 
 /// `embedded-listen` as a socket address (an IP address, not a host name: the broker
