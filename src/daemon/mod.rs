@@ -1,9 +1,12 @@
 //! The `shelfwatch run` daemon: wires capture -> vision -> counting -> publish for every
 //! configured camera, and runs the control plane (signals, reload, health, systemd).
 //!
-//! Threads: per camera a capture thread and an inference+counting worker (sharing one
-//! loaded model); one publisher thread that stamps sequence numbers, persists state and
-//! writes to the sinks. The async runtime only waits for signals and timers.
+//! Threads: per camera a capture thread and an inference+counting worker (each with
+//! forks of the models loaded at start); one publisher thread that stamps sequence
+//! numbers, persists state and writes to the sinks. The main thread runs a
+//! single-threaded async runtime: the control plane (signals, timers, MQTT commands)
+//! and, per MQTT sink, the client task. An MQTT sink may also start the embedded
+//! broker's threads and a scanner request thread (see [`crate::publish::mqtt`]).
 
 pub mod memory;
 pub mod state;
@@ -22,7 +25,7 @@ use crate::config::{Config, ConfigErrors, LoadedConfig};
 use crate::counting::{EventKind, ZoneState};
 use crate::identify::requests::Answering;
 use crate::identify::{Gallery, TrackParams};
-use crate::publish::{self, Body, CameraHealth, Envelope, Health, Sink};
+use crate::publish::{self, mqtt, Body, CameraHealth, Envelope, Health, Sink};
 use crate::vision::{Detector, Embedder};
 use state::{SavedState, StateStore};
 use worker::{CameraRuntime, IdentifyRuntime, RuntimeCell, Worker, WorkerStats};
@@ -73,10 +76,6 @@ pub enum Update {
 /// Capacity of the worker -> publisher channel: bursts of events fit; a stuck sink
 /// slows inference rather than growing memory.
 const UPDATE_QUEUE: usize = 1024;
-
-/// Scanner requests waiting to be answered; more are answered "busy" at once, since a
-/// scanner user waits for each answer.
-const REQUEST_QUEUE: usize = 4;
 
 struct Camera {
     id: String,
@@ -145,21 +144,76 @@ fn answering(loaded: &LoadedConfig, id: &IdentifyRuntime) -> Option<Answering> {
 
 /// Runs the daemon until SIGTERM/SIGINT, or until every (file) source has ended.
 pub fn run(config_path: &Path) -> Result<(), DaemonError> {
+    let loaded = load_config(config_path)?;
+    let started = Instant::now();
+    let state_dir = loaded.resolve(&loaded.config.state.dir);
+    let (store, saved) = load_state(&state_dir)?;
+    let models = load_models(&loaded)?;
+    memory::release_free_heap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (sinks, mut mqtt) = open_sinks(&loaded, &state_dir, &models, rt.handle())?;
+    let (updates, publisher) = start_publisher(&loaded.config, store, &saved, sinks)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let cameras = start_cameras(&loaded, &models, &saved, &updates, &stop)?;
+    // Every camera has its own forks now: the models loaded here are released.
+    let Models { identify, .. } = models;
+    let mut reloader = Reloader {
+        config_path,
+        initial: &loaded,
+        identify: IdentifyState {
+            model: identify.as_ref().map(|i| i.gallery.model().clone()),
+            current: identify,
+            answer_cells: mqtt.answer_cells(),
+        },
+    };
+    let result = rt.block_on(control(
+        &mut reloader,
+        &cameras,
+        &updates,
+        started,
+        &mut mqtt,
+    ));
+    shut_down(&rt, &stop, cameras, updates, publisher, mqtt);
+    tracing::info!(uptime_s = started.elapsed().as_secs_f64(), "stopped");
+    result
+}
+
+/// The configuration, which must name at least one camera.
+fn load_config(config_path: &Path) -> Result<LoadedConfig, DaemonError> {
     let loaded = Config::load(config_path)?;
-    let config = loaded.config.clone();
-    if config.cameras.is_empty() {
+    if loaded.config.cameras.is_empty() {
         return Err(DaemonError::NoCameras);
     }
-    let started = Instant::now();
-    let store = StateStore::open(&loaded.resolve(&config.state.dir))?;
+    Ok(loaded)
+}
+
+/// Locks the state directory and reads the saved counts and sequence number.
+fn load_state(state_dir: &Path) -> Result<(StateStore, SavedState), DaemonError> {
+    let store = StateStore::open(state_dir)?;
     let saved = store.load()?;
     tracing::info!(state = %store.path().display(), seq = saved.seq, zones = saved.zones.len(), "state loaded");
+    Ok((store, saved))
+}
 
+/// The models loaded at start: every camera (and scanner request thread) gets forks of
+/// them; only the identification runtime is kept afterwards, for reloads.
+struct Models {
+    detector: Detector,
+    occluder: Option<Detector>,
+    embedder: Option<Embedder>,
+    identify: Option<Arc<IdentifyRuntime>>,
+}
+
+/// Loads the counting model, the occluder model, the embedder and its gallery.
+fn load_models(loaded: &LoadedConfig) -> Result<Models, DaemonError> {
     let detector = Detector::load(&loaded.manifest_path(), &loaded.detector_options())?;
     let occluder = match loaded.occluder_model() {
         Some((manifest, options)) => Some(Detector::load(&manifest, &options)?),
         None => {
-            let unknown: Vec<&String> = config
+            let unknown: Vec<&String> = loaded
+                .config
                 .counting
                 .occluders
                 .iter()
@@ -176,105 +230,73 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         None => None,
     };
     let identify = match &embedder {
-        Some(e) => load_gallery(&loaded, &e.model_id())?,
+        Some(e) => load_gallery(loaded, &e.model_id())?,
         None => None,
     };
-    memory::release_free_heap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let (command_tx, command_rx) = tokio::sync::mpsc::channel(8);
-    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
-    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    let mut mqtt_tasks = Vec::new();
-    let mut mqtt_stats = None;
-    let mut answer_cells = Vec::new();
-    for s in &config.sinks {
-        if let Some(sink) = publish::open_sink(s, |p| loaded.resolve(p))? {
-            sinks.push(sink);
-            continue;
-        }
-        let publish::SinkSettings::Mqtt(m) = s else {
-            continue;
-        };
-        if m.broker == "embedded" {
-            publish::mqtt::start_embedded_broker(m, |p| loaded.resolve(p))?;
-        }
-        let spool_dir = store.path().with_file_name("spool");
-        let zones = config
-            .cameras
-            .iter()
-            .flat_map(|c| {
-                c.zones.iter().map(|z| publish::mqtt::ZoneInfo {
-                    camera: c.id.clone(),
-                    zone: z.name.clone(),
-                    labels: z.labels.clone(),
-                })
-            })
-            .collect();
-        // Scanner requests: one serving thread per MQTT sink, with its own embedder.
-        let scanner = match (&identify, &embedder, &config.identify) {
-            (Some(id), Some(e), Some(c)) if c.requests => {
-                let (req_tx, req_rx) = tokio::sync::mpsc::channel(REQUEST_QUEUE);
-                let (rep_tx, rep_rx) = tokio::sync::mpsc::channel(REQUEST_QUEUE);
-                let cell = Arc::new(std::sync::Mutex::new(Arc::new(
-                    answering(&loaded, id).expect("identify is configured"),
-                )));
-                answer_cells.push(cell.clone());
-                let fork = e.fork()?;
-                let device = config.device.id.clone();
-                let discovery = m
-                    .home_assistant
-                    .as_ref()
-                    .map_or_else(publish::mqtt::default_discovery_prefix, |ha| {
-                        ha.discovery_prefix.clone()
-                    });
-                let policy = Arc::new(crate::identify::requests::ReplyPolicy::new(
-                    &m.prefix,
-                    &device,
-                    &discovery,
-                    c.reply_topics.clone(),
-                ));
-                let thread_policy = policy.clone();
-                std::thread::Builder::new()
-                    .name("identify-requests".into())
-                    .spawn(move || {
-                        crate::identify::requests::serve(
-                            fork,
-                            cell,
-                            req_rx,
-                            rep_tx,
-                            device,
-                            thread_policy,
-                        )
-                    })?;
-                Some(publish::mqtt::ScannerLink {
-                    requests: req_tx,
-                    replies: rep_rx,
-                    policy,
-                    limiter: crate::identify::requests::RateLimiter::new(
-                        c.requests_per_s,
-                        c.request_burst,
-                    ),
-                })
-            }
-            _ => None,
-        };
-        let (sink, client, stats) = publish::mqtt::setup(
-            m,
-            &config.device.id,
-            &spool_dir,
-            |p| loaded.resolve(p),
-            command_tx.clone(),
-            zones,
-            scanner,
-        )?;
-        sinks.push(Box::new(sink));
-        mqtt_stats = Some(stats);
-        mqtt_tasks.push(rt.spawn(client.run(shutdown_rx.clone(), Duration::from_millis(1500))));
-    }
-    drop(command_tx);
+    Ok(Models {
+        detector,
+        occluder,
+        embedder,
+        identify,
+    })
+}
 
+/// Opens the configured sinks. MQTT sinks start what they run beside the publisher
+/// (see [`publish::mqtt::Background`]); the client tasks run on `runtime`.
+fn open_sinks(
+    loaded: &LoadedConfig,
+    state_dir: &Path,
+    models: &Models,
+    runtime: &tokio::runtime::Handle,
+) -> Result<(Vec<Box<dyn Sink>>, mqtt::Background), DaemonError> {
+    let config = &loaded.config;
+    let zones: Vec<mqtt::ZoneInfo> = config
+        .cameras
+        .iter()
+        .flat_map(|c| {
+            c.zones.iter().map(|z| mqtt::ZoneInfo {
+                camera: c.id.clone(),
+                zone: z.name.clone(),
+                labels: z.labels.clone(),
+            })
+        })
+        .collect();
+    let wiring = mqtt::Wiring {
+        device: &config.device.id,
+        state_dir,
+        zones: &zones,
+        runtime,
+        scanner: scanner_parts(loaded, models),
+    };
+    Ok(publish::open_sinks(
+        &config.sinks,
+        &|p| loaded.resolve(p),
+        &wiring,
+    )?)
+}
+
+/// What scanner requests are answered with, when `[identify]` has `requests = true`.
+fn scanner_parts<'a>(
+    loaded: &'a LoadedConfig,
+    models: &'a Models,
+) -> Option<mqtt::ScannerParts<'a>> {
+    let identify = loaded.config.identify.as_ref().filter(|c| c.requests)?;
+    Some(mqtt::ScannerParts {
+        embedder: models.embedder.as_ref()?,
+        answering: answering(loaded, models.identify.as_deref()?)?,
+        identify,
+    })
+}
+
+/// Starts the publisher thread; it first publishes the saved counts of the zones still
+/// configured, so subscribers get the last known counts at once, never a false zero
+/// after a restart.
+fn start_publisher(
+    config: &Config,
+    store: StateStore,
+    saved: &SavedState,
+    sinks: Vec<Box<dyn Sink>>,
+) -> Result<(SyncSender<Update>, JoinHandle<()>), DaemonError> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Update>(UPDATE_QUEUE);
     let publisher = Publisher {
         device: config.device.id.clone(),
@@ -283,7 +305,6 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         sinks,
         state_save_failing: false,
     };
-    // Subscribers get the last known counts at once, never a false zero after a restart.
     let restored: Vec<Update> = saved
         .zones
         .iter()
@@ -301,26 +322,69 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
             })
         })
         .collect();
-    let publisher_thread = std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("publisher".into())
         .spawn(move || publisher.run(rx, restored))?;
+    Ok((tx, thread))
+}
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let snapshot_dir = config.snapshots.dir.as_ref().map(|d| loaded.resolve(d));
-    let snapshot_every = config
-        .snapshots
-        .interval_s
-        .filter(|s| *s > 0)
-        .map(Duration::from_secs);
-    let mut cameras = Vec::new();
-    for cam in &config.cameras {
-        let source = cam.source.build(|p| loaded.resolve(p), config.decode);
+/// Starts every configured camera: its capture thread and its inference worker.
+fn start_cameras(
+    loaded: &LoadedConfig,
+    models: &Models,
+    saved: &SavedState,
+    updates: &SyncSender<Update>,
+    stop: &Arc<AtomicBool>,
+) -> Result<Vec<Camera>, DaemonError> {
+    let snapshots = &loaded.config.snapshots;
+    let starter = CameraStarter {
+        loaded,
+        models,
+        saved,
+        updates,
+        stop,
+        snapshot_dir: snapshots.dir.as_ref().map(|d| loaded.resolve(d)),
+        snapshot_every: snapshots
+            .interval_s
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs),
+    };
+    loaded
+        .config
+        .cameras
+        .iter()
+        .map(|cam| starter.start(cam))
+        .collect()
+}
+
+/// What every camera's worker is started with.
+struct CameraStarter<'a> {
+    loaded: &'a LoadedConfig,
+    models: &'a Models,
+    saved: &'a SavedState,
+    updates: &'a SyncSender<Update>,
+    stop: &'a Arc<AtomicBool>,
+    snapshot_dir: Option<std::path::PathBuf>,
+    snapshot_every: Option<Duration>,
+}
+
+impl CameraStarter<'_> {
+    fn start(&self, cam: &crate::config::CameraConfig) -> Result<Camera, DaemonError> {
+        let loaded = self.loaded;
+        let source = cam
+            .source
+            .build(|p| loaded.resolve(p), loaded.config.decode);
         let (status_tx, status_rx) = std::sync::mpsc::sync_channel(64);
         let handle = capture::spawn(cam.id.clone(), source, Backoff::default(), Some(status_tx))?;
-        let runtime = Arc::new(RuntimeCell::new(runtime_of(&loaded, cam, &identify)));
+        let runtime = Arc::new(RuntimeCell::new(runtime_of(
+            loaded,
+            cam,
+            &self.models.identify,
+        )));
         let stats = Arc::new(WorkerStats::default());
         let snapshot_now = Arc::new(AtomicBool::new(false));
-        let restored: BTreeMap<String, ZoneState> = saved
+        let restored: BTreeMap<String, ZoneState> = self
+            .saved
             .zones
             .iter()
             .filter_map(|(k, v)| {
@@ -333,27 +397,37 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         let worker = Worker {
             camera: cam.id.clone(),
             detector: crate::vision::scale::ScaledDetector::new(
-                detector.fork()?,
+                self.models.detector.fork()?,
                 loaded.detector_options().input_size,
-                std::time::Duration::from_secs(loaded.config.model.rescale_interval_s),
+                Duration::from_secs(loaded.config.model.rescale_interval_s),
             ),
-            occluder: occluder.as_ref().map(Detector::fork).transpose()?,
-            embedder: embedder.as_ref().map(Embedder::fork).transpose()?,
+            occluder: self
+                .models
+                .occluder
+                .as_ref()
+                .map(Detector::fork)
+                .transpose()?,
+            embedder: self
+                .models
+                .embedder
+                .as_ref()
+                .map(Embedder::fork)
+                .transpose()?,
             capture: handle,
             status: status_rx,
             runtime: runtime.clone(),
             restored,
-            updates: tx.clone(),
+            updates: self.updates.clone(),
             stats: stats.clone(),
-            stop: stop.clone(),
+            stop: self.stop.clone(),
             snapshot_now: snapshot_now.clone(),
-            snapshot_dir: snapshot_dir.clone(),
-            snapshot_every,
+            snapshot_dir: self.snapshot_dir.clone(),
+            snapshot_every: self.snapshot_every,
         };
         let thread = std::thread::Builder::new()
             .name(format!("infer-{}", cam.id))
             .spawn(move || worker.run())?;
-        cameras.push(Camera {
+        Ok(Camera {
             id: cam.id.clone(),
             runtime,
             stats,
@@ -361,162 +435,67 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
             dropped: Arc::new(move || slot.dropped()),
             snapshot_now,
             thread,
-        });
+        })
     }
-    drop(detector);
-    drop(occluder);
-    drop(embedder);
-    let mut reloader = Reloader {
-        config_path,
-        initial: &loaded,
-        identify: IdentifyState {
-            model: identify.as_ref().map(|i| i.gallery.model().clone()),
-            current: identify,
-            answer_cells,
-        },
-    };
+}
 
-    let result = rt.block_on(control(
-        &mut reloader,
-        &cameras,
-        &tx,
-        started,
-        command_rx,
-        mqtt_stats,
-    ));
+/// Stops the cameras, lets the publisher write (and spool) what they sent, then gives
+/// the MQTT clients their moment to deliver it and to say offline.
+fn shut_down(
+    rt: &tokio::runtime::Runtime,
+    stop: &AtomicBool,
+    cameras: Vec<Camera>,
+    updates: SyncSender<Update>,
+    publisher: JoinHandle<()>,
+    mqtt: mqtt::Background,
+) {
     stop.store(true, Ordering::Relaxed);
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     for c in cameras {
         let _ = c.thread.join();
     }
-    drop(tx);
-    let _ = publisher_thread.join();
-    // The publisher has spooled everything: give the MQTT client a moment to deliver it
-    // and to say offline.
-    let _ = shutdown_tx.send(true);
-    rt.block_on(async {
-        for t in mqtt_tasks {
-            let _ = t.await;
-        }
-    });
-    tracing::info!(uptime_s = started.elapsed().as_secs_f64(), "stopped");
-    result
+    drop(updates);
+    let _ = publisher.join();
+    rt.block_on(mqtt.shut_down());
 }
 
-/// The control plane: signals, reload, health, readiness and the watchdog.
+/// The control plane: signals, reload, commands, health, readiness and the watchdog.
 async fn control(
     reloader: &mut Reloader<'_>,
     cameras: &[Camera],
-    tx: &SyncSender<Update>,
+    updates: &SyncSender<Update>,
     started: Instant,
-    mut commands: tokio::sync::mpsc::Receiver<publish::mqtt::Command>,
-    mqtt: Option<Arc<publish::mqtt::MqttStats>>,
+    mqtt: &mut mqtt::Background,
 ) -> Result<(), DaemonError> {
-    let initial = reloader.initial;
-    let identifying = reloader.identify.model.is_some();
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
-
-    let health_every = initial.config.health.interval_s;
-    let mut health = tokio::time::interval(Duration::from_secs(health_every.max(1)));
-    health.tick().await;
-    let mut last_processed: Vec<u64> = vec![0; cameras.len()];
-    let mut last_health = Instant::now();
-
-    let mut watchdog_usec = 0u64;
-    let watchdog_enabled = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
-    let mut watchdog = tokio::time::interval(if watchdog_enabled {
-        Duration::from_micros(watchdog_usec / 2)
-    } else {
-        Duration::from_secs(3600)
-    });
-    let mut watch_processed: Vec<u64> = vec![0; cameras.len()];
-
+    let mut signals = Signals::new()?;
+    let health_every = reloader.initial.config.health.interval_s;
+    let mut health_tick = tokio::time::interval(Duration::from_secs(health_every.max(1)));
+    health_tick.tick().await;
+    let mut health = HealthReporter::new(cameras, started, reloader.identify.model.is_some());
+    let mut watchdog = Watchdog::new(cameras);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut ready = false;
     loop {
         tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
-            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => reloader.reload(cameras),
-            Some(cmd) = commands.recv() => match cmd {
-                publish::mqtt::Command::Reload => reloader.reload(cameras),
-                publish::mqtt::Command::Snapshot(which) => {
-                    for c in cameras.iter().filter(|c| which.as_ref().is_none_or(|w| *w == c.id)) {
-                        c.snapshot_now.store(true, Ordering::Relaxed);
-                    }
-                }
+            _ = signals.term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
+            _ = signals.int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
+            _ = signals.hup.recv() => reloader.reload(cameras),
+            Some(cmd) = mqtt.command() => match cmd {
+                mqtt::Command::Reload => reloader.reload(cameras),
+                mqtt::Command::Snapshot(which) => request_snapshots(cameras, which.as_deref()),
             },
-            _ = usr1.recv() => {
+            _ = signals.usr1.recv() => {
                 tracing::info!("SIGUSR1: snapshot requested");
-                for c in cameras { c.snapshot_now.store(true, Ordering::Relaxed); }
+                request_snapshots(cameras, None);
             }
-            _ = health.tick(), if health_every > 0 => {
-                let dt = last_health.elapsed().as_secs_f64().max(1e-3);
-                last_health = Instant::now();
-                let report = Health {
-                    uptime_s: started.elapsed().as_secs_f64(),
-                    cameras: cameras.iter().zip(last_processed.iter_mut()).map(|(c, last)| {
-                        let processed = c.stats.processed.load(Ordering::Relaxed);
-                        let fps = (processed - *last) as f64 / dt;
-                        *last = processed;
-                        let (p50, p99) = c.stats.percentiles();
-                        CameraHealth {
-                            camera: c.id.clone(),
-                            online: c.capture.online.load(Ordering::Relaxed),
-                            fps,
-                            inference_ms_p50: p50,
-                            inference_ms_p99: p99,
-                            frames_captured: c.capture.frames.load(Ordering::Relaxed),
-                            frames_processed: processed,
-                            frames_dropped: (c.dropped)(),
-                            frames_corrupt: c.capture.corrupt.load(Ordering::Relaxed),
-                            reconnects: c.capture.reconnects.load(Ordering::Relaxed),
-                            products_embedded: identifying.then(|| c.stats.embedded.load(Ordering::Relaxed)),
-                            embeddings_deferred: identifying.then(|| c.stats.embed_deferred.load(Ordering::Relaxed)),
-                        }
-                    }).collect(),
-                    mqtt: mqtt.as_ref().map(|m| publish::MqttHealth {
-                        connected: m.connected.load(Ordering::Relaxed),
-                        spooled: m.spooled.load(Ordering::Relaxed),
-                        dropped: m.dropped.load(Ordering::Relaxed),
-                        spool_damaged: m.spool_damaged.load(Ordering::Relaxed),
-                        connect_attempts: m.connect_attempts.load(Ordering::Relaxed),
-                        spool_on_disk: m.spool_on_disk.load(Ordering::Relaxed),
-                    }),
-                };
-                let _ = tx.try_send(Update::Health(report));
+            _ = health_tick.tick(), if health_every > 0 => {
+                let _ = updates.try_send(Update::Health(health.report(cameras, mqtt.health())));
             }
-            _ = watchdog.tick(), if watchdog_enabled => {
-                // Pet the watchdog only while the pipeline moves: every camera that has
-                // frames to give processed at least one since the last tick. A stuck
-                // inference thread thus gets the service restarted; an unplugged camera
-                // (handled by reconnect backoff) does not.
-                let mut alive = true;
-                for (c, last) in cameras.iter().zip(watch_processed.iter_mut()) {
-                    let now = c.stats.processed.load(Ordering::Relaxed);
-                    let online = c.capture.online.load(Ordering::Relaxed);
-                    if online && now == *last && !c.stats.finished.load(Ordering::Relaxed) {
-                        alive = false;
-                        tracing::warn!(camera = %c.id, "no frame processed since the last watchdog tick");
-                    }
-                    *last = now;
-                }
-                if alive && ready {
-                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
-                }
-            }
+            _ = watchdog.interval.tick(), if watchdog.enabled => watchdog.pet_if_moving(cameras, ready),
             _ = tick.tick() => {
                 if !ready && cameras.iter().all(|c| c.stats.processed.load(Ordering::Relaxed) > 0) {
                     ready = true;
-                    tracing::info!(cameras = cameras.len(), startup_s = started.elapsed().as_secs_f64(), "ready: every camera is delivering counted frames");
-                    let _ = sd_notify::notify(false, &[
-                        sd_notify::NotifyState::Ready,
-                        sd_notify::NotifyState::Status("counting"),
-                    ]);
+                    announce_ready(cameras, started);
                 }
                 if cameras.iter().all(|c| c.stats.finished.load(Ordering::Relaxed)) {
                     tracing::info!("every source has ended");
@@ -528,8 +507,149 @@ async fn control(
     Ok(())
 }
 
-/// SIGHUP: re-reads the config and applies zones and thresholds; an invalid config is
-/// reported (key and line) and the running one kept.
+/// The signals the daemon answers.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+        })
+    }
+}
+
+/// Asks `camera` (every camera when None) for an annotated snapshot.
+fn request_snapshots(cameras: &[Camera], camera: Option<&str>) {
+    for c in cameras.iter().filter(|c| camera.is_none_or(|w| w == c.id)) {
+        c.snapshot_now.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Every camera delivers counted frames: tells systemd the service is ready.
+fn announce_ready(cameras: &[Camera], started: Instant) {
+    tracing::info!(
+        cameras = cameras.len(),
+        startup_s = started.elapsed().as_secs_f64(),
+        "ready: every camera is delivering counted frames"
+    );
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status("counting"),
+        ],
+    );
+}
+
+/// Health records: per camera the frame rate since the last record.
+struct HealthReporter {
+    started: Instant,
+    identifying: bool,
+    last_processed: Vec<u64>,
+    last: Instant,
+}
+
+impl HealthReporter {
+    fn new(cameras: &[Camera], started: Instant, identifying: bool) -> Self {
+        Self {
+            started,
+            identifying,
+            last_processed: vec![0; cameras.len()],
+            last: Instant::now(),
+        }
+    }
+
+    fn report(&mut self, cameras: &[Camera], mqtt: Option<publish::MqttHealth>) -> Health {
+        let dt = self.last.elapsed().as_secs_f64().max(1e-3);
+        self.last = Instant::now();
+        let identifying = self.identifying;
+        Health {
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            cameras: cameras
+                .iter()
+                .zip(self.last_processed.iter_mut())
+                .map(|(c, last)| {
+                    let processed = c.stats.processed.load(Ordering::Relaxed);
+                    let fps = (processed - *last) as f64 / dt;
+                    *last = processed;
+                    let (p50, p99) = c.stats.percentiles();
+                    CameraHealth {
+                        camera: c.id.clone(),
+                        online: c.capture.online.load(Ordering::Relaxed),
+                        fps,
+                        inference_ms_p50: p50,
+                        inference_ms_p99: p99,
+                        frames_captured: c.capture.frames.load(Ordering::Relaxed),
+                        frames_processed: processed,
+                        frames_dropped: (c.dropped)(),
+                        frames_corrupt: c.capture.corrupt.load(Ordering::Relaxed),
+                        reconnects: c.capture.reconnects.load(Ordering::Relaxed),
+                        products_embedded: identifying
+                            .then(|| c.stats.embedded.load(Ordering::Relaxed)),
+                        embeddings_deferred: identifying
+                            .then(|| c.stats.embed_deferred.load(Ordering::Relaxed)),
+                    }
+                })
+                .collect(),
+            mqtt,
+        }
+    }
+}
+
+/// systemd's watchdog (`WatchdogSec=`), petted at half its period while the pipeline
+/// moves.
+struct Watchdog {
+    enabled: bool,
+    interval: tokio::time::Interval,
+    /// Frames each camera had processed at the last tick.
+    processed: Vec<u64>,
+}
+
+impl Watchdog {
+    fn new(cameras: &[Camera]) -> Self {
+        let mut usec = 0u64;
+        let enabled = sd_notify::watchdog_enabled(false, &mut usec);
+        Self {
+            enabled,
+            interval: tokio::time::interval(if enabled {
+                Duration::from_micros(usec / 2)
+            } else {
+                Duration::from_secs(3600)
+            }),
+            processed: vec![0; cameras.len()],
+        }
+    }
+
+    /// Pets the watchdog only while the pipeline moves: every camera that has frames to
+    /// give processed at least one since the last tick. A stuck inference thread thus
+    /// gets the service restarted; an unplugged camera (handled by reconnect backoff)
+    /// does not.
+    fn pet_if_moving(&mut self, cameras: &[Camera], ready: bool) {
+        let mut alive = true;
+        for (c, last) in cameras.iter().zip(self.processed.iter_mut()) {
+            let now = c.stats.processed.load(Ordering::Relaxed);
+            let online = c.capture.online.load(Ordering::Relaxed);
+            if online && now == *last && !c.stats.finished.load(Ordering::Relaxed) {
+                alive = false;
+                tracing::warn!(camera = %c.id, "no frame processed since the last watchdog tick");
+            }
+            *last = now;
+        }
+        if alive && ready {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        }
+    }
+}
+
 /// The identification runtime the cameras and the scanner thread share, replaced by a
 /// reload (a new gallery or thresholds).
 struct IdentifyState {
@@ -587,6 +707,8 @@ impl Reloader<'_> {
     }
 }
 
+/// SIGHUP (or MQTT `cmd/reload`): re-reads the config and applies zones and thresholds;
+/// an invalid config is reported (key and line) and the running one kept.
 fn reload(
     config_path: &Path,
     initial: &LoadedConfig,

@@ -142,6 +142,9 @@ pub enum SinkError {
     Io { path: PathBuf, error: io::Error },
     #[error("stdout: {0}")]
     Stdout(io::Error),
+    /// An MQTT sink could not be opened.
+    #[error(transparent)]
+    Mqtt(#[from] mqtt::MqttError),
 }
 
 /// A destination for messages. Called from the publisher thread only.
@@ -238,16 +241,33 @@ impl Sink for JsonlSink {
     }
 }
 
-/// Builds a file or stdout sink; `resolve` makes config-relative paths usable. (MQTT
-/// needs the daemon's runtime and is set up by the daemon.)
+/// Builds the sinks of `[[sinks]]`, in order; `resolve` makes config-relative paths
+/// usable. MQTT sinks start what they run beside the publisher thread (see
+/// [`mqtt::Background::open`]), returned for the daemon's control plane and shutdown.
+pub fn open_sinks(
+    settings: &[SinkSettings],
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    wiring: &mqtt::Wiring<'_>,
+) -> Result<(Vec<Box<dyn Sink>>, mqtt::Background), SinkError> {
+    let mut background = mqtt::Background::default();
+    let sinks = settings
+        .iter()
+        .map(|s| open_sink(s, resolve, wiring, &mut background))
+        .collect::<Result<_, _>>()?;
+    Ok((sinks, background))
+}
+
+/// Builds one sink; an MQTT sink adds what it runs to `background`.
 pub fn open_sink(
     s: &SinkSettings,
-    resolve: impl Fn(&Path) -> PathBuf,
-) -> Result<Option<Box<dyn Sink>>, SinkError> {
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    wiring: &mqtt::Wiring<'_>,
+    background: &mut mqtt::Background,
+) -> Result<Box<dyn Sink>, SinkError> {
     Ok(match s {
-        SinkSettings::Stdout(s) => Some(Box::new(StdoutSink::new(s.clone()))),
-        SinkSettings::Jsonl(j) => Some(Box::new(JsonlSink::open(&resolve(&j.path))?)),
-        SinkSettings::Mqtt(_) => None,
+        SinkSettings::Stdout(s) => Box::new(StdoutSink::new(s.clone())),
+        SinkSettings::Jsonl(j) => Box::new(JsonlSink::open(&resolve(&j.path))?),
+        SinkSettings::Mqtt(m) => Box::new(background.open(m, wiring, resolve)?),
     })
 }
 
