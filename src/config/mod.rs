@@ -10,6 +10,8 @@ mod camera;
 mod counting;
 mod daemon;
 mod device;
+#[cfg(test)]
+mod man_page;
 mod model;
 mod mqtt;
 mod problems;
