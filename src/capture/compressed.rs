@@ -38,29 +38,31 @@ impl Default for DecodeLimits {
 
 impl DecodeLimits {
     /// The config check: every bound must leave room for a real picture.
-    pub fn validate(&self, key: &str, problems: &mut Vec<(String, String)>) {
-        let mut at_least = |name: &str, v: u64, min: u64, why: &str| {
-            if v < min {
-                problems.push((
-                    format!("{key}.{name}"),
-                    format!("must be at least {min} ({why}), got {v}"),
-                ));
-            }
-        };
-        at_least(
-            "max-side",
-            self.max_side.into(),
+    pub(crate) fn validate(&self, key: &str, problems: &mut crate::config::Problems) {
+        problems.at_least(
+            format!("{key}.max-side"),
+            self.max_side,
             64,
             "the smallest camera mode",
         );
-        at_least("max-pixels", self.max_pixels, 64 * 64, "64 x 64");
-        at_least(
-            "max-memory-bytes",
+        problems.at_least(
+            format!("{key}.max-pixels"),
+            self.max_pixels,
+            64 * 64,
+            "64 x 64",
+        );
+        problems.at_least(
+            format!("{key}.max-memory-bytes"),
             self.max_memory_bytes,
             64 * 64 * 11,
             "64 x 64 at 16-bit RGBA plus its RGB copy",
         );
-        at_least("max-input-bytes", self.max_input_bytes, 1024, "1 KiB");
+        problems.at_least(
+            format!("{key}.max-input-bytes"),
+            self.max_input_bytes,
+            1024,
+            "1 KiB",
+        );
     }
 
     /// The limits for frames from a camera that agreed to `width` x `height`: a frame

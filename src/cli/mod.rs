@@ -246,3 +246,34 @@ pub fn run(cli: Cli) -> ExitCode {
 fn report(err: &anyhow::Error) {
     eprintln!("error: {err:#}");
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// A daemon whose manifest names a model file that is not there: the error chain that
+    /// `report` prints must say so once, not once per layer that wraps it.
+    #[test]
+    fn a_missing_model_file_is_named_once_in_the_error() {
+        let tree = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["shelf_counter.toml", "shelf_counter.labels"] {
+            std::fs::copy(tree.join("models").join(f), dir.path().join(f)).unwrap();
+        }
+        let config = dir.path().join("shelfwatch.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[model]\nmanifest = \"./shelf_counter.toml\"\ncache = false\n\
+                 [state]\ndir = \"state\"\n\
+                 [[cameras]]\nid = \"c\"\n[cameras.source]\nkind = \"files\"\npath = {:?}\n",
+                tree.join("tests/fixtures/photos/coffee.png")
+            ),
+        )
+        .unwrap();
+        let err = crate::daemon::run(&config).unwrap_err();
+        let text = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(text.matches("shelf_counter.onnx").count(), 1, "{text}");
+        assert_eq!(text.matches("No such file").count(), 1, "{text}");
+    }
+}

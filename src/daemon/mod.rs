@@ -33,21 +33,21 @@ use worker::{CameraRuntime, IdentifyRuntime, RuntimeCell, Worker, WorkerStats};
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigErrors),
-    #[error("{0}")]
+    #[error(transparent)]
     State(#[from] state::StateError),
-    #[error("{0}")]
+    #[error(transparent)]
     Model(#[from] crate::vision::VisionError),
-    #[error("{0}")]
+    #[error(transparent)]
     Sink(#[from] publish::SinkError),
     #[error("no cameras configured: add a [[cameras]] section")]
     NoCameras,
-    #[error("{0}")]
+    #[error(transparent)]
     Mqtt(#[from] publish::mqtt::MqttError),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Gallery(#[from] crate::identify::GalleryError),
 }
 

@@ -8,6 +8,7 @@
 
 pub mod gallery;
 pub mod requests;
+mod validate;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
