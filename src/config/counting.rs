@@ -100,11 +100,12 @@ impl CountingConfig {
         problems.at_least(format!("{key}.window-frames"), self.window_frames, 1, "");
         problems.unit(format!("{key}.min-agreement"), self.min_agreement);
         if let Some(s) = self.window_seconds {
-            problems.positive(format!("{key}.window-seconds"), s);
+            problems.seconds(format!("{key}.window-seconds"), s, false);
         }
-        problems.non_negative(
+        problems.seconds(
             format!("{key}.out-of-stock-after-s"),
             self.out_of_stock_after_s,
+            true,
         );
         problems.unit(
             format!("{key}.occluder-score-threshold"),

@@ -386,6 +386,23 @@ mod tests {
         assert!(e.message.contains("unknown field"), "{}", e.message);
     }
 
+    /// Found in the #20 review: `inf` passed check-config, then `run` panicked in
+    /// `Duration::from_secs_f64`.
+    #[test]
+    fn an_infinite_or_huge_duration_is_refused_by_check_config_not_a_panic_at_run() {
+        for text in [
+            "[counting]\nwindow-seconds = inf\n",
+            "[counting]\nout-of-stock-after-s = inf\n",
+            "[counting]\nout-of-stock-after-s = 1e300\n",
+        ] {
+            let e = load(text).unwrap_err();
+            let e = &e.0[0];
+            assert!(e.key.starts_with("counting."), "{}", e.key);
+            assert_eq!(e.line, Some(2), "{text}");
+            assert!(e.message.contains("seconds (a year)"), "{}", e.message);
+        }
+    }
+
     #[test]
     fn a_value_out_of_range_is_named_with_its_path_and_line() {
         let e = load("[model]\n\n[model.label-thresholds]\nBottle = 1.5\n").unwrap_err();

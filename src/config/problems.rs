@@ -4,6 +4,9 @@
 
 use std::fmt::Display;
 
+/// The longest duration a config key may give: a year, in seconds.
+pub const MAX_SECONDS: f64 = 366.0 * 86_400.0;
+
 /// (key path, message) of every problem found so far, in the order found.
 #[derive(Debug, Default)]
 pub struct Problems(Vec<(String, String)>);
@@ -51,6 +54,20 @@ impl Problems {
     pub fn non_negative(&mut self, key: impl Into<String>, v: f64) {
         if v.is_nan() || v < 0.0 {
             self.push(key, format!("must be 0 or more, got {v}"));
+        }
+    }
+
+    /// A duration in seconds, above 0 (or 0 and more with `zero_allowed`) and at most a
+    /// year: `Duration::from_secs_f64` panics on infinity and on values past u64 seconds,
+    /// and no timer here means anything longer.
+    pub fn seconds(&mut self, key: impl Into<String>, v: f64, zero_allowed: bool) {
+        let low_ok = if zero_allowed { v >= 0.0 } else { v > 0.0 };
+        if !(low_ok && v <= MAX_SECONDS) {
+            let low = if zero_allowed { "[0" } else { "(0" };
+            self.push(
+                key,
+                format!("must be in {low}, {MAX_SECONDS}] seconds (a year), got {v}"),
+            );
         }
     }
 
@@ -164,6 +181,15 @@ mod tests {
             messages(|p| p.non_negative("k", f64::NAN)),
             ["must be 0 or more, got NaN"]
         );
+        assert_eq!(
+            messages(|p| p.seconds("k", f64::INFINITY, true)),
+            ["must be in [0, 31622400] seconds (a year), got inf"]
+        );
+        assert_eq!(
+            messages(|p| p.seconds("k", 0.0, false)),
+            ["must be in (0, 31622400] seconds (a year), got 0"]
+        );
+        assert!(messages(|p| p.seconds("k", 0.0, true)).is_empty());
         assert_eq!(
             messages(|p| p.at_least("k", 0, 1, "")),
             ["must be at least 1, got 0"]

@@ -44,8 +44,6 @@ pub enum DaemonError {
     #[error("no cameras configured: add a [[cameras]] section")]
     NoCameras,
     #[error(transparent)]
-    Mqtt(#[from] publish::mqtt::MqttError),
-    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Gallery(#[from] crate::identify::GalleryError),
