@@ -169,8 +169,6 @@ mod tests {
 
     #[test]
     fn the_broker_noise_filter_drops_client_disconnects_and_probes_but_keeps_real_errors() {
-        use tracing_subscriber::layer::SubscriberExt;
-
         // Debug output like rumqttd's error values.
         #[derive(Debug)]
         enum RecvError {
@@ -199,19 +197,7 @@ mod tests {
         }
         let io = |kind| std::io::Error::new(kind, "by peer");
         let os = |code| NetworkError::Io(std::io::Error::from_raw_os_error(code));
-        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
-        let writer = {
-            let seen = Arc::clone(&seen);
-            move || CaptureLine(Arc::clone(&seen))
-        };
-        let subscriber = tracing_subscriber::registry()
-            .with(BrokerNoiseFilter::default())
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(writer),
-            );
-        tracing::subscriber::with_default(subscriber, || {
+        let seen = through_the_filter(|| {
             // Client behaviour: dropped.
             tracing::error!(target: "rumqttd::server::broker", error = ?LinkError::Recv(RecvError::Disconnected), "router-drop");
             tracing::error!(target: "rumqttd::server::broker", error = ?std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "connection closed by peer"), "Error while handling MQTT connect packet");
@@ -238,7 +224,6 @@ mod tests {
             tracing::warn!(target: "rumqttd::server::broker", error = ?LinkError::Recv(RecvError::Disconnected), "router-drop");
             tracing::error!(error = ?LinkError::Recv(RecvError::Disconnected), "router-drop");
         });
-        let seen = seen.lock().unwrap();
         let shown = |needle: &str| seen.iter().filter(|l| l.contains(needle)).count();
         assert_eq!(seen.len(), 8, "{seen:#?}");
         for kept in [
@@ -266,21 +251,7 @@ mod tests {
 
     #[test]
     fn a_flooding_broker_log_statement_is_cut_to_its_budget_and_others_still_pass() {
-        use tracing_subscriber::layer::SubscriberExt;
-
-        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
-        let writer = {
-            let seen = Arc::clone(&seen);
-            move || CaptureLine(Arc::clone(&seen))
-        };
-        let subscriber = tracing_subscriber::registry()
-            .with(BrokerNoiseFilter::default())
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(writer),
-            );
-        tracing::subscriber::with_default(subscriber, || {
+        let seen = through_the_filter(|| {
             // Issue #19: EMFILE made rumqttd's accept loop log without pause.
             for _ in 0..10_000 {
                 tracing::error!(target: "rumqttd::server::broker", error = ?std::io::Error::from_raw_os_error(libc::EMFILE), "Unable to accept socket.");
@@ -290,7 +261,6 @@ mod tests {
                 tracing::info!("the daemon's own lines are never limited");
             }
         });
-        let seen = seen.lock().unwrap();
         let shown = |needle: &str| seen.iter().filter(|l| l.contains(needle)).count();
         assert_eq!(shown("Unable to accept socket."), BROKER_LOG_BURST as usize);
         assert_eq!(shown("connection-stop"), 1);
@@ -321,6 +291,27 @@ mod tests {
             assert!(matches!(budget.admit(later), Admission::Pass { .. }));
         }
         assert!(matches!(budget.admit(later), Admission::Drop { .. }));
+    }
+
+    /// The lines `log` prints through the broker noise filter, as the daemon installs it.
+    fn through_the_filter(log: impl FnOnce()) -> Vec<String> {
+        use tracing_subscriber::layer::SubscriberExt;
+
+        let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+        let writer = {
+            let seen = Arc::clone(&seen);
+            move || CaptureLine(Arc::clone(&seen))
+        };
+        let subscriber = tracing_subscriber::registry()
+            .with(BrokerNoiseFilter::default())
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(writer),
+            );
+        tracing::subscriber::with_default(subscriber, log);
+        let lines = seen.lock().unwrap().clone();
+        lines
     }
 
     /// A `MakeWriter` target that keeps each formatted line.
