@@ -533,14 +533,19 @@ pub struct Subscriber {
     lines: Arc<Mutex<Vec<String>>>,
 }
 
+/// The topic prefix of [`Subscriber::start`]'s readiness markers, never a message a test
+/// sees.
+const READY_PREFIX: &str = "shelfwatch-test-ready/";
+
 impl Subscriber {
     /// Client `id` subscribed to `shelfwatch/#` at QoS 1, with `extra` arguments (more
     /// topics, credentials, a protocol version).
     pub fn start(port: u16, id: &str, extra: &[&str]) -> Self {
+        let ready = format!("{READY_PREFIX}{id}");
         let mut child = Command::new("mosquitto_sub")
             .args(["-h", "127.0.0.1", "-p", &port.to_string()])
             .args(["-q", "1", "-c", "-i", id])
-            .args(["-t", "shelfwatch/#", "-F", "%r|%t|%p"])
+            .args(["-t", "shelfwatch/#", "-t", &ready, "-F", "%r|%t|%p"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -557,9 +562,37 @@ impl Subscriber {
                     .push(String::from_utf8_lossy(&line).into_owned());
             }
         });
-        // Let the subscription be in place before anything is published.
-        std::thread::sleep(Duration::from_millis(500));
-        Subscriber { child, lines }
+        let sub = Subscriber { child, lines };
+        sub.wait_subscribed(port, &ready, extra);
+        sub
+    }
+
+    /// Until the subscription is in place, so that nothing a test publishes next is
+    /// missed: mosquitto_sub says nothing when it has subscribed, so a marker is
+    /// published (with the subscriber's own login and TLS options) until it comes back.
+    fn wait_subscribed(&self, port: u16, ready: &str, extra: &[&str]) {
+        let mut login = Vec::new();
+        for pair in extra.windows(2) {
+            if ["--cafile", "-u", "-P", "-V"].contains(&pair[0]) {
+                login.extend_from_slice(pair);
+            }
+        }
+        let limit = patience(Duration::from_secs(20));
+        let t = Instant::now();
+        while !self.lines.lock().unwrap().iter().any(|l| l.contains(ready)) {
+            assert!(
+                t.elapsed() < limit,
+                "mosquitto_sub did not subscribe on port {port} within {limit:?}"
+            );
+            let _ = Command::new("mosquitto_pub")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .args(["-t", ready, "-m", "ready"])
+                .args(&login)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn messages(&self) -> Vec<Message> {
@@ -571,6 +604,7 @@ impl Subscriber {
                 let mut p = l.splitn(3, '|');
                 Some((p.next()? == "1", p.next()?.to_owned(), p.next()?.to_owned()))
             })
+            .filter(|(_, topic, _)| !topic.starts_with(READY_PREFIX))
             .collect()
     }
 
