@@ -69,10 +69,14 @@ pub fn shelfwatch(args: &[&str]) -> Output {
         .expect("run shelfwatch")
 }
 
-/// The messages a JSON lines sink has written to `path` so far.
+/// The messages a JSON lines sink has written to `path` so far. Only whole lines: the
+/// daemon may be writing the next one while a test reads (a read racing a write on a
+/// regular file can see part of it), and that line is read on the next call.
 pub fn jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let end = bytes.iter().rposition(|&b| b == b'\n').unwrap_or(0);
+    String::from_utf8(bytes[..end].to_vec())
+        .expect("the sink writes UTF-8")
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
