@@ -88,16 +88,13 @@ for q in qemu-aarch64 qemu-arm; do
 done
 
 # cargo-zigbuild links against a chosen glibc version (2.31) with zig's libc stubs.
-# Pinned: a zig upgrade changes the linker under every ARM binary we ship. The venv
-# lives outside the source tree on purpose: zig reports its library directory relative
-# to the working directory when it is below it, and cargo-zigbuild hands that relative
-# path to bindgen, whose build script runs elsewhere and then finds no headers.
-zig_venv=$(bash scripts/zig-venv.sh)
-if ! "$zig_venv/bin/cargo-zigbuild" --version 2>/dev/null | grep -q 0.24.1; then
-  python3 -m venv "$zig_venv"
-  "$zig_venv/bin/pip" install -q --disable-pip-version-check \
-    cargo-zigbuild==0.24.1 ziglang==0.17.1
-fi
+# Pinned (scripts/zig-requirements.txt). The venv lives outside the source tree on
+# purpose: zig reports its library directory relative to the working directory when it
+# is below it, and cargo-zigbuild hands that relative path to bindgen, whose build
+# script runs elsewhere and then finds no headers.
+# shellcheck source=lib.sh
+. scripts/lib.sh
+ensure_venv "$(bash scripts/zig-venv.sh)" .requirements.sha256 scripts/zig-requirements.txt
 tools=target/tools
 
 # cargo-deb builds the .deb packages (scripts/package.sh).

@@ -791,34 +791,23 @@ fn a_stale_offline_status_is_taken_back_while_the_daemon_is_connected() {
             .map(|(_, _, p)| p.clone())
             .collect()
     };
-    sub.wait_for(
-        |m| status(m).contains(&"online".into()),
-        Duration::from_secs(60),
-    );
-    let ok = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
-        .args([
-            "-q",
-            "1",
-            "-r",
-            "-t",
-            "shelfwatch/dev-1/status",
-            "-m",
-            "offline",
-        ])
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    sub.wait_online();
+    broker.publish(&[
+        "-q",
+        "1",
+        "-r",
+        "-t",
+        "shelfwatch/dev-1/status",
+        "-m",
+        "offline",
+    ]);
     sub.wait_for(
         |m| status(m).ends_with(&["offline".into(), "online".into()]),
         Duration::from_secs(30),
     );
     // A clean stop still ends on `offline`.
     d.stop();
-    sub.wait_for(
-        |m| status(m).last().is_some_and(|s| s == "offline"),
-        Duration::from_secs(20),
-    );
+    sub.wait_offline();
 }
 
 // Issue #19: the unit's `ProcSubset=pid` hides /proc/net/tcp, which the readiness wait
@@ -1036,20 +1025,7 @@ fn home_assistant_discovery_is_published_refreshed_and_removed_with_its_zone() {
     assert_eq!(oos["device"]["identifiers"][0], "shelfwatch-dev-1");
 
     // Home Assistant restarting asks for discovery again.
-    let ok = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &broker.port().to_string(),
-            "-t",
-            "homeassistant/status",
-            "-m",
-            "online",
-        ])
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    broker.publish(&["-t", "homeassistant/status", "-m", "online"]);
     sub.wait_for(|m| configs(m).len() >= 12, Duration::from_secs(30));
     d.stop();
 
@@ -1082,19 +1058,7 @@ fn mqtt5_delivers_every_message_commands_and_the_last_will_like_3_1_1() {
         |m| m.iter().filter(|(_, t, _)| t.ends_with("/events")).count() >= 4,
         Duration::from_secs(60),
     );
-    let ok = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &broker.port().to_string(),
-            "-V",
-            "mqttv5",
-        ])
-        .args(["-t", "shelfwatch/dev-1/cmd/snapshot", "-n"])
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    broker.publish(&["-V", "mqttv5", "-t", "shelfwatch/dev-1/cmd/snapshot", "-n"]);
     sub.wait_for(
         |m| {
             m.iter()
@@ -1248,21 +1212,7 @@ fn a_mqtt_3_1_1_scanner_uses_the_json_envelope_and_gets_its_request_id_back() {
         "scanner-3",
         &["-V", "mqttv311", "-t", "scanners/3/#"],
     );
-    let pubd = |payload: String| {
-        let ok = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
-            .args(["-V", "mqttv311", "-q", "1"])
-            .args(["-t", "shelfwatch/dev-1/identify/request", "-s"])
-            .stdin(Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin.take().unwrap().write_all(payload.as_bytes())?;
-                c.wait()
-            })
-            .unwrap();
-        assert!(ok.success());
-    };
+    let pubd = |payload: String| publish_request(broker.port(), &payload);
     let camera = base64::engine::general_purpose::STANDARD
         .encode(std::fs::read(fixture("products/camera.jpg")).unwrap());
     pubd(format!(

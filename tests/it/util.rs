@@ -487,6 +487,17 @@ impl Broker {
         self.port
     }
 
+    /// Publishes with mosquitto_pub (`args`: topic, message, options) and checks it
+    /// went out.
+    pub fn publish(&self, args: &[&str]) {
+        let ok = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.port().to_string()])
+            .args(args)
+            .status()
+            .expect("mosquitto_pub is installed by scripts/setup.sh");
+        assert!(ok.success(), "mosquitto_pub {args:?}: {ok}");
+    }
+
     /// `127.0.0.1:PORT`, as the daemon's `broker` key takes it.
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
