@@ -41,6 +41,7 @@ if $with_tests; then
     python3-venv   # cargo-zigbuild and zig, pinned, from PyPI
     dpkg-dev lintian debootstrap man-db groff-base # packages: checks and a throwaway install
     gcc            # bench/arm-insns.sh: the qemu instruction-count plugin
+    chromium chromium-driver fonts-dejavu-core # the web page's tests in a real browser
   )
 fi
 if $with_bench; then

@@ -15,6 +15,7 @@ pub mod fsutil;
 pub mod identify;
 pub mod publish;
 pub mod vision;
+pub mod web;
 
 #[cfg(test)]
 mod fuzz_tests;

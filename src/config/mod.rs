@@ -10,6 +10,7 @@ mod camera;
 mod counting;
 mod daemon;
 mod device;
+mod http;
 #[cfg(test)]
 mod man_page;
 mod model;
@@ -27,6 +28,7 @@ pub use camera::{CameraConfig, Coordinates, ZoneConfig};
 pub use counting::CountingConfig;
 pub use daemon::{HealthConfig, SnapshotConfig, StateConfig};
 pub use device::DeviceConfig;
+pub use http::{read_token, HttpConfig};
 pub use model::{
     default_manifest, default_model_cache, default_model_dir, default_rescale_interval_s,
     default_threads, InputSize, ModelConfig, MAX_THREADS,
@@ -72,6 +74,9 @@ pub struct Config {
     /// Bounds on every image decoded: files cameras' images and MJPEG frames.
     #[serde(default)]
     pub decode: crate::capture::DecodeLimits,
+    /// The local web page, JSON API and `/metrics`; absent: no HTTP server.
+    #[serde(default)]
+    pub http: Option<HttpConfig>,
 }
 
 impl Default for Config {
@@ -87,6 +92,7 @@ impl Default for Config {
             snapshots: SnapshotConfig::default(),
             identify: None,
             decode: crate::capture::DecodeLimits::default(),
+            http: None,
         }
     }
 }
@@ -306,6 +312,9 @@ impl LoadedConfig {
         c.decode.validate("decode", &mut problems);
         if let Some(i) = &c.identify {
             i.validate("identify", self, &mut problems);
+        }
+        if let Some(h) = &c.http {
+            h.validate("http", self, &mut problems);
         }
         problems
     }

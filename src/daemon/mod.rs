@@ -8,6 +8,7 @@
 //! and, per MQTT sink, the client task. An MQTT sink may also start the embedded
 //! broker's threads and a scanner request thread (see [`crate::publish::mqtt`]).
 
+mod http;
 pub mod memory;
 pub mod state;
 pub mod worker;
@@ -27,6 +28,8 @@ use crate::identify::requests::Answering;
 use crate::identify::{Gallery, TrackParams};
 use crate::publish::{self, mqtt, Body, CameraHealth, Envelope, Health, Sink};
 use crate::vision::{Detector, Embedder};
+use crate::web;
+use http::{next_request, observe, HttpParts, Rates};
 use state::{SavedState, StateStore};
 use worker::{CameraRuntime, IdentifyRuntime, RuntimeCell, Worker, WorkerStats};
 
@@ -47,6 +50,8 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Gallery(#[from] crate::identify::GalleryError),
+    #[error(transparent)]
+    Web(#[from] web::WebError),
 }
 
 /// What workers tell the publisher.
@@ -83,6 +88,15 @@ struct Camera {
     dropped: Arc<dyn Fn() -> u64 + Send + Sync>,
     snapshot_now: Arc<AtomicBool>,
     thread: JoinHandle<()>,
+    /// The manifest names of the models this camera runs: counting, occluder, embedder.
+    models: ModelNames,
+}
+
+#[derive(Debug, Clone)]
+struct ModelNames {
+    detector: String,
+    occluder: Option<String>,
+    embedder: Option<String>,
 }
 
 fn runtime_of(
@@ -151,10 +165,18 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (sinks, mut mqtt) = open_sinks(&loaded, &state_dir, &models, rt.handle())?;
+    let (mut sinks, mut mqtt) = open_sinks(&loaded, &state_dir, &models, rt.handle())?;
+    let mut http = HttpParts::new(&loaded);
+    if let Some(h) = &http {
+        sinks.push(Box::new(web::board::BoardSink(h.board.clone())));
+    }
     let (updates, publisher) = start_publisher(&loaded.config, store, &saved, sinks)?;
+    if let Some(h) = http.as_mut() {
+        h.start(&loaded, config_path, &models, rt.handle())?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
-    let cameras = start_cameras(&loaded, &models, &saved, &updates, &stop)?;
+    let feeds = http.as_ref().map(|h| h.feeds.clone()).unwrap_or_default();
+    let cameras = start_cameras(&loaded, &models, &saved, &updates, &stop, &feeds)?;
     // Every camera has its own forks now: the models loaded here are released.
     let Models { identify, .. } = models;
     let mut reloader = Reloader {
@@ -166,12 +188,14 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
             answer_cells: mqtt.answer_cells(),
         },
     };
+    let mut requests = http.and_then(|h| h.requests);
     let result = rt.block_on(control(
         &mut reloader,
         &cameras,
         &updates,
         started,
         &mut mqtt,
+        &mut requests,
     ));
     shut_down(&rt, &stop, cameras, updates, publisher, mqtt);
     tracing::info!(uptime_s = started.elapsed().as_secs_f64(), "stopped");
@@ -333,6 +357,7 @@ fn start_cameras(
     saved: &SavedState,
     updates: &SyncSender<Update>,
     stop: &Arc<AtomicBool>,
+    feeds: &[Arc<web::feed::CameraFeed>],
 ) -> Result<Vec<Camera>, DaemonError> {
     let snapshots = &loaded.config.snapshots;
     let starter = CameraStarter {
@@ -341,6 +366,7 @@ fn start_cameras(
         saved,
         updates,
         stop,
+        feeds,
         snapshot_dir: snapshots.dir.as_ref().map(|d| loaded.resolve(d)),
         snapshot_every: snapshots
             .interval_s
@@ -362,6 +388,7 @@ struct CameraStarter<'a> {
     saved: &'a SavedState,
     updates: &'a SyncSender<Update>,
     stop: &'a Arc<AtomicBool>,
+    feeds: &'a [Arc<web::feed::CameraFeed>],
     snapshot_dir: Option<std::path::PathBuf>,
     snapshot_every: Option<Duration>,
 }
@@ -421,6 +448,16 @@ impl CameraStarter<'_> {
             snapshot_now: snapshot_now.clone(),
             snapshot_dir: self.snapshot_dir.clone(),
             snapshot_every: self.snapshot_every,
+            feed: self.feeds.iter().find(|f| f.camera == cam.id).cloned(),
+        };
+        let models = ModelNames {
+            detector: self.models.detector.manifest().manifest.name.clone(),
+            occluder: self
+                .models
+                .occluder
+                .as_ref()
+                .map(|o| o.manifest().manifest.name.clone()),
+            embedder: self.models.embedder.as_ref().map(|e| e.model_id().name),
         };
         let thread = std::thread::Builder::new()
             .name(format!("infer-{}", cam.id))
@@ -433,6 +470,7 @@ impl CameraStarter<'_> {
             dropped: Arc::new(move || slot.dropped()),
             snapshot_now,
             thread,
+            models,
         })
     }
 }
@@ -464,8 +502,10 @@ async fn control(
     updates: &SyncSender<Update>,
     started: Instant,
     mqtt: &mut mqtt::Background,
+    requests: &mut Option<tokio::sync::mpsc::Receiver<web::Request>>,
 ) -> Result<(), DaemonError> {
     let mut signals = Signals::new()?;
+    let mut rates = Rates::new(cameras);
     let health_every = reloader.initial.config.health.interval_s;
     let mut health_tick = tokio::time::interval(Duration::from_secs(health_every.max(1)));
     health_tick.tick().await;
@@ -477,9 +517,15 @@ async fn control(
         tokio::select! {
             _ = signals.term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = signals.int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
-            _ = signals.hup.recv() => reloader.reload(cameras),
+            _ = signals.hup.recv() => { reloader.reload(cameras); }
+            Some(req) = next_request(requests) => match req {
+                web::Request::Observe(reply) => {
+                    let _ = reply.send(observe(reloader, cameras, started, &rates, mqtt.health()));
+                }
+                web::Request::Reload(reply) => { let _ = reply.send(reloader.reload(cameras)); }
+            },
             Some(cmd) = mqtt.command() => match cmd {
-                mqtt::Command::Reload => reloader.reload(cameras),
+                mqtt::Command::Reload => { reloader.reload(cameras); }
                 mqtt::Command::Snapshot(which) => request_snapshots(cameras, which.as_deref()),
             },
             _ = signals.usr1.recv() => {
@@ -491,6 +537,7 @@ async fn control(
             }
             _ = watchdog.interval.tick(), if watchdog.enabled => watchdog.pet_if_moving(cameras, ready),
             _ = tick.tick() => {
+                rates.sample(cameras);
                 if !ready && cameras.iter().all(|c| c.stats.processed.load(Ordering::Relaxed) > 0) {
                     ready = true;
                     announce_ready(cameras, started);
@@ -569,7 +616,6 @@ impl HealthReporter {
     fn report(&mut self, cameras: &[Camera], mqtt: Option<publish::MqttHealth>) -> Health {
         let dt = self.last.elapsed().as_secs_f64().max(1e-3);
         self.last = Instant::now();
-        let identifying = self.identifying;
         Health {
             uptime_s: self.started.elapsed().as_secs_f64(),
             cameras: cameras
@@ -579,27 +625,30 @@ impl HealthReporter {
                     let processed = c.stats.processed.load(Ordering::Relaxed);
                     let fps = (processed - *last) as f64 / dt;
                     *last = processed;
-                    let (p50, p99) = c.stats.percentiles();
-                    CameraHealth {
-                        camera: c.id.clone(),
-                        online: c.capture.online.load(Ordering::Relaxed),
-                        fps,
-                        inference_ms_p50: p50,
-                        inference_ms_p99: p99,
-                        frames_captured: c.capture.frames.load(Ordering::Relaxed),
-                        frames_processed: processed,
-                        frames_dropped: (c.dropped)(),
-                        frames_corrupt: c.capture.corrupt.load(Ordering::Relaxed),
-                        reconnects: c.capture.reconnects.load(Ordering::Relaxed),
-                        products_embedded: identifying
-                            .then(|| c.stats.embedded.load(Ordering::Relaxed)),
-                        embeddings_deferred: identifying
-                            .then(|| c.stats.embed_deferred.load(Ordering::Relaxed)),
-                    }
+                    camera_health(c, fps, self.identifying)
                 })
                 .collect(),
             mqtt,
         }
+    }
+}
+
+/// One camera's figures, with its frame rate measured by the caller.
+fn camera_health(c: &Camera, fps: f64, identifying: bool) -> CameraHealth {
+    let (p50, p99) = c.stats.percentiles();
+    CameraHealth {
+        camera: c.id.clone(),
+        online: c.capture.online.load(Ordering::Relaxed),
+        fps,
+        inference_ms_p50: p50,
+        inference_ms_p99: p99,
+        frames_captured: c.capture.frames.load(Ordering::Relaxed),
+        frames_processed: c.stats.processed.load(Ordering::Relaxed),
+        frames_dropped: (c.dropped)(),
+        frames_corrupt: c.capture.corrupt.load(Ordering::Relaxed),
+        reconnects: c.capture.reconnects.load(Ordering::Relaxed),
+        products_embedded: identifying.then(|| c.stats.embedded.load(Ordering::Relaxed)),
+        embeddings_deferred: identifying.then(|| c.stats.embed_deferred.load(Ordering::Relaxed)),
     }
 }
 
@@ -700,7 +749,8 @@ struct Reloader<'a> {
 }
 
 impl Reloader<'_> {
-    fn reload(&mut self, cameras: &[Camera]) {
+    /// True when the config on disk was valid and took effect.
+    fn reload(&mut self, cameras: &[Camera]) -> bool {
         reload(self.config_path, self.initial, cameras, &mut self.identify)
     }
 }
@@ -712,7 +762,7 @@ fn reload(
     initial: &LoadedConfig,
     cameras: &[Camera],
     identify: &mut IdentifyState,
-) {
+) -> bool {
     tracing::info!(config = %config_path.display(), "SIGHUP: reloading zones and thresholds");
     let loaded = match Config::load(config_path) {
         Ok(l) => l,
@@ -720,7 +770,7 @@ fn reload(
             for e in &errors.0 {
                 tracing::error!(file = %e.file.display(), line = e.line, key = %e.key, message = %e.message, "invalid configuration; keeping the running one");
             }
-            return;
+            return false;
         }
     };
     identify.reload(initial, &loaded);
@@ -755,6 +805,7 @@ fn reload(
             tracing::warn!(camera = %n.id, "new camera; it starts after a restart");
         }
     }
+    true
 }
 
 /// Owns sequence numbers, the state file and the sinks.

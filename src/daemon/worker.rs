@@ -18,6 +18,8 @@ use crate::fsutil;
 use crate::identify::{check_mismatch, Gallery, TrackParams, Tracker};
 use crate::vision::scale::ScaledDetector;
 use crate::vision::{annotate, Detection, Detector, DetectorOptions, Embedder};
+use crate::web::feed::{CameraFeed, Shown};
+use crate::web::metrics::Histogram;
 
 /// What a reload may change while the camera and model keep running.
 #[derive(Debug, Clone)]
@@ -62,6 +64,11 @@ impl RuntimeCell {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
+    /// What the camera runs with now.
+    pub fn current(&self) -> Arc<CameraRuntime> {
+        self.get().1
+    }
+
     fn get(&self) -> (u64, Arc<CameraRuntime>) {
         let g = self.generation.load(Ordering::Acquire);
         (
@@ -84,6 +91,11 @@ pub struct WorkerStats {
     pub embed_deferred: AtomicU64,
     /// Frames the occluder model ran on (it is skipped on steady frames).
     pub occluder_runs: AtomicU64,
+    /// Seconds per frame in each model: the counting model (all its zone crops and
+    /// tiles), the occluder model, the embedder (all of a frame's crops).
+    pub detector_seconds: Histogram,
+    pub occluder_seconds: Histogram,
+    pub embedder_seconds: Histogram,
 }
 
 impl WorkerStats {
@@ -133,6 +145,8 @@ pub struct Worker {
     pub snapshot_now: Arc<AtomicBool>,
     pub snapshot_dir: Option<PathBuf>,
     pub snapshot_every: Option<Duration>,
+    /// Where the web page finds the latest frame, with `[http]`.
+    pub feed: Option<Arc<CameraFeed>>,
 }
 
 struct Zones {
@@ -148,7 +162,7 @@ impl Worker {
         let (mut generation, mut rt) = self.runtime.get();
         let mut zones: Option<Zones> = None;
         let mut last_snapshot = Instant::now();
-        let mut latest: Option<(Frame, Vec<Detection>)> = None;
+        let mut latest: Option<Arc<Shown>> = None;
         let mut tracker = Tracker::default();
         loop {
             self.forward_status();
@@ -172,8 +186,16 @@ impl Worker {
             let z = self.zones_for(&mut zones, &rt, frame.image.dimensions());
             // None: the frame was skipped (its error is logged and counted).
             if let Some(detections) = self.process(&frame, z, &rt, &mut tracker) {
-                self.stats.processed.fetch_add(1, Ordering::Relaxed);
-                latest = Some((frame, detections));
+                let seq = self.stats.processed.fetch_add(1, Ordering::Relaxed) + 1;
+                let shown = Arc::new(Shown {
+                    seq,
+                    frame,
+                    detections,
+                });
+                if let Some(feed) = &self.feed {
+                    feed.show(shown.clone());
+                }
+                latest = Some(shown);
                 self.maybe_snapshot(&latest, zones.as_ref(), &mut last_snapshot);
             }
         }
@@ -296,7 +318,12 @@ impl Worker {
             .map(|c| c.spec().polygon.bounds())
             .collect();
         let (detections, report) = match self.detector.detect(&frame.image, &bounds, t) {
-            Ok(found) => found,
+            Ok(found) => {
+                self.stats
+                    .detector_seconds
+                    .observe(t.elapsed().as_secs_f64());
+                found
+            }
             Err(e) => {
                 self.stats.inference_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, "inference failed; frame skipped");
@@ -341,8 +368,12 @@ impl Worker {
             return Some(());
         };
         self.stats.occluder_runs.fetch_add(1, Ordering::Relaxed);
+        let t = Instant::now();
         match occluder.detect(&frame.image) {
             Ok((found, _)) => {
+                self.stats
+                    .occluder_seconds
+                    .observe(t.elapsed().as_secs_f64());
                 detections.extend(
                     found
                         .into_iter()
@@ -388,6 +419,7 @@ impl Worker {
             .embed_deferred
             .fetch_add(s.deferred as u64, Ordering::Relaxed);
         if s.embedded > 0 {
+            self.stats.embedder_seconds.observe(s.embed_ms / 1e3);
             tracing::debug!(
                 embedded = s.embedded,
                 reused = s.reused,
@@ -468,7 +500,7 @@ impl Worker {
 
     fn maybe_snapshot(
         &self,
-        latest: &Option<(Frame, Vec<Detection>)>,
+        latest: &Option<Arc<Shown>>,
         zones: Option<&Zones>,
         last: &mut Instant,
     ) {
@@ -480,10 +512,10 @@ impl Worker {
             return;
         }
         *last = Instant::now();
-        let (Some((frame, detections)), Some(zones)) = (latest, zones) else {
+        let (Some(shown), Some(zones)) = (latest, zones) else {
             return;
         };
-        let jpeg = render_snapshot(&frame.image, detections, &zones.counters);
+        let jpeg = render_snapshot(&shown.frame.image, &shown.detections, &zones.counters);
         if let Some(dir) = &self.snapshot_dir {
             let path = dir.join(format!("{}.jpg", self.camera));
             match write_snapshot(&path, &jpeg) {

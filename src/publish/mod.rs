@@ -96,6 +96,8 @@ pub struct MqttHealth {
     pub connected: bool,
     /// Messages waiting for the broker's acknowledgement.
     pub spooled: u64,
+    /// Their size in the spool (what `spool-max-bytes` bounds).
+    pub spooled_bytes: u64,
     /// Messages dropped because the spool reached its size limit, since the spool was
     /// created (kept in the spool across restarts, each drop counted once).
     pub dropped: u64,

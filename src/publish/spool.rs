@@ -448,6 +448,11 @@ impl Spool {
         self.pending.is_empty()
     }
 
+    /// Bytes of the pending entries' log lines: what `spool-max-bytes` bounds.
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
+    }
+
     /// Messages dropped because the spool was full, since the spool was created (the
     /// count is kept in the log across restarts; each drop is counted once).
     pub fn dropped(&self) -> u64 {

@@ -5,6 +5,8 @@
 
 mod util;
 
+mod browser;
+
 mod cli;
 mod counter;
 mod daemon;
@@ -13,3 +15,4 @@ mod identify;
 mod mqtt;
 mod platform;
 mod schemas;
+mod web;

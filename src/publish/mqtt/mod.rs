@@ -88,6 +88,7 @@ pub struct MqttStats {
     pub connected: AtomicBool,
     pub connect_attempts: AtomicU64,
     pub spooled: AtomicU64,
+    pub spooled_bytes: AtomicU64,
     pub dropped: AtomicU64,
     /// Damaged spool records skipped (see [`Spool::damaged`]).
     pub spool_damaged: AtomicU64,
@@ -98,6 +99,8 @@ pub struct MqttStats {
 impl MqttStats {
     fn record(&self, spool: &Spool) {
         self.spooled.store(spool.len() as u64, Ordering::Relaxed);
+        self.spooled_bytes
+            .store(spool.pending_bytes() as u64, Ordering::Relaxed);
         self.dropped.store(spool.dropped(), Ordering::Relaxed);
         self.spool_damaged.store(spool.damaged(), Ordering::Relaxed);
         self.spool_on_disk.store(spool.on_disk(), Ordering::Relaxed);
@@ -197,6 +200,7 @@ impl Background {
         self.stats.as_ref().map(|m| MqttHealth {
             connected: m.connected.load(Ordering::Relaxed),
             spooled: m.spooled.load(Ordering::Relaxed),
+            spooled_bytes: m.spooled_bytes.load(Ordering::Relaxed),
             dropped: m.dropped.load(Ordering::Relaxed),
             spool_damaged: m.spool_damaged.load(Ordering::Relaxed),
             connect_attempts: m.connect_attempts.load(Ordering::Relaxed),
