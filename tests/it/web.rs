@@ -308,6 +308,46 @@ fn a_zone_drawn_in_the_browser_is_checked_saved_reloaded_and_counted_on_the_live
     assert_shows_the_frame(&png, b.rect("img.frame"));
     assert_shows_the_zone(&b, &png, "drawn");
     assert_shows_the_zone(&b, &png, "bottom-shelf");
+
+    move_a_corner_and_delete_a_zone(&web, &b);
+}
+
+/// Back in the editor: a corner of `drawn` dragged up, `bottom-shelf` deleted, saved;
+/// the config follows.
+fn move_a_corner_and_delete_a_zone(web: &WebDaemon, b: &Browser) {
+    b.goto(&web.url("/zones"));
+    b.wait(
+        "the frame in the editor",
+        "document.querySelector('#editor-frame') && document.querySelector('#editor-frame').naturalWidth > 0",
+        Duration::from_secs(30),
+    );
+    b.find("li[data-zone=\"drawn\"]").click();
+    let (x, y, w, h) = b.rect("#editor");
+    b.drag((x + 0.98 * w, y + 0.48 * h), (x + 0.98 * w, y + 0.40 * h));
+    b.find("li[data-zone=\"bottom-shelf\"]").click();
+    b.find("#delete-zone").click();
+    b.find("#save").click();
+    b.wait(
+        "the second save",
+        "document.querySelector('#save-result').classList.contains('ok')",
+        Duration::from_secs(20),
+    );
+    let config: toml::Value =
+        toml::from_str(&std::fs::read_to_string(&web.config).unwrap()).unwrap();
+    let zones = config["cameras"][0]["zones"].as_array().unwrap();
+    assert_eq!(zones.len(), 1, "bottom-shelf deleted: {zones:?}");
+    assert_eq!(zones[0]["name"].as_str(), Some("drawn"));
+    let corner = zones[0]["polygon"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_float().unwrap(), p[1].as_float().unwrap()))
+        .find(|(x, y)| *x > 0.9 && *y > 0.3)
+        .unwrap_or_else(|| panic!("no lower right corner: {zones:?}"));
+    assert!(
+        (corner.1 - 0.40).abs() < 0.01,
+        "the corner moved to y 0.40: {corner:?}"
+    );
 }
 
 #[test]
