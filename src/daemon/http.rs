@@ -82,6 +82,11 @@ impl HttpParts {
                 gallery_dir,
                 top_k: cfg.top_k,
                 unknown_threshold: cfg.unknown_threshold,
+                decode: crate::identify::requests::Answering::request_limits(
+                    &loaded.config.decode,
+                    cfg.max_request_pixels,
+                    cfg.max_request_bytes,
+                ),
             }),
             _ => None,
         };

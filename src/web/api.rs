@@ -50,6 +50,7 @@ pub fn router(web: Arc<Web>) -> Router {
         .route("/api/cameras/:camera/enrol", post(enrol))
         .route("/api/cameras/:camera/identify", post(identify))
         .route("/api/cameras/:camera/pin", post(pin))
+        .route("/api/identify", post(identify_upload))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such page or API route") })
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(
@@ -553,13 +554,39 @@ async fn identify(
     let req = body(req)?;
     identification(&web)?;
     let (shown, b) = region(&web, &camera, &req)?;
-    let w = web.clone();
+    answer(web, move |embedder| {
+        embedder.embed_region(&shown.frame.image, &b)
+    })
+    .await
+}
+
+/// A scanner's photo as the request body (JPEG, PNG or BMP), held to the scanner
+/// requests' decode limits: the whole picture is identified.
+async fn identify_upload(
+    State(web): State<Arc<Web>>,
+    image: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> ApiResult<Json<Value>> {
+    let image = image.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
+    let limits = identification(&web)?.decode;
+    let picture = blocking(move || crate::capture::decode_image_within(&image, &limits))
+        .await?
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("image: {e}")))?;
+    answer(web, move |embedder| embedder.embed(&picture)).await
+}
+
+/// Embeds with `embed` on the blocking pool and answers the closest SKUs.
+async fn answer(
+    web: Arc<Web>,
+    embed: impl FnOnce(&mut crate::vision::Embedder) -> Result<Vec<f32>, crate::vision::VisionError>
+        + Send
+        + 'static,
+) -> ApiResult<Json<Value>> {
     let started = std::time::Instant::now();
+    let w = web.clone();
     let matches = blocking(move || -> ApiResult<Vec<crate::identify::Match>> {
-        let id = w.identification.as_ref().expect("checked above");
+        let id = w.identification.as_ref().expect("checked by the caller");
         let mut embedder = id.embedder.lock().unwrap_or_else(|p| p.into_inner());
-        let vector = embedder
-            .embed_region(&shown.frame.image, &b)
+        let vector = embed(&mut embedder)
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let gallery = match Gallery::load_for(&id.gallery_dir, &embedder.model_id()) {
             Ok(g) => g,

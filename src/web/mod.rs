@@ -71,6 +71,9 @@ pub struct Identification {
     pub gallery_dir: PathBuf,
     pub top_k: usize,
     pub unknown_threshold: f32,
+    /// Bounds on an uploaded image: the scanner requests' (`[identify]`'s request
+    /// limits within `[decode]`).
+    pub decode: crate::capture::DecodeLimits,
 }
 
 /// Everything the server needs, handed over by the daemon at start.

@@ -393,6 +393,19 @@ fn a_product_enrolled_from_a_box_on_the_live_frame_is_then_identified_and_health
         .unwrap();
     assert!(similarity > 0.9, "the same crop: {similarity}");
     keep_screenshot("identify", &b.screenshot());
+    a_scanner_photo_is_identified_and_a_bomb_refused(&web);
+    // The same photo chosen on the page.
+    let photo = web.dir.path().join("cereal-photo.png");
+    std::fs::write(&photo, first_product_png()).unwrap();
+    b.find("#photo").type_text(&photo.display().to_string());
+    b.find("#identify-photo").click();
+    b.wait(
+        "the photo's identification",
+        "document.querySelector('#identify-result').textContent.includes('cereal-photo.png')",
+        Duration::from_secs(60),
+    );
+    let answer = b.find("#identify-result").text();
+    assert!(answer.contains("Identified as SKU-CEREAL"), "{answer}");
 
     b.goto(&web.url("/health"));
     b.wait(
@@ -402,6 +415,54 @@ fn a_product_enrolled_from_a_box_on_the_live_frame_is_then_identified_and_health
         Duration::from_secs(30),
     );
     keep_screenshot("health", &b.screenshot());
+}
+
+/// `POST /api/identify` with a photo as a scanner sends it: the product just enrolled
+/// from the live frame, cut from the fixture frame as a PNG, is that SKU; a
+/// decompression bomb is a 422 naming the limit, and the daemon goes on.
+fn a_scanner_photo_is_identified_and_a_bomb_refused(web: &WebDaemon) {
+    let png = first_product_png();
+    let post = |bytes: &[u8], kind: &str| {
+        let mut r = agent()
+            .post(web.url("/api/identify"))
+            .header("Content-Type", kind)
+            .send(bytes)
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.body_mut().read_json::<Value>().unwrap(),
+        )
+    };
+    let (status, answer) = post(&png, "image/png");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["sku"], "SKU-CEREAL", "{answer}");
+    let bomb = std::fs::read(fixture("bad/bomb-60000x60000.png")).unwrap();
+    let (status, refusal) = post(&bomb, "image/png");
+    assert_eq!(status, 422, "{refusal}");
+    assert_valid("api-error", &refusal);
+    assert!(
+        refusal["error"].as_str().unwrap().contains("60000"),
+        "{refusal}"
+    );
+    let (status, _) = get_json(&web.url("/api/state"));
+    assert_eq!(status, 200);
+}
+
+/// The first product of the fixture frame's top board, cut out as a PNG.
+fn first_product_png() -> Vec<u8> {
+    let frame = image::open(frame()).unwrap().to_rgb8();
+    let (w, h) = frame.dimensions();
+    let crop = image::imageops::crop_imm(
+        &frame,
+        (0.09 * f64::from(w)) as u32,
+        (0.25 * f64::from(h)) as u32,
+        (0.10 * f64::from(w)) as u32,
+        (0.20 * f64::from(h)) as u32,
+    )
+    .to_image();
+    let mut png = std::io::Cursor::new(Vec::new());
+    crop.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    png.into_inner()
 }
 
 /// The daemon's health records in `msgs`, by their uptime.

@@ -1144,6 +1144,8 @@
     const btnEnrol = h('button', { id: 'enrol', type: 'button', class: 'primary', text: 'Enrol' });
     const btnIdentify = h('button', { id: 'identify', type: 'button', text: 'Identify' });
     const result = h('div', { id: 'identify-result', class: 'result', role: 'status', 'aria-live': 'polite' });
+    const inPhoto = h('input', { id: 'photo', type: 'file', accept: 'image/jpeg,image/png,image/bmp' });
+    const btnPhoto = h('button', { id: 'identify-photo', type: 'button', text: 'Identify photo' });
 
     app.append(note, h('div', { class: 'identify-layout' },
       h('div', { class: 'panel' },
@@ -1156,6 +1158,9 @@
           h('label', { class: 'field' }, h('span', { text: 'SKU' }), inSku),
           h('label', { class: 'field' }, h('span', { text: 'Product name' }), inName),
           h('div', { class: 'buttons' }, btnEnrol, btnIdentify),
+          h('h3', { text: 'Or a photo' }),
+          h('label', { class: 'field' }, h('span', { text: 'Photo of one product' }), inPhoto),
+          h('div', { class: 'buttons' }, btnPhoto),
           result))));
 
     const serverCamera = () => (st.data && st.data.cameras || []).find((c) => c.id === st.camera) || null;
@@ -1173,6 +1178,7 @@
       btnClear.disabled = !st.box || !!st.drag;
       btnEnrol.disabled = !enabled() || st.busy;
       btnIdentify.disabled = !enabled() || st.busy;
+      btnPhoto.disabled = !enabled() || st.busy;
       if (st.data && !enabled()) {
         note.textContent = 'Product identification is not configured on this device ([identify] in the config): enrolling and identifying are off.';
         note.hidden = false;
@@ -1298,29 +1304,59 @@
       });
     });
 
+    // The closest SKUs as a table under a one-line verdict.
+    function showMatches(r, footer) {
+      const head = r.sku === 'unknown'
+        ? 'Unknown product: nothing enrolled is similar enough.'
+        : `Identified as ${r.sku}.`;
+      const matches = Array.isArray(r.matches) ? r.matches : [];
+      const table = matches.length
+        ? h('table', { class: 'matches' },
+          h('thead', {}, h('tr', {},
+            h('th', { class: 'num', text: '#' }),
+            h('th', { text: 'SKU' }),
+            h('th', { text: 'Name' }),
+            h('th', { class: 'num', text: 'Similarity' }))),
+          h('tbody', {}, matches.map((m, i) => h('tr', { 'data-sku': m.sku },
+            h('td', { class: 'num', text: String(i + 1) }),
+            h('td', { class: 'sku', text: m.sku }),
+            h('td', { class: 'name', text: m.name || '' }),
+            h('td', { class: 'similarity num', text: fmt.num(m.similarity, 3) })))))
+        : h('p', { class: 'muted', text: 'No products are enrolled yet.' });
+      showResult(result, 'ok', [head, `${footer}, ${fmt.num(r.ms, 1)} ms.`], table);
+    }
+
     btnIdentify.addEventListener('click', () => {
       if (!needBox()) return;
       const body = boxBody();
       run('Identifying', async () => {
         const r = await api('POST', `/api/cameras/${enc(st.camera)}/identify`, body);
-        const head = r.sku === 'unknown'
-          ? 'Unknown product: nothing enrolled is similar enough.'
-          : `Identified as ${r.sku}.`;
-        const matches = Array.isArray(r.matches) ? r.matches : [];
-        const table = matches.length
-          ? h('table', { class: 'matches' },
-            h('thead', {}, h('tr', {},
-              h('th', { class: 'num', text: '#' }),
-              h('th', { text: 'SKU' }),
-              h('th', { text: 'Name' }),
-              h('th', { class: 'num', text: 'Similarity' }))),
-            h('tbody', {}, matches.map((m, i) => h('tr', { 'data-sku': m.sku },
-              h('td', { class: 'num', text: String(i + 1) }),
-              h('td', { class: 'sku', text: m.sku }),
-              h('td', { class: 'name', text: m.name || '' }),
-              h('td', { class: 'similarity num', text: fmt.num(m.similarity, 3) })))))
-          : h('p', { class: 'muted', text: 'No products are enrolled yet.' });
-        showResult(result, 'ok', [head, `Frame ${body.frame}, ${fmt.num(r.ms, 1)} ms.`], table);
+        showMatches(r, `Frame ${body.frame}`);
+      });
+    });
+
+    // A photo from this device (a phone at the shelf, a scanner's picture): sent as is,
+    // the daemon holds it to the scanner requests' size limits.
+    btnPhoto.addEventListener('click', () => {
+      const file = inPhoto.files && inPhoto.files[0];
+      if (!file) {
+        showResult(result, 'error', ['Choose a photo of one product first.']);
+        return;
+      }
+      run('Identifying the photo', async () => {
+        const res = await fetch('/api/identify', {
+          method: 'POST',
+          credentials: 'same-origin',
+          headers: { 'Content-Type': file.type || 'application/octet-stream' },
+          body: file,
+        });
+        const r = await res.json().catch(() => ({}));
+        if (!res.ok) {
+          const e = new Error(r.error || `${res.status} ${res.statusText}`);
+          e.status = res.status;
+          throw e;
+        }
+        showMatches(r, file.name);
       });
     });
 
