@@ -421,6 +421,14 @@ fn write_zones(
     Ok((backup, version_of(&new)))
 }
 
+/// A box refers to a frame the daemon no longer keeps (see `feed`).
+fn frame_gone(seq: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        format!("frame {seq} is no longer kept: draw the box again"),
+    )
+}
+
 /// A frame a page shows, to keep while a box is drawn on it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -435,10 +443,7 @@ async fn pin(
 ) -> ApiResult<Json<Value>> {
     let req = body(req)?;
     if !feed(&web, &camera)?.pin(req.frame) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("frame {} is no longer kept: draw the box again", req.frame),
-        ));
+        return Err(frame_gone(req.frame));
     }
     Ok(Json(json!({
         "frame": req.frame,
@@ -461,12 +466,9 @@ struct BoxOnFrame {
 
 /// The pixels of the box on the frame it was drawn on: at least 8 pixels a side.
 fn region(web: &Web, camera: &str, req: &BoxOnFrame) -> ApiResult<(Arc<super::feed::Shown>, BBox)> {
-    let shown = feed(web, camera)?.find(req.frame).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            format!("frame {} is no longer kept: draw the box again", req.frame),
-        )
-    })?;
+    let shown = feed(web, camera)?
+        .find(req.frame)
+        .ok_or_else(|| frame_gone(req.frame))?;
     let [x1, y1, x2, y2] = req.bbox;
     let (w, h) = shown.frame.image.dimensions();
     let b = BBox {
