@@ -1074,7 +1074,7 @@
         ['Spooled bytes', fmt.bytes(m.spooled_bytes)],
         ['Dropped', fmt.int(m.dropped)],
         ['Damaged spool entries', fmt.int(m.spool_damaged)],
-        ['Connect attempts', fmt.int(m.connect_attempts)],
+        ['Reconnects', fmt.int(m.connect_attempts)],
         ['Spool on disk', m.spool_on_disk ? 'yes' : 'no (memory only)'],
       ];
       mqtt.replaceChildren(h('dl', { class: 'kv' },
