@@ -166,12 +166,12 @@ pub fn run(config_path: &Path) -> Result<(), DaemonError> {
         .enable_all()
         .build()?;
     let (mut sinks, mut mqtt) = open_sinks(&loaded, &state_dir, &models, rt.handle())?;
-    let mut http = HttpParts::new(&loaded);
+    let http = HttpParts::new(&loaded);
     if let Some(h) = &http {
         sinks.push(Box::new(web::board::BoardSink(h.board.clone())));
     }
     let (updates, publisher) = start_publisher(&loaded.config, store, &saved, sinks)?;
-    if let Some(h) = http.as_mut() {
+    if let Some(h) = &http {
         h.start(&loaded, config_path, &models, rt.handle())?;
     }
     let stop = Arc::new(AtomicBool::new(false));

@@ -18,7 +18,7 @@ use sha2::Digest;
 use super::{zones::ZoneEdit, Observation, Request, Web};
 use crate::config::{Config, Coordinates, ZoneConfig};
 use crate::identify::gallery::{check_sku, open_for_change};
-use crate::identify::{Gallery, GalleryLock, Reference};
+use crate::identify::{GalleryLock, Reference};
 use crate::vision::BBox;
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
@@ -75,6 +75,11 @@ impl ApiError {
             message: message.into(),
             problems: Vec::new(),
         }
+    }
+
+    /// A failure of the daemon's own (a model, the gallery on disk): 500 with its text.
+    fn internal(e: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
     }
 }
 
@@ -150,7 +155,7 @@ async fn reload(web: &Web) -> bool {
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        .map_err(ApiError::internal)
 }
 
 async fn metrics(State(web): State<Arc<Web>>) -> ApiResult<Response> {
@@ -513,12 +518,10 @@ async fn enrol(
         let mut embedder = id.embedder.lock().unwrap_or_else(|p| p.into_inner());
         let vector = embedder
             .embed_region(&shown.frame.image, &b)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        let gallery_err = |e: crate::identify::GalleryError| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
-        };
-        let _lock = GalleryLock::acquire(&id.gallery_dir).map_err(gallery_err)?;
-        let mut g = open_for_change(&id.gallery_dir, &embedder.model_id()).map_err(gallery_err)?;
+            .map_err(ApiError::internal)?;
+        let _lock = GalleryLock::acquire(&id.gallery_dir).map_err(ApiError::internal)?;
+        let mut g =
+            open_for_change(&id.gallery_dir, &embedder.model_id()).map_err(ApiError::internal)?;
         g.add(
             Reference {
                 sku: sku.clone(),
@@ -528,8 +531,8 @@ async fn enrol(
             },
             &vector,
         )
-        .map_err(gallery_err)?;
-        g.save(&id.gallery_dir).map_err(gallery_err)?;
+        .map_err(ApiError::internal)?;
+        g.save(&id.gallery_dir).map_err(ApiError::internal)?;
         tracing::info!(
             sku,
             camera,
@@ -588,18 +591,11 @@ async fn answer(
     let matches = blocking(move || -> ApiResult<Vec<crate::identify::Match>> {
         let id = w.identification.as_ref().expect("checked by the caller");
         let mut embedder = id.embedder.lock().unwrap_or_else(|p| p.into_inner());
-        let vector = embed(&mut embedder)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        let gallery = match Gallery::load_for(&id.gallery_dir, &embedder.model_id()) {
-            Ok(g) => g,
-            Err(crate::identify::GalleryError::Missing { .. }) => Gallery::new(embedder.model_id()),
-            Err(e) => {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    e.to_string(),
-                ))
-            }
-        };
+        let vector = embed(&mut embedder).map_err(ApiError::internal)?;
+        // Read at each request: an enrolment a moment ago (here or by `shelfwatch
+        // enroll`) counts at once; a gallery not enrolled yet is empty.
+        let gallery =
+            open_for_change(&id.gallery_dir, &embedder.model_id()).map_err(ApiError::internal)?;
         Ok(gallery.search(&vector, id.top_k))
     })
     .await??;

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::Observation;
-use crate::publish::Health;
+use crate::publish::CameraHealth;
 
 /// Upper bounds (seconds) of the inference histogram's buckets: from a fast model on a
 /// desktop (a few ms) to a large frame tiled on a Pi 4 under load (seconds).
@@ -100,21 +100,6 @@ impl Out {
         }
         let _ = writeln!(self.0, " {value}");
     }
-
-    /// One sample per camera of a figure from the health record.
-    fn per_camera(
-        &mut self,
-        health: &Health,
-        name: &str,
-        kind: &str,
-        help: &str,
-        value: impl Fn(&crate::publish::CameraHealth) -> f64,
-    ) {
-        self.family(name, kind, help);
-        for c in &health.cameras {
-            self.sample(name, &[("camera", &c.camera)], value(c));
-        }
-    }
 }
 
 /// The resident set size of this process in bytes, from /proc/self/statm.
@@ -130,55 +115,57 @@ pub fn resident_bytes() -> Option<u64> {
 pub fn render(o: &Observation, board: &super::board::Board) -> String {
     let mut out = Out(String::with_capacity(8 << 10));
     let h = &o.health;
-    out.per_camera(
-        h,
-        "shelfwatch_frames_captured_total",
-        "counter",
-        "Frames delivered by the camera.",
-        |c| c.frames_captured as f64,
-    );
-    out.per_camera(
-        h,
-        "shelfwatch_frames_processed_total",
-        "counter",
-        "Frames run through the model and the zone counters.",
-        |c| c.frames_processed as f64,
-    );
-    out.per_camera(
-        h,
-        "shelfwatch_frames_dropped_total",
-        "counter",
-        "Frames replaced by a newer one before inference took them.",
-        |c| c.frames_dropped as f64,
-    );
-    out.per_camera(
-        h,
-        "shelfwatch_frames_corrupt_total",
-        "counter",
-        "Frames skipped because they could not be decoded.",
-        |c| c.frames_corrupt as f64,
-    );
-    out.per_camera(
-        h,
-        "shelfwatch_camera_reconnects_total",
-        "counter",
-        "Times the camera was reopened after a failure.",
-        |c| c.reconnects as f64,
-    );
-    out.per_camera(
-        h,
-        "shelfwatch_camera_online",
-        "gauge",
-        "1 while the camera delivers frames.",
-        |c| f64::from(u8::from(c.online)),
-    );
-    out.per_camera(
-        h,
-        "shelfwatch_frames_per_second",
-        "gauge",
-        "Frames processed per second over the last few seconds.",
-        |c| c.fps,
-    );
+    type Figure = fn(&CameraHealth) -> f64;
+    let per_camera: [(&str, &str, &str, Figure); 7] = [
+        (
+            "shelfwatch_frames_captured_total",
+            "counter",
+            "Frames delivered by the camera.",
+            |c| c.frames_captured as f64,
+        ),
+        (
+            "shelfwatch_frames_processed_total",
+            "counter",
+            "Frames run through the model and the zone counters.",
+            |c| c.frames_processed as f64,
+        ),
+        (
+            "shelfwatch_frames_dropped_total",
+            "counter",
+            "Frames replaced by a newer one before inference took them.",
+            |c| c.frames_dropped as f64,
+        ),
+        (
+            "shelfwatch_frames_corrupt_total",
+            "counter",
+            "Frames skipped because they could not be decoded.",
+            |c| c.frames_corrupt as f64,
+        ),
+        (
+            "shelfwatch_camera_reconnects_total",
+            "counter",
+            "Times the camera was reopened after a failure.",
+            |c| c.reconnects as f64,
+        ),
+        (
+            "shelfwatch_camera_online",
+            "gauge",
+            "1 while the camera delivers frames.",
+            |c| f64::from(u8::from(c.online)),
+        ),
+        (
+            "shelfwatch_frames_per_second",
+            "gauge",
+            "Frames processed per second over the last few seconds.",
+            |c| c.fps,
+        ),
+    ];
+    for (name, kind, help, figure) in per_camera {
+        out.family(name, kind, help);
+        for c in &h.cameras {
+            out.sample(name, &[("camera", &c.camera)], figure(c));
+        }
+    }
     inference(&mut out, o);
     zones(&mut out, o, board);
     out.family(
