@@ -4,7 +4,7 @@
 # CPU and model that, unlike timings under emulation, does not depend on this machine.
 #
 #   bench/arm-insns.sh [--models a.toml,b.toml] [--configs LIST] [--image IMG]
-#                      [--threads N] [--no-build]
+#                      [--threads N] [--kernels LIST] [--no-build]
 #
 # For each configuration (default: aarch64 on cortex-a72 and on cortex-a76, armv7 on
 # cortex-a15 with NEON) and each model manifest (default: the fp32 and int8 SSDs) it runs
@@ -29,6 +29,9 @@
 #   --threads N     pass `--threads N` to bench (binaries that have it). With N > 1 the
 #                   count includes what the worker threads spend spinning while they wait,
 #                   so it measures scheduling as well as work.
+#   --kernels LIST  comma-separated `bench --kernels` values (default shelfwatch);
+#                   `shelfwatch,tract` counts both, to show what shelfwatch's own
+#                   depthwise kernels save against tract's alone
 #   --no-build      use the ARM binaries as they are, even when older than the sources
 #
 # Each ARM binary comes from `scripts/test-arm.sh TARGET --build-only` (a release build
@@ -50,6 +53,7 @@ models=models/ssd_mobilenetv2_oidv4.toml,models/ssd_mobilenetv2_oidv4_int8.toml
 configs=aarch64-unknown-linux-gnu:cortex-a72,aarch64-unknown-linux-gnu:cortex-a76,armv7-unknown-linux-gnueabihf:cortex-a15
 image=tests/fixtures/scenes/frames/000.jpg
 threads=""
+kernels=shelfwatch
 build=true
 runs_lo=1
 runs_hi=3
@@ -66,6 +70,7 @@ while [[ $# -gt 0 ]]; do
     --configs) configs=${2:?--configs needs a list}; shift 2 ;;
     --image) image=${2:?--image needs a file}; shift 2 ;;
     --threads) threads=${2:?--threads needs a number}; shift 2 ;;
+    --kernels) kernels=${2:?--kernels needs a list}; shift 2 ;;
     --no-build) build=false; shift ;;
     -h|--help) header; exit 0 ;;
     *) echo "error: unknown argument $1" >&2; usage ;;
@@ -92,6 +97,10 @@ done
 
 IFS=, read -r -a model_list <<<"$models"
 IFS=, read -r -a config_list <<<"$configs"
+IFS=, read -r -a kernels_list <<<"$kernels"
+for k in "${kernels_list[@]}"; do
+  [[ $k == shelfwatch || $k == tract ]] || { echo "error: --kernels: $k is not shelfwatch or tract" >&2; exit 1; }
+done
 for m in "${model_list[@]}"; do
   [[ -f $m ]] || {
     echo "error: model manifest $m does not exist" >&2
@@ -142,16 +151,17 @@ for c in "${config_list[@]}"; do
   fi
 done
 
-# count TARGET CPU MODEL RUNS TAG: runs bench under the plugin; leaves TAG.{insns,json,log}.
+# count TARGET CPU MODEL KERNELS RUNS TAG: runs bench under the plugin; leaves
+# TAG.{insns,json,log}.
 count() {
-  local target=$1 cpu=$2 model=$3 runs=$4 tag=$5
+  local target=$1 cpu=$2 model=$3 kernels=$4 runs=$5 tag=$6
   local qemu sysroot
   local -a env_args=(-u QEMU_CPU -u QEMU_LD_PREFIX -u QEMU_PLUGIN -u TRACT_CPU_ARM32_NEON)
   case $target in
     aarch64-*) qemu=qemu-aarch64 sysroot=/usr/aarch64-linux-gnu ;;
     armv7-*) qemu=qemu-arm sysroot=/usr/arm-linux-gnueabihf env_args+=(TRACT_CPU_ARM32_NEON=true) ;;
   esac
-  local -a bench_args=(bench --json --warmup 0 --runs "$runs" --model "$model")
+  local -a bench_args=(bench --json --warmup 0 --runs "$runs" --model "$model" --kernels "$kernels")
   [[ -n $threads ]] && bench_args+=(--threads "$threads")
   local t0=$SECONDS
   if ! env "${env_args[@]}" "$qemu" -L "$sysroot" -cpu "$cpu" \
@@ -175,15 +185,17 @@ results=$runs_dir/results.tsv
 for c in "${config_list[@]}"; do
   target=${c%%:*} cpu=${c#*:}
   for model in "${model_list[@]}"; do
-    name=$(basename "$model" .toml)
-    base=$runs_dir/$target-$cpu-$name
-    t0=$SECONDS
-    echo "==> $target $cpu $model"
-    count "$target" "$cpu" "$model" "$runs_lo" "$base-r$runs_lo"
-    count "$target" "$cpu" "$model" "$runs_hi" "$base-r$runs_hi"
-    printf '%s\t%s\t%s\t%s\t%s\n' "$target" "$cpu" "$model" "$base-r$runs_lo" \
-      "$base-r$runs_hi" >>"$results"
-    echo "<== $target $cpu $model: $((SECONDS - t0)) s"
+    for k in "${kernels_list[@]}"; do
+      name=$(basename "$model" .toml)
+      base=$runs_dir/$target-$cpu-$name-$k
+      t0=$SECONDS
+      echo "==> $target $cpu $model, $k kernels"
+      count "$target" "$cpu" "$model" "$k" "$runs_lo" "$base-r$runs_lo"
+      count "$target" "$cpu" "$model" "$k" "$runs_hi" "$base-r$runs_hi"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$cpu" "$model" "$k" "$base-r$runs_lo" \
+        "$base-r$runs_hi" >>"$results"
+      echo "<== $target $cpu $model, $k kernels: $((SECONDS - t0)) s"
+    done
   done
 done
 
@@ -204,7 +216,7 @@ def counts(tag):
 
 rows, table = [], []
 for line in open(results):
-    target, cpu, model, tag_lo, tag_hi = line.rstrip("\n").split("\t")
+    target, cpu, model, choice, tag_lo, tag_hi = line.rstrip("\n").split("\t")
     c_lo, c_hi = counts(tag_lo), counts(tag_hi)
     b_lo, b_hi = json.load(open(tag_lo + ".json")), json.load(open(tag_hi + ".json"))
     if b_lo["kernels"] != b_hi["kernels"]:
@@ -213,10 +225,10 @@ for line in open(results):
     per = (c_hi["insns"] - c_lo["insns"]) // (hi - lo)
     if per <= 0:
         sys.exit(f"error: {target} {cpu} {model}: --runs {hi} counted no more than --runs {lo}")
-    rows.append({"target": target, "cpu": cpu, "model": model,
+    rows.append({"target": target, "cpu": cpu, "model": model, "depthwise": choice,
                  "insns_per_inference": per, "kernels": b_hi["kernels"]})
     # Not inference: reading the image, loading and optimising the model, first-run work.
-    table.append((target.split("-")[0], cpu, b_hi["model"], per, c_lo["insns"] - per,
+    table.append((target.split("-")[0], cpu, f"{b_hi['model']} ({choice})", per, c_lo["insns"] - per,
                   max(c_lo["vcpus"], c_hi["vcpus"]), ", ".join(b_hi["kernels"])))
 
 with open(out, "w") as f:

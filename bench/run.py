@@ -11,7 +11,9 @@ docs/performance.svg with bench/report.py (a --quick run renders into target/ben
 
 Stages:
   inference   `shelfwatch bench --threads N` vs bench/ort_bench.py (onnxruntime, only
-              session.run timed), fp32 and int8 models, 1 and 2 threads
+              session.run timed), 1 and 2 threads: the SSD in fp32 and int8 and the shelf
+              counter (the default model, at its trained 384x288), each also with
+              `--kernels tract` (tract's own kernels only: what shelfwatch's own add)
   parity      bench/py_pipeline.py's zone counts against `shelfwatch detect`'s on the
               scene frames (fp32 must agree, or the comparison below is not like for like)
   end to end  the daemon (files source, every frame, MQTT sink) vs py_pipeline.py on
@@ -43,6 +45,16 @@ OUT = os.path.join(ROOT, "target", "bench")
 RAW = os.path.join(OUT, "raw")
 FP32_MANIFEST = "models/ssd_mobilenetv2_oidv4.toml"
 INT8_MANIFEST = "models/ssd_mobilenetv2_oidv4_int8.toml"
+COUNTER_MANIFEST = "models/shelf_counter.toml"
+# The shelf counter at one input size, its trained one: onnxruntime has no scale rule,
+# so both run the same tensor.
+MODEL_ARGS = {"counter": ["--input-size", "384x288"]}
+# (engine, model) pairs measured. "tract": shelfwatch with `--kernels tract`. The int8
+# SSD has no float depthwise convolution for shelfwatch's kernels to take, so it runs
+# once.
+RUNS = [("shelfwatch", "fp32"), ("tract", "fp32"), ("onnxruntime", "fp32"),
+        ("shelfwatch", "int8"), ("onnxruntime", "int8"),
+        ("shelfwatch", "counter"), ("tract", "counter"), ("onnxruntime", "counter")]
 INFERENCE_THREADS = (1, 2)
 E2E_THREADS = 1
 PY = sys.executable
@@ -162,7 +174,7 @@ class Bench:
         self.broker = None
 
     def check_models(self):
-        for key, manifest in (("fp32", FP32_MANIFEST), ("int8", INT8_MANIFEST)):
+        for key, manifest in (("fp32", FP32_MANIFEST), ("int8", INT8_MANIFEST), ("counter", COUNTER_MANIFEST)):
             self.models[key] = {"manifest": manifest, "onnx": onnx_of(manifest)}
         print(", ".join(f"{k}: {v['manifest']} ({v['onnx']})" for k, v in self.models.items()))
 
@@ -170,19 +182,23 @@ class Bench:
     def inference(self):
         common = ["--json", "--warmup", str(self.warmup), "--runs", str(self.runs)]
         for n in INFERENCE_THREADS:
-            for key, m in self.models.items():
-                print(f"  {key}, {n} thread(s): shelfwatch")
-                base = os.path.join(RAW, f"inference-shelfwatch-{key}-t{n}")
-                run_to_file([BIN, "bench", *common, "--threads", str(n), "--model", m["manifest"], *self.frames],
-                            base + ".json", base + ".err", f"shelfwatch bench ({key}, {n} threads)")
-                print(f"  {key}, {n} thread(s): onnxruntime")
-                base = os.path.join(RAW, f"inference-onnxruntime-{key}-t{n}")
-                run_to_file([PY, "bench/ort_bench.py", *common, "--threads", str(n), "--model", m["onnx"], *self.frames],
-                            base + ".json", base + ".err", f"ort_bench.py ({key}, {n} threads)")
+            for engine, key in RUNS:
+                m = self.models[key]
+                print(f"  {key}, {n} thread(s): {engine}")
+                base = os.path.join(RAW, f"inference-{engine}-{key}-t{n}")
+                if engine == "onnxruntime":
+                    cmd = [PY, "bench/ort_bench.py", *common, "--threads", str(n), "--model", m["onnx"], *self.frames]
+                else:
+                    kernels = ["--kernels", "tract"] if engine == "tract" else []
+                    cmd = [BIN, "bench", *common, "--threads", str(n), "--model", m["manifest"], *kernels,
+                           *MODEL_ARGS.get(key, []), *self.frames]
+                run_to_file(cmd, base + ".json", base + ".err", f"{engine} ({key}, {n} threads)")
 
     # Parity: the Python pipeline must count what shelfwatch counts, frame by frame.
     def parity(self):
-        for key, m in self.models.items():
+        # py_pipeline.py decodes the SSD; the counter's comparison is its inference alone.
+        for key in ("fp32", "int8"):
+            m = self.models[key]
             detected = os.path.join(RAW, f"parity-detect-{key}.jsonl")
             run_to_file([BIN, "detect", "--model", m["manifest"], *self.frames], detected,
                         os.path.join(RAW, f"parity-detect-{key}.err"), f"shelfwatch detect ({key})")
@@ -302,7 +318,7 @@ class Bench:
 
         inference = [{"engine": engine, "model": model, "threads": n,
                       "result": rd(f"inference-{engine}-{model}-t{n}.json")}
-                     for n in INFERENCE_THREADS for model in ("fp32", "int8") for engine in ("shelfwatch", "onnxruntime")]
+                     for n in INFERENCE_THREADS for engine, model in RUNS]
         with open("/proc/loadavg") as f:
             load_end = f.read()
         return {

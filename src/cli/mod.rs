@@ -96,6 +96,10 @@ pub struct ModelArgs {
     /// Threads for one inference, instead of the configured `[model] threads`.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=crate::config::MAX_THREADS as i64))]
     pub threads: Option<u16>,
+    /// Whose kernels run the depthwise convolutions: `shelfwatch` (its own, fused with
+    /// ReLU6) or `tract`, instead of the configured `[model] kernels`.
+    #[arg(long, value_name = "shelfwatch|tract")]
+    pub kernels: Option<crate::vision::kernels::Kernels>,
     /// Cache the decluttered model in this directory, as the daemon does in its state
     /// directory (`[model] cache`); without it, these commands read the ONNX file.
     #[arg(long, value_name = "DIR")]
@@ -164,6 +168,9 @@ impl ModelArgs {
         }
         if let Some(t) = self.threads {
             options.threads = usize::from(t);
+        }
+        if let Some(k) = self.kernels {
+            options.kernels = k;
         }
         // One-off commands do not write into the daemon's state directory.
         options.cache_dir = self.model_cache.clone();

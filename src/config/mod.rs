@@ -258,6 +258,7 @@ impl LoadedConfig {
         let d = self.detector_options();
         crate::vision::EmbedderOptions {
             threads: d.threads,
+            kernels: d.kernels,
             cache_dir: d.cache_dir,
         }
     }
@@ -272,6 +273,7 @@ impl LoadedConfig {
             label_thresholds: m.label_thresholds.clone(),
             input_size: m.input_size.fixed(),
             threads: m.threads,
+            kernels: m.kernels,
             cache_dir: m
                 .cache
                 .then(|| self.resolve(&self.config.state.dir).join("model-cache")),
@@ -293,6 +295,7 @@ impl LoadedConfig {
                 label_thresholds: BTreeMap::new(),
                 input_size: None,
                 threads: d.threads,
+                kernels: d.kernels,
                 cache_dir: d.cache_dir,
             },
         ))

@@ -48,6 +48,12 @@ pub struct ModelConfig {
     /// on a board with a camera per core, the cameras' own threads use the cores already.
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// `"shelfwatch"` (the default): the depthwise convolutions run on shelfwatch's own
+    /// kernels (AVX2+FMA, NEON, chosen from the CPU at start; vision::kernels) with their
+    /// ReLU6 fused. `"tract"`: tract's own, to compare (`shelfwatch bench --kernels`) or
+    /// to fall back to.
+    #[serde(default)]
+    pub kernels: crate::vision::kernels::Kernels,
     /// Keep the decluttered model under `<state.dir>/model-cache` so that restarts skip
     /// the ONNX parse and graph simplification (vision::cache).
     #[serde(default = "default_model_cache")]
@@ -145,6 +151,7 @@ impl Default for ModelConfig {
             input_size: InputSize::Auto,
             rescale_interval_s: default_rescale_interval_s(),
             threads: default_threads(),
+            kernels: Default::default(),
             cache: default_model_cache(),
         }
     }

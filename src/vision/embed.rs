@@ -21,6 +21,8 @@ const MIN_CROP: f32 = 16.0;
 pub struct EmbedderOptions {
     /// Threads for one inference; 0 or 1: the calling thread only.
     pub threads: usize,
+    /// Whose kernels run the depthwise convolutions (see [`super::kernels`]).
+    pub kernels: super::kernels::Kernels,
     /// Model cache directory (see [`super::cache`]).
     pub cache_dir: Option<PathBuf>,
 }
@@ -94,6 +96,7 @@ impl Embedder {
             &manifest,
             shape,
             options.threads,
+            options.kernels,
             options.cache_dir.as_ref(),
             |names| {
                 if names.iter().any(|n| n == &wanted.output) {

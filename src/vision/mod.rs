@@ -8,6 +8,7 @@ pub mod annotate;
 pub mod cache;
 pub mod embed;
 pub mod eval;
+pub mod kernels;
 pub mod manifest;
 pub mod nms;
 pub mod outputs;
@@ -131,6 +132,8 @@ pub struct DetectorOptions {
     /// Threads for one inference (tract's matrix products); 0 or 1: the calling thread
     /// only.
     pub threads: usize,
+    /// Whose kernels run the depthwise convolutions (see [`kernels`]).
+    pub kernels: kernels::Kernels,
     /// Where to keep decluttered models between starts (see [`cache`]); none: every
     /// start reads the ONNX file.
     pub cache_dir: Option<PathBuf>,
@@ -190,6 +193,7 @@ pub struct Detector {
     /// Plans by input size; the first is the configured size and is never evicted.
     plans: Vec<SizedPlan>,
     threads: usize,
+    kernels: kernels::Kernels,
     cache_dir: Option<PathBuf>,
     calls: u64,
     thresholds: Thresholds,
@@ -211,6 +215,7 @@ impl Detector {
             &manifest,
             (width, height),
             options.threads,
+            options.kernels,
             options.cache_dir.as_ref(),
         )?;
         let thresholds = Thresholds::new(
@@ -230,6 +235,7 @@ impl Detector {
             manifest,
             plans: vec![plan],
             threads: options.threads,
+            kernels: options.kernels,
             cache_dir: options.cache_dir.clone(),
             calls: 0,
             thresholds,
@@ -248,6 +254,7 @@ impl Detector {
                 .map(SizedPlan::fork)
                 .collect::<Result<_, _>>()?,
             threads: self.threads,
+            kernels: self.kernels,
             cache_dir: self.cache_dir.clone(),
             calls: self.calls,
             thresholds: self.thresholds.clone(),
@@ -278,11 +285,13 @@ impl Detector {
         &self.manifest.labels
     }
 
-    /// The matrix-multiplication kernels tract chose for this model on this CPU (sorted,
-    /// each once), e.g. `arm64simd_mmm_f32_8x8_a55` on a Cortex-A72 or
-    /// `fma_mmm_f32_16x6` on x86_64 with FMA. Convolutions run through these, so they are
-    /// where inference time goes; a `generic_*` name means no SIMD kernel was found for
-    /// the CPU (`shelfwatch bench` prints them; docs/arm.md lists them per board).
+    /// The kernels this model runs on this CPU (sorted, each once): the matrix products
+    /// tract chose, e.g. `arm64simd_mmm_f32_8x8_a55` on a Cortex-A72 or
+    /// `fma_mmm_f32_16x6` on x86_64 with FMA, and shelfwatch's own depthwise kernels,
+    /// e.g. `shelfwatch_dw_f32_neon` ([`kernels`]). Convolutions run through these, so
+    /// they are where inference time goes; a `generic` name means no SIMD kernel was
+    /// found for the CPU (`shelfwatch bench` prints them; docs/arm.md lists them per
+    /// board).
     pub fn kernels(&self) -> Vec<String> {
         let mut names: Vec<String> = self
             .plans
@@ -290,6 +299,13 @@ impl Detector {
             .flat_map(|p| p.plan.model().nodes().iter())
             .filter_map(|n| n.op_as::<tract_onnx::tract_core::ops::matmul::optimized::OptMatMul>())
             .flat_map(|op| op.mmm.iter().map(|k| k.name().to_string()))
+            .chain(
+                self.plans
+                    .iter()
+                    .flat_map(|p| p.plan.model().nodes().iter())
+                    .filter_map(|n| n.op_as::<kernels::DepthwiseConv>())
+                    .map(|op| op.kernel_name()),
+            )
             .collect();
         names.sort();
         names.dedup();
@@ -361,7 +377,13 @@ impl Detector {
         if let Some(i) = self.plans.iter().position(|p| p.size == size) {
             return Ok(i);
         }
-        let plan = sized_plan(&self.manifest, size, self.threads, self.cache_dir.as_ref())?;
+        let plan = sized_plan(
+            &self.manifest,
+            size,
+            self.threads,
+            self.kernels,
+            self.cache_dir.as_ref(),
+        )?;
         if self.plans.len() >= MAX_PLANS {
             let oldest = (1..self.plans.len())
                 .min_by_key(|&i| self.plans[i].last_used)
@@ -441,6 +463,7 @@ fn sized_plan(
     manifest: &LoadedManifest,
     (width, height): (u32, u32),
     threads: usize,
+    kernels: kernels::Kernels,
     cache_dir: Option<&PathBuf>,
 ) -> Result<SizedPlan, VisionError> {
     let spec = &manifest.manifest;
@@ -465,6 +488,7 @@ fn sized_plan(
         manifest,
         shape,
         threads,
+        kernels,
         cache_dir,
         |names| Decoder::new(manifest, names, (width, height)),
         Decoder::output_names,
@@ -515,6 +539,7 @@ pub(crate) fn load_plan<R>(
     manifest: &LoadedManifest,
     shape: [usize; 4],
     threads: usize,
+    kernels: kernels::Kernels,
     cache_dir: Option<&PathBuf>,
     make_reader: impl Fn(&[String]) -> Result<R, VisionError>,
     outputs_of: impl Fn(&R) -> Vec<String>,
@@ -527,7 +552,7 @@ pub(crate) fn load_plan<R>(
     let t0 = Instant::now();
     let cache = cache_dir.map(cache::ModelCache::new);
     let key = cache::ModelCache::key(&spec.sha256, &shape, &format!("{:?}", spec.decoder));
-    let (model, reader, cached) = match cache.as_ref().and_then(|c| c.load(&key)) {
+    let (mut model, reader, cached) = match cache.as_ref().and_then(|c| c.load(&key)) {
         Some((model, outputs)) => (model, make_reader(&outputs)?, true),
         None => {
             let bytes = manifest.verify_model()?;
@@ -552,6 +577,26 @@ pub(crate) fn load_plan<R>(
             (model, reader, false)
         }
     };
+    // After the cache: the cache keeps tract's decluttered graph, whatever kernels this
+    // start chooses for this CPU.
+    if kernels == kernels::Kernels::Shelfwatch {
+        if cached {
+            // tract's NNEF reader wires each convolution's bias through reshape and cast
+            // nodes; simplified again, those fold back into the constants `install`
+            // reads, so a cached model runs the same kernels (and gives the same
+            // numbers) as one read from ONNX.
+            model = model.into_decluttered().map_err(model_err)?;
+        }
+        let isa = kernels::Isa::detect();
+        let installed = kernels::install(&mut model, isa).map_err(model_err)?;
+        tracing::debug!(
+            model = %spec.name,
+            depthwise = installed.depthwise,
+            fused_clamps = installed.fused_clamps,
+            kernel = kernels::kernel_name(isa),
+            "own kernels installed"
+        );
+    }
     let t1 = Instant::now();
     // The pool belongs to this plan, so the forks (one per camera) share it, and a
     // second model in the process (the embedder) has its own.

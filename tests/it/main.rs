@@ -12,6 +12,7 @@ mod counter;
 mod daemon;
 mod fidelity;
 mod identify;
+mod kernels;
 mod mqtt;
 mod platform;
 mod schemas;

@@ -63,9 +63,25 @@ fn detect_all(d: &mut Detector) -> Vec<Recorded> {
 
 #[test]
 fn inference_runs_on_the_simd_kernels_the_boards_have() {
-    let kernels = detector().kernels();
-    eprintln!("tract kernels: {kernels:?}");
+    let (own, kernels): (Vec<String>, Vec<String>) = detector()
+        .kernels()
+        .into_iter()
+        .partition(|k| k.starts_with("shelfwatch_"));
+    eprintln!("tract kernels: {kernels:?}, shelfwatch's: {own:?}");
     assert!(!kernels.is_empty(), "no matmul kernel found in the plan");
+    // shelfwatch's own depthwise kernels (src/vision/kernels), on the board's SIMD.
+    let own_expected = if cfg!(target_arch = "aarch64") {
+        "shelfwatch_dw_f32_neon"
+    } else if cfg!(target_arch = "arm") {
+        "shelfwatch_dw_f32_armv7neon"
+    } else {
+        "shelfwatch_dw_f32_avx2_fma"
+    };
+    assert_eq!(
+        own,
+        [own_expected],
+        "the depthwise convolutions run elsewhere"
+    );
     let expected_prefix = if cfg!(target_arch = "aarch64") {
         "arm64simd_"
     } else if cfg!(target_arch = "arm") {

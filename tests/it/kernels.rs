@@ -1,0 +1,161 @@
+//! shelfwatch's own depthwise kernels (src/vision/kernels) leave what the bundled models
+//! find unchanged: the same boxes within a pixel and the same scores within 1e-3 as
+//! tract's own kernels, on real photos and shelves, and the same embeddings. On ARM this
+//! runs under qemu (scripts/test-arm.sh) with the board's kernels, named.
+
+use shelfwatch::vision::kernels::{kernel_name, Isa, Kernels};
+use shelfwatch::vision::{Detection, Detector, DetectorOptions, Embedder, EmbedderOptions};
+
+use crate::util::{fixture, model};
+
+const IMAGES: [&str; 4] = [
+    "shelves/shelf_01.jpg",
+    "shelves/shelf_05.jpg",
+    "photos/coffee.png",
+    "photos/astronaut.png",
+];
+
+fn detections(
+    manifest: &str,
+    kernels: Kernels,
+    size: Option<(u32, u32)>,
+) -> (Vec<Vec<Detection>>, Vec<String>) {
+    let options = DetectorOptions {
+        // Low, so weak detections (the most sensitive to arithmetic) are compared too.
+        score_threshold: Some(0.2),
+        input_size: size,
+        kernels,
+        ..Default::default()
+    };
+    let mut d = Detector::load(&model(manifest), &options).unwrap();
+    let found = IMAGES
+        .iter()
+        .map(|f| {
+            let img = image::open(fixture(f)).unwrap().to_rgb8();
+            let mut dets = d.detect(&img).unwrap().0;
+            dets.sort_by(|a, b| {
+                (a.bbox.x1, a.bbox.y1)
+                    .partial_cmp(&(b.bbox.x1, b.bbox.y1))
+                    .unwrap()
+            });
+            dets
+        })
+        .collect();
+    (found, d.kernels())
+}
+
+/// What this build should run on this CPU: the tests run where the CI machines and
+/// boards run, x86_64 with AVX2+FMA, aarch64 (NEON), armv7 with NEON.
+fn expected_kernel() -> String {
+    kernel_name(Isa::detect())
+}
+
+#[test]
+fn own_kernels_find_the_same_products_as_tracts_on_every_bundled_detector() {
+    for (manifest, size) in [
+        ("shelf_counter.toml", None),
+        // A second size: other plane widths, other tails of the vector loops.
+        ("shelf_counter.toml", Some((640, 480))),
+        ("ssd_mobilenetv2_oidv4.toml", None),
+    ] {
+        let (want, tract_kernels) = detections(manifest, Kernels::Tract, size);
+        let (got, ours) = detections(manifest, Kernels::Shelfwatch, size);
+        assert!(
+            !tract_kernels.iter().any(|k| k.starts_with("shelfwatch_")),
+            "{manifest}: --kernels tract still ran ours: {tract_kernels:?}"
+        );
+        assert!(
+            ours.contains(&expected_kernel()),
+            "{manifest}: {} not in the plan: {ours:?}",
+            expected_kernel()
+        );
+        let total: usize = want.iter().map(Vec::len).sum();
+        assert!(
+            total >= 10,
+            "{manifest}: too few detections to compare ({total})"
+        );
+        for ((w, g), file) in want.iter().zip(&got).zip(IMAGES) {
+            assert_eq!(
+                w.len(),
+                g.len(),
+                "{manifest} {size:?} {file}: detections differ in number"
+            );
+            for (a, b) in w.iter().zip(g) {
+                assert_eq!(a.label, b.label, "{manifest} {file}");
+                assert!(
+                    (a.score - b.score).abs() <= 1e-3,
+                    "{manifest} {file}: score {} vs {}",
+                    b.score,
+                    a.score
+                );
+                for (p, q) in [
+                    (a.bbox.x1, b.bbox.x1),
+                    (a.bbox.y1, b.bbox.y1),
+                    (a.bbox.x2, b.bbox.x2),
+                    (a.bbox.y2, b.bbox.y2),
+                ] {
+                    assert!(
+                        (p - q).abs() <= 1.0,
+                        "{manifest} {file}: box {:?} vs {:?}",
+                        b.bbox,
+                        a.bbox
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn own_kernels_give_the_identification_model_the_same_embeddings() {
+    let embed = |kernels| {
+        let options = EmbedderOptions {
+            threads: 1,
+            kernels,
+            cache_dir: None,
+        };
+        let mut e = Embedder::load(&model("efficientnet_lite0.toml"), &options).unwrap();
+        ["photos/coffee.png", "photos/chelsea.png"]
+            .iter()
+            .map(|f| {
+                e.embed(&image::open(fixture(f)).unwrap().to_rgb8())
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    let (want, got) = (embed(Kernels::Tract), embed(Kernels::Shelfwatch));
+    for (w, g) in want.iter().zip(&got) {
+        let max = w
+            .iter()
+            .zip(g)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max <= 1e-4, "embeddings differ by up to {max}");
+    }
+}
+
+#[test]
+fn a_model_read_back_from_the_model_cache_runs_on_the_same_own_kernels() {
+    // The daemon reads its models from the cache after the first start: the kernels
+    // must not depend on where the graph came from.
+    let dir = tempfile::tempdir().unwrap();
+    let options = DetectorOptions {
+        cache_dir: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    };
+    let img = image::open(fixture("shelves/shelf_01.jpg"))
+        .unwrap()
+        .to_rgb8();
+    let mut first = Detector::load(&model("shelf_counter.toml"), &options).unwrap();
+    let mut again = Detector::load(&model("shelf_counter.toml"), &options).unwrap();
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().count() > 0,
+        "nothing was cached"
+    );
+    assert!(
+        again.kernels().contains(&expected_kernel()),
+        "{:?}",
+        again.kernels()
+    );
+    assert_eq!(first.detect(&img).unwrap().0, again.detect(&img).unwrap().0);
+}
