@@ -27,7 +27,7 @@ pub enum Isa {
     Neon,
     /// 32-bit ARM NEON (every Raspberry Pi from the 2 on), in assembly: Rust's
     /// intrinsics for it are not stable.
-    #[cfg(all(target_arch = "arm", target_feature = "neon"))]
+    #[cfg(target_arch = "arm")]
     Armv7Neon,
 }
 
@@ -41,9 +41,18 @@ impl Isa {
         }
         #[cfg(target_arch = "aarch64")]
         return Isa::Neon;
-        // The armv7 build requires NEON (.cargo/config.toml): its own code uses it.
-        #[cfg(all(target_arch = "arm", target_feature = "neon"))]
-        return Isa::Armv7Neon;
+        // The armv7 build is compiled with NEON (.cargo/config.toml), but rustc does not
+        // expose the still unstable `neon` feature to cfg, and the CPU is what counts:
+        // the kernel's HWCAP says (the emulated CPU's under qemu, unlike /proc/cpuinfo).
+        #[cfg(target_arch = "arm")]
+        {
+            const HWCAP_NEON: libc::c_ulong = 1 << 12;
+            // SAFETY: getauxval only reads the auxiliary vector the kernel gave the
+            // process; AT_HWCAP is always present on Linux.
+            if unsafe { libc::getauxval(libc::AT_HWCAP) } & HWCAP_NEON != 0 {
+                return Isa::Armv7Neon;
+            }
+        }
         #[allow(unreachable_code)]
         Isa::Generic
     }
@@ -57,7 +66,7 @@ impl Isa {
             Isa::Avx2Fma => "avx2_fma",
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => "neon",
-            #[cfg(all(target_arch = "arm", target_feature = "neon"))]
+            #[cfg(target_arch = "arm")]
             Isa::Armv7Neon => "armv7neon",
         }
     }
@@ -155,7 +164,7 @@ pub fn plane(
         Isa::Neon => unsafe {
             run::<super::simd::Neon>(g, input, weights, bias, clamp, out, scratch)
         },
-        #[cfg(all(target_arch = "arm", target_feature = "neon"))]
+        #[cfg(target_arch = "arm")]
         // SAFETY: the build enables NEON; the slices were checked above.
         Isa::Armv7Neon => unsafe { armv7::run(g, input, weights, bias, clamp, out, scratch) },
     }
@@ -261,7 +270,7 @@ fn fill(g: &Geometry, pw: usize, input: &[f32], scratch: &mut [f32]) {
 /// The armv7 NEON kernel: the same scratch layout and blocks as the generic code, with
 /// each block one assembly loop over the taps (four q-register accumulators, 16
 /// outputs), since `core::arch::arm`'s NEON intrinsics are unstable.
-#[cfg(all(target_arch = "arm", target_feature = "neon"))]
+#[cfg(target_arch = "arm")]
 mod armv7 {
     use super::{fill, Clamp, Geometry, Scalar};
 
