@@ -47,7 +47,7 @@ cargo_zig() {
 
 stage "build (release, tests included)" cargo_zig test --no-run
 
-bin=target/$target/release/shelfwatch
+bin=${CARGO_TARGET_DIR:-target}/$target/release/shelfwatch
 check_glibc() {
   # The highest GLIBC_x.y version any dynamic symbol needs.
   local max

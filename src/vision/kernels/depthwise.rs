@@ -552,7 +552,7 @@ unsafe fn block<
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// The definition, one output at a time, with f64 sums.
@@ -578,9 +578,10 @@ mod tests {
     }
 
     /// A small deterministic generator (the tests must not depend on a crate's stream).
-    struct Lcg(u64);
+    pub(in crate::vision::kernels) struct Lcg(pub(in crate::vision::kernels) u64);
     impl Lcg {
-        fn next(&mut self) -> f32 {
+        /// Uniform in [-1, 1).
+        pub(in crate::vision::kernels) fn next(&mut self) -> f32 {
             self.0 = self
                 .0
                 .wrapping_mul(6364136223846793005)

@@ -395,24 +395,16 @@ mod tests {
     use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
     use tract_onnx::tract_core::ops::math;
 
+    use super::depthwise::tests::Lcg;
     use super::*;
 
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> f32 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-        fn tensor(&mut self, shape: &[usize], scale: f32) -> Tensor {
-            let n = shape.iter().product::<usize>();
-            let v: Vec<f32> = (0..n).map(|_| self.next() * scale).collect();
-            tract_ndarray::ArrayD::from_shape_vec(shape, v)
-                .unwrap()
-                .into_tensor()
-        }
+    /// A random tensor from the kernel tests' generator.
+    fn random(rng: &mut Lcg, shape: &[usize], scale: f32) -> Tensor {
+        let n = shape.iter().product::<usize>();
+        let v: Vec<f32> = (0..n).map(|_| rng.next() * scale).collect();
+        tract_ndarray::ArrayD::from_shape_vec(shape, v)
+            .unwrap()
+            .into_tensor()
     }
 
     /// input -> depthwise Conv (tract's op) -> Max(0) -> Min(6) as ONNX's Clip declutters,
@@ -430,8 +422,8 @@ mod tests {
     ) -> TypedModel {
         let mut m = TypedModel::default();
         let x = m.add_source("x", f32::fact([1, c, h, w])).unwrap();
-        let kernel = m.add_const("k", rng.tensor(&[c, 1, k, k], 1.0)).unwrap();
-        let bias = m.add_const("b", rng.tensor(&[c], 1.0)).unwrap();
+        let kernel = m.add_const("k", random(rng, &[c, 1, k, k], 1.0)).unwrap();
+        let bias = m.add_const("b", random(rng, &[c], 1.0)).unwrap();
         let conv = Conv {
             pool_spec: PoolSpec {
                 data_format: DataFormat::NCHW,
@@ -481,7 +473,7 @@ mod tests {
             let (c, h, w) = (3 + i * 5, 7 + i * 3, 9 + i * 7);
             for relu6 in [false, true] {
                 let m = model(c, h, w, k, s, padding.clone(), relu6, &mut rng);
-                let input = rng.tensor(&[1, c, h, w], 4.0);
+                let input = random(&mut rng, &[1, c, h, w], 4.0);
                 let want = run(m.clone(), &input);
                 for isa in isas {
                     let mut ours = m.clone();
