@@ -5,11 +5,14 @@
 //!
 //! Layout: NCHW, the models' own, so no transposition is paid before or after. One plane
 //! is copied once into a zero-bordered scratch, split by column phase when the stride
-//! is 2 (even columns, then odd ones): every tap then reads `LANES` consecutive floats
-//! for `LANES` consecutive outputs, with no bounds checks and no gathers, and the
-//! padding costs nothing in the inner loop. Each block keeps up to four vector
-//! accumulators in registers across all taps, so the FMA latency is hidden and the
-//! output is written once.
+//! is 2 (even columns, then odd ones, de-interleaved in one pass): every tap then reads
+//! `LANES` consecutive floats for `LANES` consecutive outputs, with no bounds checks and
+//! no gathers, and the padding costs nothing in the inner loop. A block computes two
+//! output rows of four vectors each, with its eight accumulators in registers across
+//! all taps: the FMA latency is hidden, each input vector loaded serves both rows, and
+//! the output is written once. Measured in guest instructions on a Cortex-A72 over the
+//! SSD's and EfficientNet's layer shapes: the plane split and the row pairs took the
+//! kernel from 934 to 651 million for the same work (stride 2 was three quarters copy).
 
 use super::simd::{F32s, Scalar};
 
@@ -242,6 +245,32 @@ fn fill(g: &Geometry, pw: usize, input: &[f32], scratch: &mut [f32]) {
             dst[..lead].fill(0.0);
             dst[lead..lead + n].copy_from_slice(&src[..n]);
             dst[lead + n..].fill(0.0);
+        } else if g.sw == 2 {
+            // Even padded columns to the first phase, odd ones to the second: a pairwise
+            // copy LLVM turns into de-interleaving loads (ld2 on aarch64).
+            dst.fill(0.0);
+            let (p0, p1) = dst.split_at_mut(pw);
+            let (mut src, mut q) = (src, g.pad_left);
+            if q % 2 == 1 && !src.is_empty() {
+                if q / 2 < pw {
+                    p1[q / 2] = src[0];
+                }
+                src = &src[1..];
+                q += 1;
+            }
+            let j = (q / 2).min(pw);
+            let n = (src.len() / 2).min(pw - j);
+            for ((a, b), pair) in p0[j..j + n]
+                .iter_mut()
+                .zip(&mut p1[j..j + n])
+                .zip(src.chunks_exact(2))
+            {
+                *a = pair[0];
+                *b = pair[1];
+            }
+            if src.len() % 2 == 1 && n == src.len() / 2 && j + n < pw {
+                p0[j + n] = src[src.len() - 1];
+            }
         } else {
             for (phase, dst) in dst.chunks_exact_mut(pw).enumerate() {
                 // Phase column j reads input column j * sw + phase - pad_left: the valid
@@ -456,8 +485,10 @@ mod armv7 {
     }
 }
 
-/// Every output row, in blocks of four vectors, then single vectors, then a last
-/// partial vector through a small buffer. `KH == 0` means: sizes from `g` at run time.
+/// Every output row, two at a time (an input row both read is loaded once for both:
+/// a third fewer loads for 3x3 at stride 1), in blocks of four vectors, then single
+/// vectors, then a last partial vector through a small buffer; an odd last row alone.
+/// `KH == 0` means: sizes from `g` at run time.
 ///
 /// # Safety
 /// As `run`; `s` holds the filled scratch.
@@ -471,83 +502,140 @@ unsafe fn rows<V: F32s, const KH: usize, const KW: usize, const SH: usize, const
     clamp: Clamp,
     o: *mut f32,
 ) {
-    let l = V::LANES;
     // SAFETY: the caller guarantees V's instruction set.
     let (vb, lo, hi) = unsafe { (V::splat(bias), V::splat(clamp.lo), V::splat(clamp.hi)) };
-    for oy in 0..g.oh {
-        // SAFETY: oy < oh, so the row starts inside `out`.
-        let orow = unsafe { o.add(oy * g.ow) };
-        let mut x0 = 0;
-        // SAFETY (all three blocks): the loads stay inside the scratch by
-        // `phase_width`'s rounding; the stores write [x0, x0 + n * LANES) < ow, or the
-        // stack buffer.
-        while x0 + 4 * l <= g.ow {
-            unsafe { block::<V, 4, KH, KW, SH, SW>(g, pw, s, w, oy, x0, vb, lo, hi, orow.add(x0)) };
-            x0 += 4 * l;
-        }
-        while x0 + l <= g.ow {
-            unsafe { block::<V, 1, KH, KW, SH, SW>(g, pw, s, w, oy, x0, vb, lo, hi, orow.add(x0)) };
-            x0 += l;
-        }
-        if x0 < g.ow {
-            let mut tail = [0f32; 16];
-            debug_assert!(l <= tail.len());
-            unsafe {
-                block::<V, 1, KH, KW, SH, SW>(g, pw, s, w, oy, x0, vb, lo, hi, tail.as_mut_ptr());
-                std::ptr::copy_nonoverlapping(tail.as_ptr(), orow.add(x0), g.ow - x0);
-            }
-        }
+    let k = Kernel {
+        g,
+        pw,
+        s,
+        w,
+        vb,
+        lo,
+        hi,
+    };
+    let mut oy = 0;
+    // SAFETY (both): oy + 1 < oh (or oy < oh), so the rows start inside `out`.
+    while oy + 1 < g.oh {
+        unsafe {
+            row_blocks::<V, 2, KH, KW, SH, SW>(&k, oy, [o.add(oy * g.ow), o.add((oy + 1) * g.ow)])
+        };
+        oy += 2;
+    }
+    if oy < g.oh {
+        unsafe { row_blocks::<V, 1, KH, KW, SH, SW>(&k, oy, [o.add(oy * g.ow)]) };
     }
 }
 
-/// `U` vectors of outputs starting at column `x0` of output row `oy`.
+/// What every block of one plane shares.
+struct Kernel<'a, V> {
+    g: &'a Geometry,
+    pw: usize,
+    s: *const f32,
+    w: *const f32,
+    vb: V,
+    lo: V,
+    hi: V,
+}
+
+/// Output rows `oy..oy + R` (`dst` their first floats) across the whole width.
 ///
 /// # Safety
-/// As `rows`; `dst` is writable for `U * LANES` floats.
-#[allow(clippy::too_many_arguments)]
+/// As `rows`; each `dst[j]` is writable for `ow` floats.
 #[inline(always)]
-unsafe fn block<
+unsafe fn row_blocks<
     V: F32s,
-    const U: usize,
+    const R: usize,
     const KH: usize,
     const KW: usize,
     const SH: usize,
     const SW: usize,
 >(
-    g: &Geometry,
-    pw: usize,
-    s: *const f32,
-    w: *const f32,
+    k: &Kernel<V>,
+    oy: usize,
+    dst: [*mut f32; R],
+) {
+    let (l, ow) = (V::LANES, k.g.ow);
+    let at = |x0: usize| dst.map(|d| d.wrapping_add(x0));
+    let mut x0 = 0;
+    // SAFETY (all three): the loads stay inside the scratch by `phase_width`'s rounding;
+    // the stores write [x0, x0 + n * LANES) < ow of each row, or the stack buffers.
+    while x0 + 4 * l <= ow {
+        unsafe { block::<V, 4, R, KH, KW, SH, SW>(k, oy, x0, at(x0)) };
+        x0 += 4 * l;
+    }
+    while x0 + l <= ow {
+        unsafe { block::<V, 1, R, KH, KW, SH, SW>(k, oy, x0, at(x0)) };
+        x0 += l;
+    }
+    if x0 < ow {
+        let mut tail = [[0f32; 16]; R];
+        debug_assert!(l <= 16);
+        let tails = std::array::from_fn(|j| tail[j].as_mut_ptr());
+        unsafe {
+            block::<V, 1, R, KH, KW, SH, SW>(k, oy, x0, tails);
+            for (t, d) in tail.iter().zip(dst) {
+                std::ptr::copy_nonoverlapping(t.as_ptr(), d.add(x0), ow - x0);
+            }
+        }
+    }
+}
+
+/// `U` vectors of outputs starting at column `x0` of output rows `oy..oy + R`: each
+/// input row the `R` rows read is loaded once and multiplied into every row that uses
+/// it, with the accumulators kept in registers across all taps.
+///
+/// # Safety
+/// As `rows`; each `dst[j]` is writable for `U * LANES` floats.
+#[inline(always)]
+unsafe fn block<
+    V: F32s,
+    const U: usize,
+    const R: usize,
+    const KH: usize,
+    const KW: usize,
+    const SH: usize,
+    const SW: usize,
+>(
+    k: &Kernel<V>,
     oy: usize,
     x0: usize,
-    vb: V,
-    lo: V,
-    hi: V,
-    dst: *mut f32,
+    dst: [*mut f32; R],
 ) {
+    let g = k.g;
     let (kh, kw, sh, sw) = if KH == 0 {
         (g.kh, g.kw, g.sh, g.sw)
     } else {
         (KH, KW, SH, SW)
     };
-    let mut acc = [vb; U];
-    for ky in 0..kh {
-        let r = oy * sh + ky;
+    let mut acc = [[k.vb; U]; R];
+    // Input rows oy * sh .. (oy + R - 1) * sh + kh; output row oy + j reads the ones
+    // at ky = rr - j * sh in 0..kh.
+    for rr in 0..(R - 1) * sh + kh {
+        let r = oy * sh + rr;
         for kx in 0..kw {
-            // SAFETY: r < rows, kx % sw < sw and the column range of the widest block
-            // ends inside the phase (`phase_width`); the weight index < kh * kw.
+            // SAFETY: r < rows (the last output row of the block is < oh), kx % sw < sw
+            // and the column range of the widest block ends inside the phase
+            // (`phase_width`); the weight index < kh * kw.
             unsafe {
-                let src = s.add((r * sw + kx % sw) * pw + kx / sw + x0);
-                let wv = V::splat(*w.add(ky * kw + kx));
-                for (u, a) in acc.iter_mut().enumerate() {
-                    *a = V::load(src.add(u * V::LANES)).mul_add(wv, *a);
+                let src = k.s.add((r * sw + kx % sw) * k.pw + kx / sw + x0);
+                let v: [V; U] = std::array::from_fn(|u| V::load(src.add(u * V::LANES)));
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let ky = rr.wrapping_sub(j * sh);
+                    if ky < kh {
+                        let wv = V::splat(*k.w.add(ky * kw + kx));
+                        for (a, v) in acc.iter_mut().zip(&v) {
+                            *a = v.mul_add(wv, *a);
+                        }
+                    }
                 }
             }
         }
     }
-    for (u, a) in acc.iter().enumerate() {
-        // SAFETY: dst is writable for U * LANES floats (the caller's contract).
-        unsafe { a.clamp(lo, hi).store(dst.add(u * V::LANES)) };
+    for (acc, d) in acc.iter().zip(dst) {
+        for (u, a) in acc.iter().enumerate() {
+            // SAFETY: d is writable for U * LANES floats (the caller's contract).
+            unsafe { a.clamp(k.lo, k.hi).store(d.add(u * V::LANES)) };
+        }
     }
 }
 
@@ -578,10 +666,10 @@ pub(super) mod tests {
     }
 
     /// A small deterministic generator (the tests must not depend on a crate's stream).
-    pub(in crate::vision::kernels) struct Lcg(pub(in crate::vision::kernels) u64);
+    pub(in super::super) struct Lcg(pub(in super::super) u64);
     impl Lcg {
         /// Uniform in [-1, 1).
-        pub(in crate::vision::kernels) fn next(&mut self) -> f32 {
+        pub(in super::super) fn next(&mut self) -> f32 {
             self.0 = self
                 .0
                 .wrapping_mul(6364136223846793005)
