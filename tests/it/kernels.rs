@@ -41,6 +41,18 @@ fn detections(
             dets
         })
         .collect();
+    // Every depthwise convolution, whatever layout tract moved it to (NCHW here, NHWC
+    // on aarch64), runs on one kernel or the other, never on a mix.
+    let img = image::open(fixture(IMAGES[0])).unwrap().to_rgb8();
+    let ops: Vec<String> = d.profile(&img).unwrap().into_iter().map(|t| t.op).collect();
+    let (ours, tracts) = (
+        ops.iter().any(|o| o == "ShelfwatchDepthwise"),
+        ops.iter().any(|o| o == "DepthWiseConv"),
+    );
+    match kernels {
+        Kernels::Shelfwatch => assert!(ours && !tracts, "{manifest}: {ops:?}"),
+        Kernels::Tract => assert!(!ours && tracts, "{manifest}: {ops:?}"),
+    }
     (found, d.kernels())
 }
 

@@ -189,6 +189,172 @@ unsafe fn run_avx2_fma(
     unsafe { run::<super::simd::Avx2Fma>(g, input, weights, bias, clamp, out, scratch) }
 }
 
+/// Convolves channels-last data (the layout tract's simplifications choose on some
+/// targets, aarch64 among them): `input` is `h x w x c`, `weights` `kh x kw x c`,
+/// `bias` `c`; writes output rows `rows` of the `oh x ow x c` result into `out`, which
+/// holds exactly those rows. Vectorised over channels; the padding is skipped by
+/// narrowing each output pixel's tap range, so nothing is copied.
+///
+/// # Panics
+/// If a slice is shorter than the geometry says.
+#[allow(clippy::too_many_arguments)]
+pub fn hwc(
+    isa: Isa,
+    g: &Geometry,
+    c: usize,
+    input: &[f32],
+    weights: &[f32],
+    bias: &[f32],
+    clamp: Clamp,
+    out: &mut [f32],
+    rows: std::ops::Range<usize>,
+) {
+    assert!(input.len() >= g.h * g.w * c && weights.len() >= g.kh * g.kw * c && bias.len() >= c);
+    assert!(rows.end <= g.oh && out.len() >= rows.len() * g.ow * c);
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Isa::Avx2Fma is only made where AVX2 and FMA are present (see plane).
+        Isa::Avx2Fma => unsafe { hwc_avx2_fma(g, c, input, weights, bias, clamp, out, rows) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: NEON is in the aarch64 baseline; the slices were checked above.
+        Isa::Neon => unsafe {
+            hwc_run::<super::simd::Neon>(g, c, input, weights, bias, clamp, out, rows)
+        },
+        // SAFETY: Scalar needs no CPU feature (armv7 too: its assembly kernel is for
+        // planes); the slices were checked above.
+        _ => unsafe { hwc_run::<Scalar>(g, c, input, weights, bias, clamp, out, rows) },
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn hwc_avx2_fma(
+    g: &Geometry,
+    c: usize,
+    input: &[f32],
+    weights: &[f32],
+    bias: &[f32],
+    clamp: Clamp,
+    out: &mut [f32],
+    rows: std::ops::Range<usize>,
+) {
+    // SAFETY: as `hwc`'s Avx2Fma arm.
+    unsafe { hwc_run::<super::simd::Avx2Fma>(g, c, input, weights, bias, clamp, out, rows) }
+}
+
+/// # Safety
+/// The CPU supports `V`; the slices are as long as `hwc` checks.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn hwc_run<V: F32s>(
+    g: &Geometry,
+    c: usize,
+    input: &[f32],
+    weights: &[f32],
+    bias: &[f32],
+    clamp: Clamp,
+    out: &mut [f32],
+    rows: std::ops::Range<usize>,
+) {
+    let l = V::LANES;
+    // SAFETY: the caller guarantees V's instruction set.
+    let (lo, hi) = unsafe { (V::splat(clamp.lo), V::splat(clamp.hi)) };
+    let first = rows.start;
+    for oy in rows {
+        // Taps inside the input: ky with 0 <= oy * sh + ky - pad_top < h.
+        let top = oy * g.sh;
+        let ky0 = g.pad_top.saturating_sub(top).min(g.kh);
+        let ky1 = (g.h + g.pad_top).saturating_sub(top).clamp(ky0, g.kh);
+        for ox in 0..g.ow {
+            let left = ox * g.sw;
+            let kx0 = g.pad_left.saturating_sub(left).min(g.kw);
+            let kx1 = (g.w + g.pad_left).saturating_sub(left).clamp(kx0, g.kw);
+            let taps = Taps {
+                ky0,
+                ky1,
+                kx0,
+                kx1,
+                top,
+                left,
+            };
+            let o = &mut out[((oy - first) * g.ow + ox) * c..][..c];
+            let mut c0 = 0;
+            // SAFETY (both): c0 + n * LANES <= c, every (iy, ix) is inside the input by
+            // the tap ranges, and the weight and bias offsets < kh * kw * c and c.
+            while c0 + 4 * l <= c {
+                unsafe { hwc_block::<V, 4>(g, c, &taps, input, weights, bias, c0, lo, hi, o) };
+                c0 += 4 * l;
+            }
+            while c0 + l <= c {
+                unsafe { hwc_block::<V, 1>(g, c, &taps, input, weights, bias, c0, lo, hi, o) };
+                c0 += l;
+            }
+            for ch in c0..c {
+                let mut acc = bias[ch];
+                for ky in ky0..ky1 {
+                    let iy = top + ky - g.pad_top;
+                    for kx in kx0..kx1 {
+                        let ix = left + kx - g.pad_left;
+                        acc += weights[(ky * g.kw + kx) * c + ch] * input[(iy * g.w + ix) * c + ch];
+                    }
+                }
+                o[ch] = acc.max(clamp.lo).min(clamp.hi);
+            }
+        }
+    }
+}
+
+/// The taps of one output pixel that fall inside the input.
+struct Taps {
+    ky0: usize,
+    ky1: usize,
+    kx0: usize,
+    kx1: usize,
+    top: usize,
+    left: usize,
+}
+
+/// `U` vectors of channels from `c0` for one output pixel.
+///
+/// # Safety
+/// As `hwc_run`; `c0 + U * LANES <= c`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn hwc_block<V: F32s, const U: usize>(
+    g: &Geometry,
+    c: usize,
+    t: &Taps,
+    input: &[f32],
+    weights: &[f32],
+    bias: &[f32],
+    c0: usize,
+    lo: V,
+    hi: V,
+    o: &mut [f32],
+) {
+    let l = V::LANES;
+    // SAFETY: c0 + U * LANES <= c for bias and o; the input and weight offsets are
+    // inside by the tap ranges (the caller's contract).
+    unsafe {
+        let mut acc: [V; U] = std::array::from_fn(|u| V::load(bias.as_ptr().add(c0 + u * l)));
+        for ky in t.ky0..t.ky1 {
+            let iy = t.top + ky - g.pad_top;
+            for kx in t.kx0..t.kx1 {
+                let ix = t.left + kx - g.pad_left;
+                let src = input.as_ptr().add((iy * g.w + ix) * c + c0);
+                let wp = weights.as_ptr().add((ky * g.kw + kx) * c + c0);
+                for (u, a) in acc.iter_mut().enumerate() {
+                    *a = V::load(src.add(u * l)).mul_add(V::load(wp.add(u * l)), *a);
+                }
+            }
+        }
+        for (u, a) in acc.iter().enumerate() {
+            a.clamp(lo, hi).store(o.as_mut_ptr().add(c0 + u * l));
+        }
+    }
+}
+
 /// Fills the scratch with the padded plane, split by column phase, then dispatches on
 /// the kernel shape: 3x3 and 5x5 at strides 1 and 2 (all our models have) get a
 /// version with every loop bound known at compile time, anything else the general one.
@@ -762,6 +928,25 @@ pub(super) mod tests {
                             out[g.oh * g.ow..].iter().all(|v| v.is_nan()),
                             "{isa:?} wrote past the plane"
                         );
+                        // Channels last: the plane in each of 37 channels (vector blocks
+                        // of every width and a scalar tail, on every instruction set),
+                        // the output rows in two calls.
+                        let c = 37;
+                        let spread =
+                            |v: &[f32]| v.iter().flat_map(|x| [*x; 37]).collect::<Vec<f32>>();
+                        let (hin, hw, hb) = (spread(&input), spread(&weights), vec![bias; c]);
+                        let mut hout = vec![f32::NAN; g.oh * g.ow * c];
+                        let mid = g.oh / 2;
+                        let (top, bottom) = hout.split_at_mut(mid * g.ow * c);
+                        hwc(isa, &g, c, &hin, &hw, &hb, clamp, top, 0..mid);
+                        hwc(isa, &g, c, &hin, &hw, &hb, clamp, bottom, mid..g.oh);
+                        for (i, a) in hout.iter().enumerate() {
+                            let b = want[i / c];
+                            assert!(
+                                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                                "hwc {isa:?} {g:?} {clamp:?}: out[{i}] = {a}, want {b}"
+                            );
+                        }
                     }
                 }
             }

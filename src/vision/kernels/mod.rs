@@ -59,14 +59,18 @@ impl std::str::FromStr for Kernels {
     }
 }
 
-/// A depthwise convolution with its bias and clamp, over NCHW (or CHW) f32.
+/// A depthwise convolution with its bias and clamp, over NCHW (or CHW) f32, or over
+/// NHWC (HWC), the layout tract's simplifications move convolutions to on some targets
+/// (aarch64: every depthwise layer of the SSD but its first).
 #[derive(Debug, Clone)]
 pub struct DepthwiseConv {
     geometry: Geometry,
+    /// Channels last (NHWC/HWC): `weights` are then `kh x kw x channels`.
+    channels_last: bool,
     /// Planes per channel: the batch size (1 for our models).
     batch: usize,
     channels: usize,
-    /// `channels x kh x kw`, row-major per channel.
+    /// `channels x kh x kw`, row-major per channel (or `kh x kw x channels`).
     weights: Arc<[f32]>,
     /// One per channel.
     bias: Arc<[f32]>,
@@ -80,6 +84,7 @@ impl PartialEq for DepthwiseConv {
         // Bitwise on the floats, so that equality stays reflexive.
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         self.geometry == other.geometry
+            && self.channels_last == other.channels_last
             && self.batch == other.batch
             && self.channels == other.channels
             && self.isa == other.isa
@@ -146,6 +151,9 @@ impl EvalOp for DepthwiseConv {
         let x = view.as_slice::<f32>()?;
         let (plane_in, plane_out) = (g.h * g.w, g.oh * g.ow);
         let planes = self.batch * self.channels;
+        if self.channels_last {
+            return self.eval_channels_last(x);
+        }
         ensure!(
             x.len() == planes * plane_in,
             "depthwise input has {} values, expected {}",
@@ -184,6 +192,52 @@ impl EvalOp for DepthwiseConv {
                     Ok(())
                 },
             )?;
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl DepthwiseConv {
+    /// NHWC: output rows (of all channels) are shared out over tract's pool.
+    fn eval_channels_last(&self, x: &[f32]) -> TractResult<TVec<TValue>> {
+        let g = self.geometry;
+        let c = self.channels;
+        let (image_in, row) = (g.h * g.w * c, g.ow * c);
+        ensure!(
+            x.len() == self.batch * image_in,
+            "depthwise input has {} values, expected {}",
+            x.len(),
+            self.batch * image_in
+        );
+        // SAFETY: every value of the output is written below (`hwc` writes whole rows,
+        // and the rows cover the tensor).
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.output_shape)? };
+        {
+            let mut out_view = output.try_as_plain_ram_mut()?;
+            let out = out_view.as_slice_mut::<f32>()?;
+            let total = out.len();
+            tract_linalg::multithread::par_chunks_mut(out, row, total, |first, chunk| {
+                let (mut r, mut rest) = (first, chunk);
+                while !rest.is_empty() {
+                    let (n, oy) = (r / g.oh, r % g.oh);
+                    let take = (g.oh - oy).min(rest.len() / row);
+                    let (head, tail) = rest.split_at_mut(take * row);
+                    depthwise::hwc(
+                        self.isa,
+                        &g,
+                        c,
+                        &x[n * image_in..(n + 1) * image_in],
+                        &self.weights,
+                        &self.bias,
+                        self.clamp,
+                        head,
+                        oy..oy + take,
+                    );
+                    rest = tail;
+                    r += take;
+                }
+                Ok(())
+            })?;
         }
         Ok(tvec!(output.into_tvalue()))
     }
@@ -264,7 +318,10 @@ fn depthwise_of(
         || conv.group != channels
         || spec.output_channels != channels
         || conv.kernel_fmt != KernelFormat::OIHW
-        || !matches!(spec.data_format, DataFormat::NCHW | DataFormat::CHW)
+        || !matches!(
+            spec.data_format,
+            DataFormat::NCHW | DataFormat::CHW | DataFormat::NHWC | DataFormat::HWC
+        )
         || spec.rank() != 2
         || spec.dilations().iter().any(|&d| d != 1)
         || node.inputs.len() != 3
@@ -278,9 +335,11 @@ fn depthwise_of(
     if input.datum_type != f32::datum_type() {
         return Ok(None);
     }
-    let (batch, c, h, w) = match (spec.data_format, shape) {
-        (DataFormat::NCHW, &[n, c, h, w]) => (n, c, h, w),
-        (DataFormat::CHW, &[c, h, w]) => (1, c, h, w),
+    let (batch, c, h, w, channels_last) = match (spec.data_format, shape) {
+        (DataFormat::NCHW, &[n, c, h, w]) => (n, c, h, w, false),
+        (DataFormat::CHW, &[c, h, w]) => (1, c, h, w, false),
+        (DataFormat::NHWC, &[n, h, w, c]) => (n, c, h, w, true),
+        (DataFormat::HWC, &[h, w, c]) => (1, c, h, w, true),
         _ => return Ok(None),
     };
     let kernel = model.outlet_fact(node.inputs[1])?.konst.clone();
@@ -320,7 +379,15 @@ fn depthwise_of(
     {
         return Ok(None);
     }
-    let weights: Arc<[f32]> = kernel.try_as_plain_ram()?.as_slice::<f32>()?.into();
+    let oihw = kernel.try_as_plain_ram()?;
+    let oihw = oihw.as_slice::<f32>()?;
+    let weights: Arc<[f32]> = if channels_last {
+        // kh x kw x c: the channels of one tap side by side, as the data.
+        let kk = kh * kw;
+        (0..kk * c).map(|i| oihw[(i % c) * kk + i / c]).collect()
+    } else {
+        oihw.into()
+    };
     let b = bias.try_as_plain_ram()?;
     let b = b.as_slice::<f32>()?;
     let bias: Arc<[f32]> = if b.len() == c {
@@ -330,6 +397,7 @@ fn depthwise_of(
     };
     Ok(Some(DepthwiseConv {
         geometry,
+        channels_last,
         batch,
         channels: c,
         weights,
@@ -418,15 +486,21 @@ mod tests {
         s: usize,
         padding: PaddingSpec,
         relu6: bool,
+        channels_last: bool,
         rng: &mut Lcg,
     ) -> TypedModel {
         let mut m = TypedModel::default();
-        let x = m.add_source("x", f32::fact([1, c, h, w])).unwrap();
+        let (shape, format): (&[usize], _) = if channels_last {
+            (&[h, w, c], DataFormat::HWC)
+        } else {
+            (&[1, c, h, w], DataFormat::NCHW)
+        };
+        let x = m.add_source("x", f32::fact(shape)).unwrap();
         let kernel = m.add_const("k", random(rng, &[c, 1, k, k], 1.0)).unwrap();
         let bias = m.add_const("b", random(rng, &[c], 1.0)).unwrap();
         let conv = Conv {
             pool_spec: PoolSpec {
-                data_format: DataFormat::NCHW,
+                data_format: format,
                 kernel_shape: tvec![k, k],
                 padding,
                 dilations: None,
@@ -440,8 +514,17 @@ mod tests {
         };
         let mut y = m.wire_node("conv", conv, &[x, kernel, bias]).unwrap()[0];
         if relu6 {
-            let zero = m.add_const("zero", tensor4(&[[[[0f32]]]])).unwrap();
-            let six = m.add_const("six", tensor4(&[[[[6f32]]]])).unwrap();
+            let scalar = |v: f32| {
+                let t = tensor0(v);
+                if channels_last {
+                    t.broadcast_into_rank(3)
+                } else {
+                    t.broadcast_into_rank(4)
+                }
+                .unwrap()
+            };
+            let zero = m.add_const("zero", scalar(0.0)).unwrap();
+            let six = m.add_const("six", scalar(6.0)).unwrap();
             y = m.wire_node("relu6.min", math::max(), &[y, zero]).unwrap()[0];
             y = m.wire_node("relu6.max", math::min(), &[y, six]).unwrap()[0];
         }
@@ -471,9 +554,26 @@ mod tests {
         ];
         for (i, (k, s, padding)) in cases.into_iter().enumerate() {
             let (c, h, w) = (3 + i * 5, 7 + i * 3, 9 + i * 7);
-            for relu6 in [false, true] {
-                let m = model(c, h, w, k, s, padding.clone(), relu6, &mut rng);
-                let input = random(&mut rng, &[1, c, h, w], 4.0);
+            for (relu6, channels_last) in
+                [(false, false), (true, false), (false, true), (true, true)]
+            {
+                let m = model(
+                    c,
+                    h,
+                    w,
+                    k,
+                    s,
+                    padding.clone(),
+                    relu6,
+                    channels_last,
+                    &mut rng,
+                );
+                let shape: &[usize] = if channels_last {
+                    &[h, w, c]
+                } else {
+                    &[1, c, h, w]
+                };
+                let input = random(&mut rng, shape, 4.0);
                 let want = run(m.clone(), &input);
                 for isa in isas {
                     let mut ours = m.clone();
@@ -503,7 +603,7 @@ mod tests {
                     {
                         assert!(
                             (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                            "case {i} {isa:?} relu6 {relu6}: {a} vs tract's {b}"
+                            "case {i} {isa:?} relu6 {relu6} channels last {channels_last}: {a} vs tract's {b}"
                         );
                     }
                 }
@@ -514,7 +614,17 @@ mod tests {
     #[test]
     fn a_clamp_whose_input_is_read_elsewhere_stays_a_node_of_its_own() {
         let mut rng = Lcg(3);
-        let mut m = model(4, 6, 6, 3, 1, PaddingSpec::SameUpper, false, &mut rng);
+        let mut m = model(
+            4,
+            6,
+            6,
+            3,
+            1,
+            PaddingSpec::SameUpper,
+            false,
+            false,
+            &mut rng,
+        );
         // The convolution's raw output is also a model output: a fused clamp would change it.
         let conv = m.output_outlets().unwrap()[0];
         let zero = m.add_const("zero", tensor4(&[[[[0f32]]]])).unwrap();
