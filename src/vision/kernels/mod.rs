@@ -39,15 +39,6 @@ pub enum Kernels {
     Tract,
 }
 
-impl Kernels {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kernels::Shelfwatch => "shelfwatch",
-            Kernels::Tract => "tract",
-        }
-    }
-}
-
 impl std::str::FromStr for Kernels {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -265,8 +256,6 @@ pub struct Installed {
     pub depthwise: usize,
     /// Of those, how many took the clamp after them in (ReLU6, ReLU).
     pub fused_clamps: usize,
-    /// Kernel names in use (each once).
-    pub kernels: Vec<String>,
 }
 
 /// Replaces, in a decluttered model with concrete input shapes, every depthwise
@@ -298,7 +287,6 @@ pub fn install(model: &mut TypedModel, isa: Isa) -> TractResult<Installed> {
         installed.depthwise += 1;
     }
     if installed.depthwise > 0 {
-        installed.kernels.push(kernel_name(isa));
         *model = std::mem::take(model).into_compact()?;
     }
     Ok(installed)
