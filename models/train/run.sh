@@ -6,8 +6,8 @@
 #   QUICK=1 models/train/run.sh            a smoke run (a few dozen images, 1 epoch)
 #
 # Sizes (environment): TRAIN_IMAGES (5000), VAL_IMAGES (300), TEST_IMAGES (400),
-# HEAD_EPOCHS (4, head only on cached features), FT_EPOCHS (2, end to end through blocks
-# 11-15), FT_IMAGES (1200 per end-to-end epoch), THREADS (2). Everything goes to
+# HEAD_EPOCHS (4, head only on cached features), FT_EPOCHS (4, end to end through blocks
+# 11-15), FT_IMAGES (2000 per end-to-end epoch), THREADS (2). Everything goes to
 # models/train/out/ (gitignored): data/, features/, checkpoint.npz, train_log.json,
 # shelf_counter.onnx/.toml/.labels, eval_*.json.
 # Needs python3 (with venv) and the PyPI registry, like models/build.sh, whose venv it
@@ -43,7 +43,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   head_epochs=${HEAD_EPOCHS:-1}; ft_epochs=${FT_EPOCHS:-1}; ft_images=${FT_IMAGES:-32}
 else
   ntrain=${TRAIN_IMAGES:-5000}; nval=${VAL_IMAGES:-300}; ntest=${TEST_IMAGES:-400}
-  head_epochs=${HEAD_EPOCHS:-4}; ft_epochs=${FT_EPOCHS:-2}; ft_images=${FT_IMAGES:-1200}
+  head_epochs=${HEAD_EPOCHS:-4}; ft_epochs=${FT_EPOCHS:-4}; ft_images=${FT_IMAGES:-2000}
 fi
 out=${SHELF_TRAIN_OUT:-$here/out}
 export SHELF_TRAIN_OUT=$out

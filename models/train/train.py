@@ -1,6 +1,6 @@
 """Train the counter end to end with JAX + optax (CPU, fixed seeds) on cached features.
 
-    python train.py [--head-epochs 4] [--ft-epochs 2] [--ft-images 1200]
+    python train.py [--head-epochs 4] [--ft-epochs 4] [--ft-images 2000]
                     [--finetune DIR [--finetune-share 0.3]] [--init OUT/checkpoint.npz]
 
 Network (net.py): EfficientNet-Lite0's blocks 11-15 (the stride-32 stage 6 and block 15,
@@ -363,8 +363,8 @@ def run_phase(name, params, step_fn, opt, batches, order_fn, epochs, batch, need
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--head-epochs", type=int, default=4)
-    ap.add_argument("--ft-epochs", type=int, default=2)
-    ap.add_argument("--ft-images", type=int, default=1200,
+    ap.add_argument("--ft-epochs", type=int, default=4)
+    ap.add_argument("--ft-images", type=int, default=2000,
                     help="images per end-to-end epoch (a fresh sample each epoch)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3, help="head, phase 1")

@@ -487,11 +487,15 @@ impl ScaleRule {
             if next > MAX_SCALE * 1.001 || next > finest * 2.001 {
                 break;
             }
-            // Only where the finest level so far sees products below the band: a
-            // finer level is four times the pixels, and on a shelf of one product
-            // size it would only find the pictures printed on large boxes.
+            // Only where the finest level so far sees products in the octave below
+            // the target, the ones a finer level would take over: a finer level is
+            // four times the pixels, and on a shelf of one product size it would only
+            // find the pictures printed on large boxes. (Below the band itself would
+            // be too late a sign: along an aisle the farthest products are not seen
+            // as narrow, they are not seen at all.)
+            let lo = band.target_width_cells / std::f32::consts::SQRT_2;
             let small = measured(&last.found, self.measure_min_score)
-                .filter(|d| self.cells(d, last.scale) < band.min_width_cells)
+                .filter(|d| self.cells(d, last.scale) < lo)
                 .count();
             if small < MIN_PROBE_DETECTIONS.max(last.found.len() / 10) {
                 break;

@@ -91,17 +91,18 @@ fn count_set(dir: &str) -> (Tally, BTreeMap<String, Tally>, Vec<String>) {
 fn the_shelf_counter_counts_composed_shelves_with_gaps_within_five_percent() {
     let (all, _, report) = count_set("tests/fixtures/shelves");
     assert_eq!(all.images, 8);
-    // Issue #16's target for the count error: at most 5% of the true count (3.3% today).
+    // Issue #16's target for the count error: at most 5% of the true count (2.9% today).
     // It asks for 70% of images exact; 5 of 8 on x86_64 today. One frame of slack for
     // float differences between platforms (this test runs under qemu too).
     all.assert_within(0.05, 4, &report);
 }
 
-/// A regression guard at today's level, not issue #16's target (5% and 70% exact),
-/// which the bundled model does not reach yet: 6.8% of 1012 products, 4 of 16 frames
-/// exact, perspective the weakest condition (15%). docs/counting-model.md has the table.
+/// Issue #16's count-error target on the hard set: at most 5% (3.9% of 1012 products
+/// today). Its other target, 70% of frames exact, is not reached (4 of 16), so the exact
+/// frames are a regression guard; so is the per-condition cap (dense rows the weakest,
+/// 8.6%). docs/counting-model.md has the table.
 #[test]
-fn the_shelf_counter_counts_dense_far_and_perspective_shelves_within_eight_percent() {
+fn the_shelf_counter_counts_dense_far_and_perspective_shelves_within_five_percent() {
     let (all, by_condition, report) = count_set("tests/fixtures/shelves-hard");
     assert_eq!(all.images, 16);
     assert_eq!(
@@ -110,15 +111,35 @@ fn the_shelf_counter_counts_dense_far_and_perspective_shelves_within_eight_perce
         "conditions: {:?}",
         by_condition.keys()
     );
-    all.assert_within(0.08, 3, &report);
+    all.assert_within(0.05, 3, &report);
     // No condition may hide behind the others.
     for (c, t) in &by_condition {
         assert!(
-            t.relative() <= 0.20,
+            t.relative() <= 0.12,
             "{c}: relative count error {:.3}: {report:#?}",
             t.relative()
         );
     }
+}
+
+/// Along the aisle the far end's products are too narrow to separate at the scale that
+/// suits the near end: they are not measured as narrow there, they are missed (the
+/// previous model counted 63 of 93 when only products already measured below the band
+/// asked for a finer level).
+/// Products in the octave below the target ask for it, and it finds them.
+#[test]
+fn a_shelf_seen_along_the_aisle_gets_a_finer_level_for_its_far_end() {
+    let detector =
+        Detector::load(&model("shelf_counter.toml"), &DetectorOptions::default()).unwrap();
+    let mut auto = ScaledDetector::new(detector, None, Duration::MAX);
+    let img = image::open(fixture("shelves-hard/perspective_01.jpg"))
+        .unwrap()
+        .to_rgb8();
+    let (found, _) = auto.detect(&img, &[], Instant::now()).unwrap();
+    let choice = auto.choices()[0].unwrap();
+    assert!(choice.levels >= 2, "{choice:?}");
+    // 93 products; 84 counted on x86_64.
+    assert!(found.len().abs_diff(93) <= 16, "{}", found.len());
 }
 
 /// What the scale rule is for: at the bundled input size (the whole frame at 384 x 288,

@@ -249,10 +249,16 @@ fn without_an_occluder_model_a_person_in_front_of_the_shelf_drops_its_count() {
     let dir = tempfile::tempdir().unwrap();
     let msgs = run_to_end(&fast_window(shelf_scene_config(false)).write(dir.path()));
     let bottom = label_counts(&msgs, "bottom-shelf", "product");
-    assert_eq!(bottom.len(), 5, "{bottom:?}");
-    assert_eq!((bottom[0], bottom[2], bottom[3], bottom[4]), (5, 5, 0, 5));
-    // The products left visible, and whatever of the person looks like a box.
-    assert!((1..5).contains(&bottom[1]), "{bottom:?}");
+    // 5, then lower while the person stands there, then 5 again, emptied, restocked.
+    assert!(bottom.len() >= 5, "{bottom:?}");
+    let (while_hidden, after) = bottom[1..].split_at(bottom.len() - 4);
+    assert_eq!((bottom[0], after), (5, &[5, 0, 5][..]), "{bottom:?}");
+    // The products left visible, and whatever of the person looks like a box: what the
+    // counter makes of it may change from frame to frame, but it is never the 5 there are.
+    assert!(
+        while_hidden.iter().all(|n| (1..5).contains(n)),
+        "{bottom:?}"
+    );
     assert_eq!(label_counts(&msgs, "top-shelf", "product"), [6, 4]);
 }
 
