@@ -503,7 +503,9 @@ impl ScaleRule {
             levels.push(run(next, &mut timings, &mut passes)?);
             let with = self.detections(&levels, iou).len();
             let gain = with.saturating_sub(count);
-            if gain < MIN_PROBE_DETECTIONS.max(count / 20) {
+            let kept = gain >= MIN_PROBE_DETECTIONS.max(count / 20);
+            tracing::debug!(scale = next, small, count, with, kept, "finer level tried");
+            if !kept {
                 levels.pop();
                 break;
             }
