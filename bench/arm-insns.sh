@@ -4,7 +4,7 @@
 # CPU and model that, unlike timings under emulation, does not depend on this machine.
 #
 #   bench/arm-insns.sh [--models a.toml,b.toml] [--configs LIST] [--image IMG]
-#                      [--threads N] [--kernels LIST] [--no-build]
+#                      [--threads N] [--kernels LIST] [--input-size WxH] [--no-build]
 #
 # For each configuration (default: aarch64 on cortex-a72 and on cortex-a76, armv7 on
 # cortex-a15 with NEON) and each model manifest (default: the fp32 and int8 SSDs) it runs
@@ -18,9 +18,9 @@
 # normalised, the network, decoding and NMS, counting and payloads (the network is
 # nearly all of it). Counts vary by up to 0.2% from one run to the next (the
 # model's loading is not quite deterministic), so smaller differences mean nothing.
-# It writes target/bench/arm-insns.json, a list of
-# {"target","cpu","model","insns_per_inference","kernels"}, prints a table, and keeps each
-# run's bench JSON, log and raw count in target/bench/arm-insns/.
+# It writes target/bench/arm-insns.json, a list of {"target","cpu","model","depthwise",
+# "input_size","insns_per_inference","kernels"}, prints a table, and keeps each run's
+# bench JSON, log and raw count in target/bench/arm-insns/.
 #
 # Options:
 #   --models LIST   comma-separated model manifests
@@ -32,6 +32,9 @@
 #   --kernels LIST  comma-separated `bench --kernels` values (default shelfwatch);
 #                   `shelfwatch,tract` counts both, to show what shelfwatch's own
 #                   depthwise kernels save against tract's alone
+#   --input-size WxH  pass `--input-size WxH` to bench: the whole frame at one input size
+#                   instead of the scale rule (the shelf counter at 384x288 is what
+#                   bench/ort-arm-insns.sh counts for onnxruntime)
 #   --no-build      use the ARM binaries as they are, even when older than the sources
 #
 # Each ARM binary comes from `scripts/test-arm.sh TARGET --build-only` (a release build
@@ -54,6 +57,7 @@ configs=aarch64-unknown-linux-gnu:cortex-a72,aarch64-unknown-linux-gnu:cortex-a7
 image=tests/fixtures/scenes/frames/000.jpg
 threads=""
 kernels=shelfwatch
+input_size=""
 build=true
 runs_lo=1
 runs_hi=3
@@ -71,6 +75,7 @@ while [[ $# -gt 0 ]]; do
     --image) image=${2:?--image needs a file}; shift 2 ;;
     --threads) threads=${2:?--threads needs a number}; shift 2 ;;
     --kernels) kernels=${2:?--kernels needs a list}; shift 2 ;;
+    --input-size) input_size=${2:?--input-size needs WxH}; shift 2 ;;
     --no-build) build=false; shift ;;
     -h|--help) header; exit 0 ;;
     *) echo "error: unknown argument $1" >&2; usage ;;
@@ -163,6 +168,7 @@ count() {
   esac
   local -a bench_args=(bench --json --warmup 0 --runs "$runs" --model "$model" --kernels "$kernels")
   [[ -n $threads ]] && bench_args+=(--threads "$threads")
+  [[ -n $input_size ]] && bench_args+=(--input-size "$input_size")
   local t0=$SECONDS
   if ! env "${env_args[@]}" "$qemu" -L "$sysroot" -cpu "$cpu" \
     -plugin "$plugin,out=$tag.insns" \
@@ -200,10 +206,11 @@ for c in "${config_list[@]}"; do
 done
 
 # The JSON list and the table, from the runs' counts and bench reports.
-python3 - "$results" "$out_dir/arm-insns.json" "$runs_lo" "$runs_hi" <<'EOF'
+python3 - "$results" "$out_dir/arm-insns.json" "$runs_lo" "$runs_hi" "${input_size:-auto}" <<'EOF'
 import json, sys
 
 results, out, lo, hi = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+input_size = sys.argv[5]
 
 def counts(tag):
     d = {}
@@ -226,7 +233,8 @@ for line in open(results):
     if per <= 0:
         sys.exit(f"error: {target} {cpu} {model}: --runs {hi} counted no more than --runs {lo}")
     rows.append({"target": target, "cpu": cpu, "model": model, "depthwise": choice,
-                 "insns_per_inference": per, "kernels": b_hi["kernels"]})
+                 "input_size": input_size, "insns_per_inference": per,
+                 "kernels": b_hi["kernels"]})
     # Not inference: reading the image, loading and optimising the model, first-run work.
     table.append((target.split("-")[0], cpu, f"{b_hi['model']} ({choice})", per, c_lo["insns"] - per,
                   max(c_lo["vcpus"], c_hi["vcpus"]), ", ".join(b_hi["kernels"])))

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import tomllib
 
 import matplotlib
 
@@ -191,13 +192,27 @@ def parity_lines(res):
     return "\n".join(out)
 
 
+def has_scale_band(manifest):
+    """A model with a [scale] band runs the scale rule unless bench is given an input size."""
+    with open(manifest, "rb") as f:
+        return "scale" in tomllib.load(f)
+
+
+def input_of(r):
+    size = r.get("input_size", "auto")
+    if size != "auto":
+        return size
+    return "scale rule" if has_scale_band(r["model"]) else "the model's"
+
+
 def arm_table(path):
     if not os.path.exists(path):
         return None
     rows = json.load(open(path, encoding="utf-8"))
     rows = sorted(rows, key=lambda r: (r["target"], r["cpu"], r["model"], r.get("depthwise", "")))
-    header = ["target", "CPU", "model", "depthwise kernels", "instructions per inference"]
-    body = [[r["target"], r["cpu"], r["model"], r.get("depthwise", "tract"), f"{int(r['insns_per_inference']):,}"]
+    header = ["target", "CPU", "model", "input", "depthwise kernels", "instructions per inference"]
+    body = [[r["target"], r["cpu"], r["model"], input_of(r), r.get("depthwise", "tract"),
+             f"{int(r['insns_per_inference']):,}"]
             for r in rows]
     if any("kernels" in r for r in rows):  # tract's matmul kernels, when the script lists them
         header.append("kernels")
@@ -205,6 +220,26 @@ def arm_table(path):
             k = r.get("kernels", [])
             row.append(", ".join(k) if isinstance(k, list) else str(k))
     return table(header, body)
+
+
+def arm_ort_table(path, ort_path):
+    """shelfwatch's aarch64 counts beside onnxruntime's (bench/ort-arm-insns.sh) for the same
+    model and CPU: shelfwatch's own kernels at a fixed input size (a scale-rule run is not
+    one inference of the model)."""
+    if not (os.path.exists(path) and os.path.exists(ort_path)):
+        return None
+    ours = {(r["cpu"], r["model"]): r for r in json.load(open(path, encoding="utf-8"))
+            if r["target"].startswith("aarch64") and r.get("depthwise", "tract") == "shelfwatch"
+            and input_of(r) != "scale rule"}
+    body = []
+    for r in sorted(json.load(open(ort_path, encoding="utf-8")), key=lambda r: (r["cpu"], r["manifest"])):
+        o = ours.get((r["cpu"], r["manifest"]))
+        sw = int(o["insns_per_inference"]) if o else None
+        body.append([r["cpu"], r["manifest"], f"{sw:,}" if sw else "not counted",
+                     f"{int(r['insns_per_inference']):,}",
+                     f"{sw / int(r['insns_per_inference']):.2f}x" if sw else ""])
+    return table(["CPU", "model", "shelfwatch", f"onnxruntime {r.get('onnxruntime', '')}",
+                  "shelfwatch / onnxruntime"], body)
 
 
 def chart(res, path):
@@ -248,6 +283,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--results", default="target/bench/results.json")
     ap.add_argument("--arm", default="target/bench/arm-insns.json")
+    ap.add_argument("--arm-ort", default="target/bench/ort-arm-insns.json")
     ap.add_argument("--md", default="docs/performance.md")
     ap.add_argument("--svg", default="docs/performance.svg")
     a = ap.parse_args()
@@ -256,6 +292,7 @@ def main():
     s, mach = d["settings"], d["machine"]
     main_t, stages_t, ratios_t = inference_tables(res)
     arm = arm_table(a.arm)
+    arm_ort = arm_ort_table(a.arm, a.arm_ort)
     py = d["e2e"]["python"].get("self_reported", {})
     ort_version = next((r["result"].get("onnxruntime") for r in d["inference"] if r["engine"] == "onnxruntime"), "?")
 
@@ -297,6 +334,12 @@ def main():
            cold_table(res), ""]
     if arm:
         md += ["## ARM instruction counts", "", "Instructions per inference, from `target/bench/arm-insns.json`.", "", arm, ""]
+    if arm_ort:
+        md += ["onnxruntime on aarch64, counted the same way (`bench/ort-arm-insns.sh`: an arm64 Python and "
+               "onnxruntime's aarch64 wheel under the same qemu plugin; one `session.run`, 1 thread, from "
+               "`target/bench/ort-arm-insns.json`), beside shelfwatch's count for the same model and CPU "
+               "(its whole per-frame work, conversion and decoding included; the shelf counter at 384x288). "
+               "Instructions are not cycles: compare them as work, not as time.", "", arm_ort, ""]
     md += ["## Notes", "", NOTES_START, kept_notes(a.md), NOTES_END, ""]
     md += ["## Machine", "", table(["", ""], [
         ["CPU", mach["cpu"]],

@@ -84,8 +84,8 @@ export SHELFWATCH_TEST_SLOWDOWN=20
 # target's detections equal x86_64's, and the COCO evaluation runs here on 6 frames.
 # The shelf counter (the default model) counts the eight real-photo composites here too,
 # with the scale rule; the 16 hard composites (~70 passes of up to 640 x 480, over 20
-# minutes under emulation), the far-view comparison and the view along the aisle (two
-# levels over a 1280 x 960 frame) run on x86_64 only.
+# minutes under emulation), the far-view comparison and the view along the aisle (three
+# levels, 46 tiles of a 1280 x 960 frame) run on x86_64 only.
 # Identification: enrol/identify round trips and the damaged gallery run here; the
 # 247-embedding retrieval measurement and the per-SKU daemon runs (a replay, a reload)
 # run on x86_64.

@@ -49,6 +49,10 @@ stage "armv7: build and tests under qemu" scripts/test-arm.sh armv7-unknown-linu
 stage "benchmarks: side-by-side harness, smoke run" bench/run.sh --quick
 stage "benchmarks: ARM instruction counts, smoke run" bench/arm-insns.sh \
   --configs aarch64-unknown-linux-gnu:cortex-a76 --models models/ssd_mobilenetv2_oidv4.toml
+# onnxruntime's side of the ARM counts: an arm64 Python and onnxruntime's aarch64 wheel
+# (about 60 MB from the Debian mirror and PyPI, set up once) under the same plugin.
+stage "benchmarks: onnxruntime's ARM instruction counts, smoke run" bench/ort-arm-insns.sh \
+  --models models/ssd_mobilenetv2_oidv4.onnx --cpus cortex-a76
 
 a64=target/aarch64-unknown-linux-gnu/release
 stage "vivid VM: capture from the real V4L2 driver (arm64, cortex-a72)" \
