@@ -34,12 +34,11 @@
 # script's package lists or bench/requirements.txt change): Debian's arm64 python3.11
 # and the shared libraries it needs (glibc, libstdc++ and the rest, found by following
 # the packages' Depends through lib* packages only), fetched with apt-get download
-# through indexes of our own under target/bench/ort-arm/apt (the host's apt
-# configuration and dpkg architectures are left alone; the release is the host's, from
-# /etc/os-release), and the aarch64 manylinux wheels of onnxruntime, numpy, Pillow and
-# their dependencies at the pins of bench/requirements.txt (those of the x86 bench),
-# fetched with `pip download`. Only deb.debian.org (and its security suite) and PyPI are
-# contacted. The standard library and wheels are compiled to .pyc once, by the host's
+# from the host's apt sources through arm64 indexes of our own under
+# target/bench/ort-arm/apt (the host's indexes and dpkg architectures are left alone),
+# and the aarch64 manylinux wheels of onnxruntime, numpy, Pillow and their dependencies
+# at the pins of bench/requirements.txt (those of the x86 bench), fetched with `pip
+# download`. Only the host's Debian mirror and PyPI are contacted. The standard library and wheels are compiled to .pyc once, by the host's
 # Python when it is 3.11 (else the guest's), and the runs write none
 # (PYTHONDONTWRITEBYTECODE), so every run imports the same way. The guest runs with a
 # clean environment: python -S with PYTHONPATH set to the wheels, PYTHONHASHSEED=0 and
@@ -168,27 +167,12 @@ setup_root() {
   local -a apt_opts=(-q -o Acquire::Languages=none
     -o APT::Architecture=arm64 -o APT::Architectures=arm64
     -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache"
-    -o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=$apt_dir/sources.d"
     -o Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false)
   # As root apt would drop to _apt, which cannot write into our cache dir.
   ((EUID != 0)) || apt_opts+=(-o APT::Sandbox::User=root)
-  mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/sources.d" "$deb_dir"
-  : >"$apt_dir/sources.list"
-  cat >"$apt_dir/sources.d/debian.sources" <<EOF
-Types: deb
-URIs: http://deb.debian.org/debian
-Suites: $release $release-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-URIs: http://deb.debian.org/debian-security
-Suites: $release-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-  [[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]] ||
-    die "no /usr/share/keyrings/debian-archive-keyring.gpg (apt-get install debian-archive-keyring)"
+  # The host's own sources (its mirror, or the proxy CI reaches the registry through),
+  # as tests/vivid/run-vm.sh uses them, with indexes of our own for arm64.
+  mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$deb_dir"
   local updated=false
   apt_update() {
     echo "    apt-get update (arm64 $release indexes, into $apt_dir)"
