@@ -63,6 +63,9 @@
 # instruction, and cores differ in what each instruction costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# stage (a step with its time) and die, as every script here has them.
+# shellcheck source=../scripts/lib.sh
+. scripts/lib.sh
 
 models=models/ssd_mobilenetv2_oidv4.onnx,models/ssd_mobilenetv2_oidv4_int8.onnx,models/shelf_counter.onnx
 cpus=cortex-a72,cortex-a76
@@ -82,10 +85,6 @@ usage() {
   header | sed -n '5,6p' >&2
   exit 2
 }
-die() {
-  echo "error: $*" >&2
-  exit 1
-}
 while [[ $# -gt 0 ]]; do
   case $1 in
     --models) models=${2:?--models needs a list}; shift 2 ;;
@@ -98,14 +97,6 @@ while [[ $# -gt 0 ]]; do
 done
 
 t_start=$SECONDS
-step() {
-  # step NAME COMMAND...: runs it and prints how long it took.
-  local name=$1; shift
-  local t0=$SECONDS
-  echo "==> $name"
-  "$@"
-  echo "<== $name: $((SECONDS - t0)) s"
-}
 
 for tool in qemu-aarch64 gcc python3 apt-get apt-cache dpkg-deb sha256sum flock; do
   command -v "$tool" >/dev/null || die "$tool not found (scripts/setup.sh --test installs qemu-user)"
@@ -133,7 +124,7 @@ mkdir -p "$cache" "$runs_dir"
 # ---------------------------------------------------------------- the plugin
 plugin=$out_dir/insn.so
 if [[ ! -f $plugin || bench/qemu-insn/insn.c -nt $plugin || bench/qemu-insn/qemu-plugin-api.h -nt $plugin ]]; then
-  step "plugin: $plugin" gcc -O2 -Wall -Wextra -Werror -shared -fPIC -fvisibility=hidden \
+  stage "plugin: $plugin" gcc -O2 -Wall -Wextra -Werror -shared -fPIC -fvisibility=hidden \
     -o "$plugin" bench/qemu-insn/insn.c
 fi
 
@@ -325,7 +316,7 @@ setup_root() {
 exec 9>"$cache/.lock"
 flock -w 1800 9 || die "timed out waiting for another run setting up $root"
 if [[ $(cat "$root/.ready" 2>/dev/null || true) != "$stamp" ]]; then
-  step "guest root: $root (arm64 python3.11, ${pins[*]})" setup_root
+  stage "guest root: $root (arm64 python3.11, ${pins[*]})" setup_root
 fi
 exec 9>&-
 if $setup_only; then
