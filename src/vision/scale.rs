@@ -316,6 +316,12 @@ impl ScaleRule {
         })
     }
 
+    /// The lower edge of the target's octave, in cells: narrower products are what a
+    /// level at twice the scale takes over.
+    fn octave_low(&self) -> f32 {
+        self.band.target_width_cells / std::f32::consts::SQRT_2
+    }
+
     /// The width of `d` in cells at `scale`.
     fn cells(&self, d: &Detection, scale: f32) -> f32 {
         d.bbox.width() * scale / self.stride
@@ -326,7 +332,7 @@ impl ScaleRule {
     /// around the target at its scale (the coarsest also the larger, the finest also
     /// the smaller), coarser levels win where two see the same product.
     fn combine(&self, levels: &[Level], iou_threshold: f32) -> Vec<Detection> {
-        let lo = self.band.target_width_cells / std::f32::consts::SQRT_2;
+        let lo = self.octave_low();
         let n = levels.len();
         let mut kept: Vec<Detection> = Vec::new();
         for (j, level) in levels.iter().enumerate() {
@@ -493,7 +499,7 @@ impl ScaleRule {
             // find the pictures printed on large boxes. (Below the band itself would
             // be too late a sign: along an aisle the farthest products are not seen
             // as narrow, they are not seen at all.)
-            let lo = band.target_width_cells / std::f32::consts::SQRT_2;
+            let lo = self.octave_low();
             let small = measured(&last.found, self.measure_min_score)
                 .filter(|d| self.cells(d, last.scale) < lo)
                 .count();
