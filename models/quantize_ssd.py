@@ -4,9 +4,12 @@ Why this form (measured with `shelfwatch bench --profile`, tract 0.23.9; see
 models/README.md):
 - QOperator, not QDQ: tract runs a QDQ graph's convolutions in float and pays for the
   (de)quantisation on top; QLinearConv maps to its int8 matrix kernels.
-- Only the dense convolutions (1x1 and the stem) are quantised. tract has no int8
-  depthwise kernel: a quantised depthwise convolution becomes im2col + a matrix product
-  + an unfused requantisation, four times slower than its float one.
+- Every convolution is quantised, the depthwise ones included. tract itself has no int8
+  depthwise kernel (it would run one as im2col + a matrix product + an unfused
+  requantisation, four times slower than its float one), but shelfwatch replaces those
+  layers by its own (src/vision/kernels/quant.rs: 8-bit in, 8-bit out, requantisation
+  fused), so the model has no float island around them. Run with `--kernels tract`,
+  this model is slow by design: it is meant for shelfwatch's kernels.
 - Clip (ReLU6) after a quantised convolution is folded into the output range.
 - Per-tensor scales and unsigned activations: tract's per-channel requantisation runs
   as separate element-wise passes (168 ms vs 40 ms per frame).
@@ -72,11 +75,6 @@ def main():
     input_name = fp32.graph.input[0].name
     # onnxruntime's quantiser needs opset >= 13 for per-axis (De)QuantizeLinear attributes.
     fp32 = version_converter.convert_version(fp32, 13)
-    depthwise = sorted(
-        n.name
-        for n in fp32.graph.node
-        if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
-    )
     images = calibration_images(args.root)
     out_path = os.path.join(args.out, f"{DST}.onnx")
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +86,6 @@ def main():
             Frames(images, input_name),
             quant_format=QuantFormat.QOperator,
             op_types_to_quantize=["Conv", "Clip"],
-            nodes_to_exclude=depthwise,
             per_channel=False,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
@@ -107,7 +104,7 @@ def main():
     manifest = re.sub(r'(?m)^name = .*$', f'name = "{DST}"', manifest, count=1)
     manifest = re.sub(
         r'(?m)^description = "(.*)"$',
-        lambda m: f'description = "{m.group(1)}, int8 (dense convolutions; depthwise in float)"',
+        lambda m: f'description = "{m.group(1)}, int8 (every convolution; residual additions in float)"',
         manifest,
     )
     manifest = re.sub(r'(?m)^file = .*$', f'file = "{DST}.onnx"', manifest)
@@ -123,7 +120,7 @@ def main():
     with open(os.path.join(args.out, f"{DST}.toml"), "w", encoding="utf-8") as f:
         f.write(manifest)
     print(json.dumps({"model": out_path, "sha256": sha, "calibration-images": len(images),
-                      "depthwise-in-float": len(depthwise), "ops": ops}))
+                      "ops": ops}))
 
 
 if __name__ == "__main__":

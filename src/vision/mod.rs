@@ -306,6 +306,13 @@ impl Detector {
                     .filter_map(|n| n.op_as::<kernels::DepthwiseConv>())
                     .map(|op| op.kernel_name()),
             )
+            .chain(
+                self.plans
+                    .iter()
+                    .flat_map(|p| p.plan.model().nodes().iter())
+                    .filter_map(|n| n.op_as::<kernels::QuantDepthwiseConv>())
+                    .map(|op| op.kernel_name()),
+            )
             .collect();
         names.sort();
         names.dedup();
@@ -593,6 +600,7 @@ pub(crate) fn load_plan<R>(
             model = %spec.name,
             depthwise = installed.depthwise,
             fused_clamps = installed.fused_clamps,
+            quant_depthwise = installed.quant_depthwise,
             kernel = kernels::kernel_name(isa),
             "own kernels installed"
         );

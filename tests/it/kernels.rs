@@ -1,9 +1,11 @@
 //! shelfwatch's own depthwise kernels (src/vision/kernels) leave what the bundled models
 //! find unchanged: the same boxes within a pixel and the same scores within 1e-3 as
-//! tract's own kernels, on real photos and shelves, and the same embeddings. On ARM this
-//! runs under qemu (scripts/test-arm.sh) with the board's kernels, named.
+//! tract's own kernels, on real photos and shelves, and the same embeddings. The int8
+//! model finds the same objects with either, to a quantisation step (the two requantise
+//! differently: the exact scale against tract's fixed-point one). On ARM this runs under
+//! qemu (scripts/test-arm.sh) with the board's kernels, named.
 
-use shelfwatch::vision::kernels::{kernel_name, Isa, Kernels};
+use shelfwatch::vision::kernels::{kernel_name, quant, Isa, Kernels};
 use shelfwatch::vision::{Detection, Detector, DetectorOptions, Embedder, EmbedderOptions};
 
 use crate::util::{fixture, model};
@@ -15,10 +17,15 @@ const IMAGES: [&str; 4] = [
     "photos/astronaut.png",
 ];
 
+/// Our op in the plan of an f32 model, and of the int8 one.
+const OURS: &str = "ShelfwatchDepthwise";
+const OURS_INT8: &str = "ShelfwatchQuantDepthwise";
+
 fn detections(
     manifest: &str,
     kernels: Kernels,
     size: Option<(u32, u32)>,
+    own_op: &str,
 ) -> (Vec<Vec<Detection>>, Vec<String>) {
     let options = DetectorOptions {
         // Low, so weak detections (the most sensitive to arithmetic) are compared too.
@@ -42,44 +49,53 @@ fn detections(
         })
         .collect();
     // Every depthwise convolution, whatever layout tract moved it to (NCHW here, NHWC
-    // on aarch64), runs on one kernel or the other, never on a mix.
+    // on aarch64), runs on one kernel or the other, never on a mix. (tract runs an int8
+    // one as im2col and a matrix product, not as its DepthWiseConv.)
     let img = image::open(fixture(IMAGES[0])).unwrap().to_rgb8();
     let ops: Vec<String> = d.profile(&img).unwrap().into_iter().map(|t| t.op).collect();
-    let (ours, tracts) = (
-        ops.iter().any(|o| o == "ShelfwatchDepthwise"),
+    let (ours, any_ours, tracts) = (
+        ops.iter().any(|o| o == own_op),
+        ops.iter().any(|o| o.starts_with("Shelfwatch")),
         ops.iter().any(|o| o == "DepthWiseConv"),
     );
     match kernels {
         Kernels::Shelfwatch => assert!(ours && !tracts, "{manifest}: {ops:?}"),
-        Kernels::Tract => assert!(!ours && tracts, "{manifest}: {ops:?}"),
+        Kernels::Tract => assert!(
+            !any_ours && (tracts || own_op == OURS_INT8),
+            "{manifest}: {ops:?}"
+        ),
     }
     (found, d.kernels())
 }
 
 /// What this build should run on this CPU: the tests run where the CI machines and
 /// boards run, x86_64 with AVX2+FMA, aarch64 (NEON), armv7 with NEON.
-fn expected_kernel() -> String {
-    kernel_name(Isa::detect())
+fn expected_kernel(own_op: &str) -> String {
+    if own_op == OURS_INT8 {
+        quant::kernel_name(Isa::detect())
+    } else {
+        kernel_name(Isa::detect())
+    }
 }
 
 #[test]
 fn own_kernels_find_the_same_products_as_tracts_on_every_bundled_detector() {
-    for (manifest, size) in [
-        ("shelf_counter.toml", None),
+    for (manifest, size, own_op) in [
+        ("shelf_counter.toml", None, OURS),
         // A second size: other plane widths, other tails of the vector loops.
-        ("shelf_counter.toml", Some((640, 480))),
-        ("ssd_mobilenetv2_oidv4.toml", None),
+        ("shelf_counter.toml", Some((640, 480)), OURS),
+        ("ssd_mobilenetv2_oidv4.toml", None, OURS),
     ] {
-        let (want, tract_kernels) = detections(manifest, Kernels::Tract, size);
-        let (got, ours) = detections(manifest, Kernels::Shelfwatch, size);
+        let (want, tract_kernels) = detections(manifest, Kernels::Tract, size, own_op);
+        let (got, ours) = detections(manifest, Kernels::Shelfwatch, size, own_op);
         assert!(
             !tract_kernels.iter().any(|k| k.starts_with("shelfwatch_")),
             "{manifest}: --kernels tract still ran ours: {tract_kernels:?}"
         );
         assert!(
-            ours.contains(&expected_kernel()),
+            ours.contains(&expected_kernel(own_op)),
             "{manifest}: {} not in the plan: {ours:?}",
-            expected_kernel()
+            expected_kernel(own_op)
         );
         let total: usize = want.iter().map(Vec::len).sum();
         assert!(
@@ -116,6 +132,46 @@ fn own_kernels_find_the_same_products_as_tracts_on_every_bundled_detector() {
             }
         }
     }
+}
+
+#[test]
+fn the_int8_model_on_own_kernels_finds_what_it_finds_on_tracts() {
+    // The int8 SSD's scores move in steps of its output quantisation (about 0.016 near
+    // 0.3), and a step of difference in one depthwise layer can move a weak detection
+    // by a step or a few pixels. So: every detection of one above 0.3 has one of the
+    // same label on the other, overlapping by at least 0.8, within three steps of score;
+    // and the strong ones (above 0.5, the real objects in the photos) are all there.
+    let manifest = "ssd_mobilenetv2_oidv4_int8.toml";
+    let (tracts, tract_kernels) = detections(manifest, Kernels::Tract, None, OURS_INT8);
+    let (ours, own_kernels) = detections(manifest, Kernels::Shelfwatch, None, OURS_INT8);
+    assert!(
+        !tract_kernels.iter().any(|k| k.starts_with("shelfwatch_")),
+        "{tract_kernels:?}"
+    );
+    assert!(
+        own_kernels.contains(&expected_kernel(OURS_INT8)),
+        "{} not in the plan: {own_kernels:?}",
+        expected_kernel(OURS_INT8)
+    );
+    let mut compared = (0, 0);
+    for ((t, o), file) in tracts.iter().zip(&ours).zip(IMAGES) {
+        for (a, b, which) in [(t, o, "tract's"), (o, t, "ours")] {
+            for d in a.iter().filter(|d| d.score >= 0.3) {
+                let found = b.iter().any(|e| {
+                    e.label == d.label
+                        && e.bbox.iou(&d.bbox) >= 0.8
+                        && (e.score - d.score).abs() <= 0.05
+                });
+                assert!(found, "{file}: {which} {d:?} has no match in {b:?}");
+                compared.0 += 1;
+                compared.1 += (d.score >= 0.5) as usize;
+            }
+        }
+    }
+    assert!(
+        compared.1 >= 4,
+        "too few strong detections to compare: {compared:?}"
+    );
 }
 
 #[test]
@@ -158,16 +214,25 @@ fn a_model_read_back_from_the_model_cache_runs_on_the_same_own_kernels() {
     let img = image::open(fixture("shelves/shelf_01.jpg"))
         .unwrap()
         .to_rgb8();
-    let mut first = Detector::load(&model("shelf_counter.toml"), &options).unwrap();
-    let mut again = Detector::load(&model("shelf_counter.toml"), &options).unwrap();
-    assert!(
-        std::fs::read_dir(dir.path()).unwrap().count() > 0,
-        "nothing was cached"
-    );
-    assert!(
-        again.kernels().contains(&expected_kernel()),
-        "{:?}",
-        again.kernels()
-    );
-    assert_eq!(first.detect(&img).unwrap().0, again.detect(&img).unwrap().0);
+    for (manifest, own_op) in [
+        ("shelf_counter.toml", OURS),
+        ("ssd_mobilenetv2_oidv4_int8.toml", OURS_INT8),
+    ] {
+        let mut first = Detector::load(&model(manifest), &options).unwrap();
+        let mut again = Detector::load(&model(manifest), &options).unwrap();
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().count() > 0,
+            "nothing was cached"
+        );
+        assert!(
+            again.kernels().contains(&expected_kernel(own_op)),
+            "{manifest}: {:?}",
+            again.kernels()
+        );
+        assert_eq!(
+            first.detect(&img).unwrap().0,
+            again.detect(&img).unwrap().0,
+            "{manifest}"
+        );
+    }
 }

@@ -14,6 +14,7 @@
 //! bundled models, so an upgrade that changes them fails there, not in the field.
 
 pub mod depthwise;
+pub mod quant;
 pub(crate) mod simd;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 pub use depthwise::{Clamp, Geometry, Isa};
+pub use quant::QuantDepthwiseConv;
 
 /// Which kernels run a model's depthwise convolutions (`[model] kernels`,
 /// `--kernels`).
@@ -256,12 +258,16 @@ pub struct Installed {
     pub depthwise: usize,
     /// Of those, how many took the clamp after them in (ReLU6, ReLU).
     pub fused_clamps: usize,
+    /// Quantised depthwise convolutions now run by [`QuantDepthwiseConv`].
+    pub quant_depthwise: usize,
 }
 
 /// Replaces, in a decluttered model with concrete input shapes, every depthwise
 /// convolution [`DepthwiseConv`] can run, with the clamps that follow it, by one
-/// [`DepthwiseConv`] for `isa`. Convolutions it cannot run (quantised, dilated, other
-/// layouts, symbolic shapes) are left to tract.
+/// [`DepthwiseConv`] for `isa`, and every quantised one [`QuantDepthwiseConv`] runs
+/// exactly by one of those. Convolutions they cannot run (dilated, other layouts,
+/// symbolic shapes, quantised ones whose sums could exceed f32's exact integers) are
+/// left to tract.
 pub fn install(model: &mut TypedModel, isa: Isa) -> TractResult<Installed> {
     let mut installed = Installed::default();
     for id in model.eval_order()? {
@@ -269,6 +275,20 @@ pub fn install(model: &mut TypedModel, isa: Isa) -> TractResult<Installed> {
         let Some(conv) = node.op_as::<Conv>() else {
             continue;
         };
+        if conv.q_params.is_some() {
+            // The output range of a quantised layer already holds its clamp.
+            if let Some(op) = quant::quant_depthwise_of(model, node, conv, isa)? {
+                let name = node.name.clone();
+                let data = node.inputs[0];
+                let mut patch = TypedModelPatch::new(format!("shelfwatch q8 depthwise {name}"));
+                let tap = patch.tap_model(model, data)?;
+                let out = patch.wire_node(name, op, &[tap])?[0];
+                patch.shunt_outside(model, OutletId::new(id, 0), out)?;
+                patch.apply(model)?;
+                installed.quant_depthwise += 1;
+            }
+            continue;
+        }
         let Some(mut op) = depthwise_of(model, node, conv, isa)? else {
             continue;
         };
@@ -286,7 +306,7 @@ pub fn install(model: &mut TypedModel, isa: Isa) -> TractResult<Installed> {
         patch.apply(model)?;
         installed.depthwise += 1;
     }
-    if installed.depthwise > 0 {
+    if installed.depthwise + installed.quant_depthwise > 0 {
         *model = std::mem::take(model).into_compact()?;
     }
     Ok(installed)
@@ -344,29 +364,9 @@ fn depthwise_of(
     {
         return Ok(None);
     }
-    let padding = spec.computed_padding(&[h, w]);
-    let output = model.outlet_fact(OutletId::new(node.id, 0))?;
-    let Some(output_shape) = output.shape.as_concrete() else {
+    let Some((geometry, output_shape)) = geometry_of(model, node, spec, batch, c, h, w)? else {
         return Ok(None);
     };
-    let geometry = Geometry {
-        h,
-        w,
-        oh: padding[0].convoluted,
-        ow: padding[1].convoluted,
-        kh,
-        kw,
-        sh: spec.stride(0),
-        sw: spec.stride(1),
-        pad_top: padding[0].pad_before,
-        pad_left: padding[1].pad_before,
-    };
-    if geometry.oh == 0
-        || geometry.ow == 0
-        || output_shape.iter().product::<usize>() != batch * c * geometry.oh * geometry.ow
-    {
-        return Ok(None);
-    }
     let oihw = kernel.try_as_plain_ram()?;
     let oihw = oihw.as_slice::<f32>()?;
     let weights: Arc<[f32]> = if channels_last {
@@ -392,8 +392,45 @@ fn depthwise_of(
         bias,
         clamp: Clamp::NONE,
         isa,
-        output_shape: output_shape.into(),
+        output_shape,
     }))
+}
+
+/// The per-plane geometry of a 2-D convolution node over `batch x c x h x w` data, and
+/// its concrete output shape; None when that shape is symbolic or does not match.
+pub(super) fn geometry_of(
+    model: &TypedModel,
+    node: &TypedNode,
+    spec: &tract_onnx::tract_core::ops::cnn::PoolSpec,
+    batch: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+) -> TractResult<Option<(Geometry, TVec<usize>)>> {
+    let padding = spec.computed_padding(&[h, w]);
+    let output = model.outlet_fact(OutletId::new(node.id, 0))?;
+    let Some(output_shape) = output.shape.as_concrete() else {
+        return Ok(None);
+    };
+    let geometry = Geometry {
+        h,
+        w,
+        oh: padding[0].convoluted,
+        ow: padding[1].convoluted,
+        kh: spec.kernel_shape[0],
+        kw: spec.kernel_shape[1],
+        sh: spec.stride(0),
+        sw: spec.stride(1),
+        pad_top: padding[0].pad_before,
+        pad_left: padding[1].pad_before,
+    };
+    if geometry.oh == 0
+        || geometry.ow == 0
+        || output_shape.iter().product::<usize>() != batch * c * geometry.oh * geometry.ow
+    {
+        return Ok(None);
+    }
+    Ok(Some((geometry, output_shape.into())))
 }
 
 /// Follows the convolution's output through `Max(x, constant)` and `Min(x, constant)`
