@@ -112,6 +112,8 @@ fn requantise(acc: f32, scale: f32, zero: f32, lo: f32, hi: f32) -> f32 {
 /// the baseline elsewhere (NEON on aarch64 and on our armv7 build).
 #[derive(Clone, Copy)]
 struct Passes {
+    // Only x86_64 compiles a second variant to choose from.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     isa: Isa,
     zero_in: f32,
     zero_out: f32,
