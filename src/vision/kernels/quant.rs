@@ -49,8 +49,10 @@ pub enum Byte {
 }
 
 impl Byte {
+    /// Plain 8-bit types only: a tensor type carrying its own quantisation (tract's
+    /// QU8/QI8) would need those parameters kept on the output, which this op does not do.
     fn of(dt: DatumType) -> Option<Byte> {
-        match dt.unquantized() {
+        match dt {
             DatumType::U8 => Some(Byte::U8),
             DatumType::I8 => Some(Byte::I8),
             _ => None,
