@@ -297,22 +297,19 @@ impl Detector {
             .plans
             .iter()
             .flat_map(|p| p.plan.model().nodes().iter())
-            .filter_map(|n| n.op_as::<tract_onnx::tract_core::ops::matmul::optimized::OptMatMul>())
-            .flat_map(|op| op.mmm.iter().map(|k| k.name().to_string()))
-            .chain(
-                self.plans
-                    .iter()
-                    .flat_map(|p| p.plan.model().nodes().iter())
-                    .filter_map(|n| n.op_as::<kernels::DepthwiseConv>())
-                    .map(|op| op.kernel_name()),
-            )
-            .chain(
-                self.plans
-                    .iter()
-                    .flat_map(|p| p.plan.model().nodes().iter())
-                    .filter_map(|n| n.op_as::<kernels::QuantDepthwiseConv>())
-                    .map(|op| op.kernel_name()),
-            )
+            .flat_map(|n| {
+                if let Some(op) = n.op_as::<kernels::DepthwiseConv>() {
+                    vec![op.kernel_name()]
+                } else if let Some(op) = n.op_as::<kernels::QuantDepthwiseConv>() {
+                    vec![op.kernel_name()]
+                } else if let Some(op) =
+                    n.op_as::<tract_onnx::tract_core::ops::matmul::optimized::OptMatMul>()
+                {
+                    op.mmm.iter().map(|k| k.name().to_string()).collect()
+                } else {
+                    vec![]
+                }
+            })
             .collect();
         names.sort();
         names.dedup();

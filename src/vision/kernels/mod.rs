@@ -74,8 +74,6 @@ pub struct DepthwiseConv {
 
 impl PartialEq for DepthwiseConv {
     fn eq(&self, other: &Self) -> bool {
-        // Bitwise on the floats, so that equality stays reflexive.
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         self.geometry == other.geometry
             && self.channels_last == other.channels_last
             && self.batch == other.batch
@@ -210,30 +208,64 @@ impl DepthwiseConv {
             let out = out_view.as_slice_mut::<f32>()?;
             let total = out.len();
             tract_linalg::multithread::par_chunks_mut(out, row, total, |first, chunk| {
-                let (mut r, mut rest) = (first, chunk);
-                while !rest.is_empty() {
-                    let (n, oy) = (r / g.oh, r % g.oh);
-                    let take = (g.oh - oy).min(rest.len() / row);
-                    let (head, tail) = rest.split_at_mut(take * row);
-                    depthwise::hwc(
-                        self.isa,
-                        &g,
-                        c,
-                        &x[n * image_in..(n + 1) * image_in],
-                        &self.weights,
-                        &self.bias,
-                        self.clamp,
-                        head,
-                        oy..oy + take,
-                    );
-                    rest = tail;
-                    r += take;
-                }
+                hwc_rows(
+                    self.isa,
+                    &g,
+                    c,
+                    x,
+                    &self.weights,
+                    &self.bias,
+                    self.clamp,
+                    chunk,
+                    first,
+                );
                 Ok(())
             })?;
         }
         Ok(tvec!(output.into_tvalue()))
     }
+}
+
+/// [`depthwise::hwc`] over a run of whole output rows of a channels-last batch: `out`
+/// holds the rows from `first` on, counted across the batch (row `r` is row `r % oh` of
+/// image `r / oh`), as tract's pool hands them out; `x` is the whole batch.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn hwc_rows(
+    isa: Isa,
+    g: &Geometry,
+    c: usize,
+    x: &[f32],
+    weights: &[f32],
+    bias: &[f32],
+    clamp: Clamp,
+    out: &mut [f32],
+    first: usize,
+) {
+    let (image_in, row) = (g.h * g.w * c, g.ow * c);
+    let (mut r, mut rest) = (first, out);
+    while !rest.is_empty() {
+        let (n, oy) = (r / g.oh, r % g.oh);
+        let take = (g.oh - oy).min(rest.len() / row);
+        let (head, tail) = rest.split_at_mut(take * row);
+        depthwise::hwc(
+            isa,
+            g,
+            c,
+            &x[n * image_in..(n + 1) * image_in],
+            weights,
+            bias,
+            clamp,
+            head,
+            oy..oy + take,
+        );
+        rest = tail;
+        r += take;
+    }
+}
+
+/// Bitwise, so that equality of ops holding floats stays reflexive.
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
 }
 
 impl TypedOp for DepthwiseConv {
@@ -275,16 +307,12 @@ pub fn install(model: &mut TypedModel, isa: Isa) -> TractResult<Installed> {
         let Some(conv) = node.op_as::<Conv>() else {
             continue;
         };
+        let name = node.name.clone();
+        let data = node.inputs[0];
         if conv.q_params.is_some() {
             // The output range of a quantised layer already holds its clamp.
             if let Some(op) = quant::quant_depthwise_of(model, node, conv, isa)? {
-                let name = node.name.clone();
-                let data = node.inputs[0];
-                let mut patch = TypedModelPatch::new(format!("shelfwatch q8 depthwise {name}"));
-                let tap = patch.tap_model(model, data)?;
-                let out = patch.wire_node(name, op, &[tap])?[0];
-                patch.shunt_outside(model, OutletId::new(id, 0), out)?;
-                patch.apply(model)?;
+                replace(model, &name, data, id, op)?;
                 installed.quant_depthwise += 1;
             }
             continue;
@@ -292,24 +320,34 @@ pub fn install(model: &mut TypedModel, isa: Isa) -> TractResult<Installed> {
         let Some(mut op) = depthwise_of(model, node, conv, isa)? else {
             continue;
         };
-        let conv_name = node.name.clone();
-        let data = node.inputs[0];
         let (last, clamp, absorbed) = following_clamp(model, id)?;
         op.clamp = clamp;
         if absorbed > 0 {
             installed.fused_clamps += 1;
         }
-        let mut patch = TypedModelPatch::new(format!("shelfwatch depthwise {conv_name}"));
-        let tap = patch.tap_model(model, data)?;
-        let out = patch.wire_node(conv_name, op, &[tap])?[0];
-        patch.shunt_outside(model, OutletId::new(last, 0), out)?;
-        patch.apply(model)?;
+        replace(model, &name, data, last, op)?;
         installed.depthwise += 1;
     }
     if installed.depthwise + installed.quant_depthwise > 0 {
         *model = std::mem::take(model).into_compact()?;
     }
     Ok(installed)
+}
+
+/// Wires `op` on `data` in place of the nodes from the convolution to `last` (its
+/// output is what readers of `last` now get).
+fn replace(
+    model: &mut TypedModel,
+    name: &str,
+    data: OutletId,
+    last: usize,
+    op: impl TypedOp,
+) -> TractResult<()> {
+    let mut patch = TypedModelPatch::new(format!("shelfwatch {name}"));
+    let tap = patch.tap_model(model, data)?;
+    let out = patch.wire_node(name, op, &[tap])?[0];
+    patch.shunt_outside(model, OutletId::new(last, 0), out)?;
+    patch.apply(model)
 }
 
 /// The [`DepthwiseConv`] for a tract `Conv` node, if it is one we run.

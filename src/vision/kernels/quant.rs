@@ -205,7 +205,7 @@ pub struct QuantDepthwiseConv {
 
 impl PartialEq for QuantDepthwiseConv {
     fn eq(&self, other: &Self) -> bool {
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        let bits = super::bits;
         self.geometry == other.geometry
             && self.channels_last == other.channels_last
             && self.batch == other.batch
@@ -311,30 +311,22 @@ impl QuantDepthwiseConv {
     ) -> TractResult<()> {
         let g = self.geometry;
         let c = self.channels;
-        let (image_in, row) = (g.h * g.w * c, g.ow * c);
         let mut xin = vec![0f32; x.len()];
         passes.widen(x, &mut xin);
         let total = out.len();
-        tract_linalg::multithread::par_chunks_mut(out, row, total, |first, chunk| {
+        tract_linalg::multithread::par_chunks_mut(out, g.ow * c, total, |first, chunk| {
             let mut acc = vec![0f32; chunk.len()];
-            let (mut r, mut done) = (first, 0);
-            while done < chunk.len() {
-                let (n, oy) = (r / g.oh, r % g.oh);
-                let take = (g.oh - oy).min((chunk.len() - done) / row);
-                depthwise::hwc(
-                    self.isa,
-                    &g,
-                    c,
-                    &xin[n * image_in..(n + 1) * image_in],
-                    &self.weights,
-                    &self.bias,
-                    Clamp::NONE,
-                    &mut acc[done..done + take * row],
-                    oy..oy + take,
-                );
-                done += take * row;
-                r += take;
-            }
+            super::hwc_rows(
+                self.isa,
+                &g,
+                c,
+                &xin,
+                &self.weights,
+                &self.bias,
+                Clamp::NONE,
+                &mut acc,
+                first,
+            );
             passes.narrow(&acc, &self.scale, chunk);
             Ok(())
         })
