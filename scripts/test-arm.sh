@@ -122,3 +122,15 @@ stage "integration tests under qemu-$qemu ($cpu)" cargo_zig test --test it -- "$
   --skip identify::a_product_enrolled_while \
   --skip web::a_zone_drawn --skip web::a_product_enrolled_from --skip web::metrics_parse \
   --skip web::without_a_token --skip web::an_oversized --skip web::a_flood
+if [[ $target == aarch64-* ]]; then
+  # The Raspberry Pi 5's Cortex-A76 (and the Jetson Orin's A78AE) has the 8-bit dot
+  # product the Pi 4's A72 lacks, and the int8 pointwise kernel runs on it: its unit
+  # tests, and the int8 SSD against tract's kernels, again on that CPU, where they must
+  # find it (SHELFWATCH_REQUIRE_DOT), not quietly test the plain-Rust kernel alone.
+  stage "int8 dot-product kernel under qemu-$qemu (cortex-a76)" \
+    env QEMU_CPU=cortex-a76 SHELFWATCH_REQUIRE_DOT=dotprod \
+    cargo_zig test --lib -- kernels::pointwise
+  stage "int8 SSD on the dot-product kernel under qemu-$qemu (cortex-a76)" \
+    env QEMU_CPU=cortex-a76 SHELFWATCH_REQUIRE_DOT=dotprod \
+    cargo_zig test --test it -- kernels::the_int8_model
+fi

@@ -1481,7 +1481,7 @@ mod tests {
         /// third round: a plain kill).
         fn round(&mut self) -> (usize, Option<u64>) {
             let after = 20 + (self.next() % 600) as usize;
-            let cut = (self.next() % 3 != 0).then(|| self.next());
+            let cut = (!self.next().is_multiple_of(3)).then(|| self.next());
             (after, cut)
         }
     }

@@ -122,7 +122,7 @@ impl InputSpec {
     /// `Err(multiple)` when `width` x `height` breaks the model's `size-multiple`.
     pub fn check_size(&self, width: u32, height: u32) -> Result<(), u32> {
         match self.size_multiple {
-            Some(m) if m > 1 && (width % m != 0 || height % m != 0) => Err(m),
+            Some(m) if m > 1 && (!width.is_multiple_of(m) || !height.is_multiple_of(m)) => Err(m),
             _ => Ok(()),
         }
     }

@@ -302,6 +302,8 @@ impl Detector {
                     vec![op.kernel_name()]
                 } else if let Some(op) = n.op_as::<kernels::QuantDepthwiseConv>() {
                     vec![op.kernel_name()]
+                } else if let Some(op) = n.op_as::<kernels::QuantPointwiseConv>() {
+                    vec![op.kernel_name()]
                 } else if let Some(op) =
                     n.op_as::<tract_onnx::tract_core::ops::matmul::optimized::OptMatMul>()
                 {
@@ -598,6 +600,7 @@ pub(crate) fn load_plan<R>(
             depthwise = installed.depthwise,
             fused_clamps = installed.fused_clamps,
             quant_depthwise = installed.quant_depthwise,
+            quant_pointwise = installed.quant_pointwise,
             kernel = kernels::kernel_name(isa),
             "own kernels installed"
         );

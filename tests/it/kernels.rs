@@ -5,7 +5,7 @@
 //! differently: the exact scale against tract's fixed-point one). On ARM this runs under
 //! qemu (scripts/test-arm.sh) with the board's kernels, named.
 
-use shelfwatch::vision::kernels::{kernel_name, quant, Isa, Kernels};
+use shelfwatch::vision::kernels::{kernel_name, pointwise, quant, DotIsa, Isa, Kernels};
 use shelfwatch::vision::{Detection, Detector, DetectorOptions, Embedder, EmbedderOptions};
 
 use crate::util::{fixture, model};
@@ -76,6 +76,18 @@ fn expected_kernel(own_op: &str) -> String {
     } else {
         kernel_name(Isa::detect())
     }
+}
+
+/// The int8 pointwise kernel this CPU runs: only on one with an 8-bit dot product
+/// (x86_64 with AVX-512 VNNI, aarch64 with `dotprod`); elsewhere those layers stay
+/// tract's. `SHELFWATCH_REQUIRE_DOT` (set by scripts/test-arm.sh on its Cortex-A76 run)
+/// names the one that must be there.
+fn expected_pointwise() -> Option<String> {
+    let dot = DotIsa::detect();
+    if let Ok(required) = std::env::var("SHELFWATCH_REQUIRE_DOT") {
+        assert_eq!(dot.map(DotIsa::name), Some(required.as_str()));
+    }
+    dot.map(pointwise::kernel_name)
 }
 
 #[test]
@@ -153,6 +165,16 @@ fn the_int8_model_on_own_kernels_finds_what_it_finds_on_tracts() {
         "{} not in the plan: {own_kernels:?}",
         expected_kernel(OURS_INT8)
     );
+    match expected_pointwise() {
+        Some(k) => assert!(
+            own_kernels.contains(&k),
+            "{k} not in the plan: {own_kernels:?}"
+        ),
+        None => assert!(
+            !own_kernels.iter().any(|k| k.starts_with("shelfwatch_pw")),
+            "{own_kernels:?}"
+        ),
+    }
     let mut compared = (0, 0);
     for ((t, o), file) in tracts.iter().zip(&ours).zip(IMAGES) {
         for (a, b, which) in [(t, o, "tract's"), (o, t, "ours")] {

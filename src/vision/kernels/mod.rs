@@ -4,9 +4,12 @@
 //! depthwise convolution our models use (3x3 and 5x5, stride 1 or 2, any explicit or
 //! SAME padding, NCHW), together with the ReLU/ReLU6 clamp that follows it, becomes one
 //! [`DepthwiseConv`] node running [`depthwise::plane`] with the instruction set the CPU
-//! offers (AVX2+FMA on x86_64, NEON on aarch64; plain Rust elsewhere). tract then
-//! optimises the rest (the pointwise convolutions stay its matrix products, which are
-//! fast) and leaves these nodes alone: they have no codegen of their own.
+//! offers (AVX2+FMA on x86_64, NEON on aarch64; plain Rust elsewhere). In an int8
+//! model, the quantised depthwise convolutions become [`QuantDepthwiseConv`] ([`quant`])
+//! and, on a CPU with an 8-bit dot product (AVX-512 VNNI, Armv8.2 `dotprod`), the
+//! quantised pointwise ones [`QuantPointwiseConv`] ([`pointwise`]). tract then optimises
+//! the rest (f32 pointwise convolutions stay its matrix products, which are fast) and
+//! leaves these nodes alone: they have no codegen of their own.
 //!
 //! The extension points used here (`TypedOp` outside tract, `TypedModelPatch`,
 //! `Conv`'s public fields) are semi-internal in tract: the version is pinned in
@@ -14,6 +17,7 @@
 //! bundled models, so an upgrade that changes them fails there, not in the field.
 
 pub mod depthwise;
+pub mod pointwise;
 pub mod quant;
 pub(crate) mod simd;
 
@@ -23,9 +27,11 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
 pub use depthwise::{Clamp, Geometry, Isa};
+pub use pointwise::{DotIsa, QuantPointwiseConv};
 pub use quant::QuantDepthwiseConv;
 
 /// Which kernels run a model's depthwise convolutions (`[model] kernels`,
@@ -292,6 +298,8 @@ pub struct Installed {
     pub fused_clamps: usize,
     /// Quantised depthwise convolutions now run by [`QuantDepthwiseConv`].
     pub quant_depthwise: usize,
+    /// Quantised pointwise convolutions now run by [`QuantPointwiseConv`].
+    pub quant_pointwise: usize,
 }
 
 /// Replaces, in a decluttered model with concrete input shapes, every depthwise
@@ -301,9 +309,33 @@ pub struct Installed {
 /// symbolic shapes, quantised ones whose sums could exceed f32's exact integers) are
 /// left to tract.
 pub fn install(model: &mut TypedModel, isa: Isa) -> TractResult<Installed> {
+    let dot = if isa == Isa::Generic {
+        None
+    } else {
+        DotIsa::detect()
+    };
+    install_with(model, isa, dot)
+}
+
+/// [`install`] with the dot-product instruction set stated: quantised pointwise
+/// convolutions are replaced only with one (`None`: they stay tract's).
+pub fn install_with(
+    model: &mut TypedModel,
+    isa: Isa,
+    dot: Option<DotIsa>,
+) -> TractResult<Installed> {
     let mut installed = Installed::default();
     for id in model.eval_order()? {
         let node = model.node(id);
+        if let (Some(dot), Some(einsum)) = (dot, node.op_as::<EinSum>()) {
+            // tract declutters a 1x1 convolution into a matrix product.
+            if let Some(op) = pointwise::quant_pointwise_of(model, node, einsum, dot)? {
+                let (name, data) = (node.name.clone(), node.inputs[0]);
+                replace(model, &name, data, id, op)?;
+                installed.quant_pointwise += 1;
+            }
+            continue;
+        }
         let Some(conv) = node.op_as::<Conv>() else {
             continue;
         };
@@ -328,7 +360,7 @@ pub fn install(model: &mut TypedModel, isa: Isa) -> TractResult<Installed> {
         replace(model, &name, data, last, op)?;
         installed.depthwise += 1;
     }
-    if installed.depthwise + installed.quant_depthwise > 0 {
+    if installed.depthwise + installed.quant_depthwise + installed.quant_pointwise > 0 {
         *model = std::mem::take(model).into_compact()?;
     }
     Ok(installed)

@@ -51,7 +51,7 @@ pub enum Byte {
 impl Byte {
     /// Plain 8-bit types only: a tensor type carrying its own quantisation (tract's
     /// QU8/QI8) would need those parameters kept on the output, which this op does not do.
-    fn of(dt: DatumType) -> Option<Byte> {
+    pub(super) fn of(dt: DatumType) -> Option<Byte> {
         match dt {
             DatumType::U8 => Some(Byte::U8),
             DatumType::I8 => Some(Byte::I8),
@@ -399,7 +399,7 @@ impl TypedOp for QuantDepthwiseConv {
 
 /// One constant input of the convolution as f32 values (zero points and scales may be
 /// scalars or one per channel), or None when it is not a constant.
-fn konst_f32(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Vec<f32>>> {
+pub(super) fn konst_f32(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Vec<f32>>> {
     let Some(k) = model.outlet_fact(outlet)?.konst.clone() else {
         return Ok(None);
     };
