@@ -534,7 +534,7 @@ mod dotprod {
     use std::arch::aarch64::*;
     use std::arch::asm;
 
-    use super::{store_row, Tile, ROUND_RANGE};
+    use super::{store_row, Tile};
 
     const L: usize = 8;
     const R: usize = 8;
@@ -595,7 +595,7 @@ mod dotprod {
                 );
             }
         }
-        let acc = [
+        let acc: [[int32x4_t; 2]; R] = [
             [a0, c0],
             [a1, c1],
             [a2, c2],
@@ -605,8 +605,13 @@ mod dotprod {
             [a6, c6],
             [a7, c7],
         ];
-        let (zero, lo, hi) = (vdupq_n_s32(t.zero), vdupq_n_s32(t.lo), vdupq_n_s32(t.hi));
-        let (rlo, rhi) = (vdupq_n_f32(-ROUND_RANGE), vdupq_n_f32(ROUND_RANGE));
+        // The clamps of `requantise` as saturations, where NEON has them for free:
+        // FCVTNS saturates to i32, SQADD adds the zero point without wrapping, and the
+        // saturating narrowings to i16 then to u8 (or i8) clamp to the output's range
+        // (`t.lo..=t.hi` is always the whole of u8 or i8). Past 2^22 the reference
+        // clamps first; either way such a value saturates the output the same way.
+        let zero = vdupq_n_s32(t.zero);
+        let unsigned = t.lo == 0;
         for (i, acc) in acc.iter().enumerate().take(t.rows) {
             let mut r = [z; 2];
             for (h, &a) in acc.iter().enumerate() {
@@ -619,16 +624,18 @@ mod dotprod {
                     }
                 };
                 let v = vmulq_f32(vcvtq_f32_s32(vaddq_s32(a, bias)), scale);
-                let v = vminq_f32(vmaxq_f32(v, rlo), rhi);
                 // FCVTNS: to nearest, ties to even.
-                let q = vaddq_s32(vcvtnq_s32_f32(v), zero);
-                r[h] = vminq_s32(vmaxq_s32(q, lo), hi);
+                r[h] = vqaddq_s32(vcvtnq_s32_f32(v), zero);
             }
-            // In the byte range already: narrowing keeps the low bytes.
-            let bytes = vmovn_s16(vcombine_s16(vmovn_s32(r[0]), vmovn_s32(r[1])));
+            let halves = vcombine_s16(vqmovn_s32(r[0]), vqmovn_s32(r[1]));
+            let bytes = if unsigned {
+                vqmovun_s16(halves)
+            } else {
+                vreinterpret_u8_s8(vqmovn_s16(halves))
+            };
             let mut row = [0u8; L];
             // SAFETY: 8 bytes into the 8-byte row.
-            unsafe { vst1_s8(row.as_mut_ptr() as *mut i8, bytes) };
+            unsafe { vst1_u8(row.as_mut_ptr(), bytes) };
             // SAFETY: row i of the output (caller).
             unsafe { store_row(&row, t.out.add(i * t.out_stride), t.lanes) };
         }
@@ -991,6 +998,9 @@ mod tests {
         output: Byte,
         /// u8 weights around 128 instead of symmetric i8 ones.
         u8_weights: bool,
+        /// Products far beyond the output's range (past 2^22, where `requantise`
+        /// clamps before rounding).
+        huge: bool,
     }
 
     struct Layer {
@@ -1038,7 +1048,7 @@ mod tests {
             k0,
             k_scale: (0..n).map(|i| k_scale + 0.0002 * i as f32).collect(),
             y0: ints(rng, 1, y_lo, y_hi)[0],
-            y_scale: x_scale * k_scale * typical / 100.0,
+            y_scale: x_scale * k_scale * typical / if case.huge { 1e8 } else { 100.0 },
         }
     }
 
@@ -1235,6 +1245,7 @@ mod tests {
                     input,
                     output,
                     u8_weights: i % 3 == 1,
+                    huge: i == 4,
                 });
             }
         }
@@ -1297,6 +1308,7 @@ mod tests {
                 input: Byte::U8,
                 output: Byte::U8,
                 u8_weights: false,
+                huge: false,
             };
             let l = layer(&mut rng, &case);
             let input = input_tensor(&case, &l);
@@ -1326,6 +1338,7 @@ mod tests {
             input: Byte::U8,
             output: Byte::U8,
             u8_weights: true,
+            huge: false,
         };
         let mut l = layer(&mut rng, &case);
         // 255 - 100 = 155: beyond i8.
