@@ -127,10 +127,15 @@ if [[ $target == aarch64-* ]]; then
   # product the Pi 4's A72 lacks, and the int8 pointwise kernel runs on it: its unit
   # tests, and the int8 SSD against tract's kernels, again on that CPU, where they must
   # find it (SHELFWATCH_REQUIRE_DOT), not quietly test the plain-Rust kernel alone.
+  # The runner of .cargo/config.toml names the A72; children started through binfmt_misc
+  # take QEMU_CPU.
+  on_a76() (
+    export QEMU_CPU=cortex-a76 SHELFWATCH_REQUIRE_DOT=dotprod
+    export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/$gnu -cpu cortex-a76"
+    cargo_zig "$@"
+  )
   stage "int8 dot-product kernel under qemu-$qemu (cortex-a76)" \
-    env QEMU_CPU=cortex-a76 SHELFWATCH_REQUIRE_DOT=dotprod \
-    cargo_zig test --lib -- kernels::pointwise
+    on_a76 test --lib -- kernels::pointwise
   stage "int8 SSD on the dot-product kernel under qemu-$qemu (cortex-a76)" \
-    env QEMU_CPU=cortex-a76 SHELFWATCH_REQUIRE_DOT=dotprod \
-    cargo_zig test --test it -- kernels::the_int8_model
+    on_a76 test --test it -- kernels::the_int8_model
 fi
