@@ -218,13 +218,6 @@ impl QuantPointwiseConv {
         self.inputs.div_ceil(4)
     }
 
-    fn output_datum(&self) -> DatumType {
-        match self.output {
-            Byte::U8 => u8::datum_type(),
-            Byte::I8 => i8::datum_type(),
-        }
-    }
-
     /// Packs one image `[pixels][inputs]` or `[inputs][pixels]` k-major, flipping each
     /// byte's top bit where the input's signedness is not the kernel's.
     fn pack_input(&self, x: &[u8], packed: &mut [u8], rows: usize) {
@@ -284,7 +277,7 @@ impl QuantPointwiseConv {
         // SAFETY: every value of the output is written below: each tile stores its valid
         // rows and lanes, and the tiles cover every pixel of every output channel.
         let mut output =
-            unsafe { Tensor::uninitialized_dt(self.output_datum(), &self.output_shape)? };
+            unsafe { Tensor::uninitialized_dt(self.output.datum(), &self.output_shape)? };
         let mut view = output.try_as_plain_ram_mut()?;
         // u8 or i8: the kernels write bytes.
         let out = view.as_bytes_mut();
@@ -686,7 +679,7 @@ impl EvalOp for QuantPointwiseConv {
 impl TypedOp for QuantPointwiseConv {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs.len() == 1 && Byte::of(inputs[0].datum_type) == Some(self.input));
-        Ok(tvec!(self.output_datum().fact(&*self.output_shape)))
+        Ok(tvec!(self.output.datum().fact(&*self.output_shape)))
     }
 
     fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
@@ -1069,13 +1062,6 @@ mod tests {
         }
     }
 
-    fn datum(b: Byte) -> DatumType {
-        match b {
-            Byte::U8 => u8::datum_type(),
-            Byte::I8 => i8::datum_type(),
-        }
-    }
-
     fn input_shape(case: &Case) -> Vec<usize> {
         if case.channels_last {
             vec![1, case.h, case.w, case.c]
@@ -1099,7 +1085,7 @@ mod tests {
     fn model(case: &Case, l: &Layer) -> TypedModel {
         let mut m = TypedModel::default();
         let x = m
-            .add_source("x", datum(case.input).fact(input_shape(case)))
+            .add_source("x", case.input.datum().fact(input_shape(case)))
             .unwrap();
         let konst = |m: &mut TypedModel, name: &str, t: Tensor| m.add_const(name, t).unwrap();
         let weights = if case.u8_weights { Byte::U8 } else { Byte::I8 };
@@ -1145,7 +1131,7 @@ mod tests {
             },
             kernel_fmt: KernelFormat::OIHW,
             group: 1,
-            q_params: Some(datum(case.output)),
+            q_params: Some(case.output.datum()),
         };
         let y = m.wire_node("conv", conv, &inputs).unwrap()[0];
         m.select_output_outlets(&[y]).unwrap();

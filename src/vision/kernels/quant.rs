@@ -59,6 +59,13 @@ impl Byte {
         }
     }
 
+    pub(super) fn datum(self) -> DatumType {
+        match self {
+            Byte::U8 => u8::datum_type(),
+            Byte::I8 => i8::datum_type(),
+        }
+    }
+
     /// The values it holds, as floats.
     fn range(self) -> (f32, f32) {
         match self {
@@ -234,13 +241,6 @@ impl QuantDepthwiseConv {
         kernel_name(self.isa)
     }
 
-    fn output_datum(&self) -> DatumType {
-        match self.output {
-            Byte::U8 => u8::datum_type(),
-            Byte::I8 => i8::datum_type(),
-        }
-    }
-
     fn run<I: Element, O: Element>(&self, x: &[I]) -> TractResult<Tensor> {
         let g = self.geometry;
         let (plane_in, plane_out) = (g.h * g.w, g.oh * g.ow);
@@ -385,7 +385,7 @@ impl EvalOp for QuantDepthwiseConv {
 impl TypedOp for QuantDepthwiseConv {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs.len() == 1 && Byte::of(inputs[0].datum_type) == Some(self.input));
-        Ok(tvec!(self.output_datum().fact(&*self.output_shape)))
+        Ok(tvec!(self.output.datum().fact(&*self.output_shape)))
     }
 
     fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
