@@ -950,18 +950,9 @@ mod tests {
 
     use super::super::depthwise::tests::Lcg;
     use super::super::install_with;
+    use super::super::quant::tests::ints;
     use super::super::Isa;
     use super::*;
-
-    /// Uniform integers in `lo..=hi`.
-    fn ints(rng: &mut Lcg, n: usize, lo: i32, hi: i32) -> Vec<i32> {
-        (0..n)
-            .map(|_| {
-                let u = (rng.next() + 1.0) / 2.0; // rng.next() is in [-1, 1)
-                (lo + (u * (hi - lo + 1) as f32) as i32).min(hi)
-            })
-            .collect()
-    }
 
     /// Every instruction set this CPU can run the op with. `SHELFWATCH_REQUIRE_DOT`
     /// (`scripts/test-arm.sh` sets it where the emulated CPU has the dot product) names

@@ -550,7 +550,7 @@ pub(super) fn quant_depthwise_of(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use tract_onnx::tract_core::ops::cnn::{PaddingSpec, PoolSpec};
 
     use super::super::depthwise::tests::Lcg;
@@ -558,7 +558,7 @@ mod tests {
     use super::*;
 
     /// Uniform integers in `lo..=hi` from the kernel tests' generator.
-    fn ints(rng: &mut Lcg, n: usize, lo: i32, hi: i32) -> Vec<i32> {
+    pub(in super::super) fn ints(rng: &mut Lcg, n: usize, lo: i32, hi: i32) -> Vec<i32> {
         (0..n)
             .map(|_| {
                 let u = (rng.next() + 1.0) / 2.0; // rng.next() is in [-1, 1)
