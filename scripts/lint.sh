@@ -24,3 +24,16 @@ shellcheck --external-sources "${shell[@]}"
 mapfile -t python < <(git ls-files '*.py')
 echo "$("$venv/bin/ruff" --version): ${#python[@]} Python files"
 "$venv/bin/ruff" check --no-cache "${python[@]}"
+
+# The integration tests start every child process through tests/it/util.rs (spawn,
+# output, status), which holds the lock that keeps a fork under qemu-user from copying a
+# thread mid-way (see FORK there). A direct Command::spawn/output/status elsewhere would
+# bring back the hang that lock removed, so it is refused here.
+direct=$(grep -nE '^\s*\.(spawn|output|status)\(\)|Command::new\(.*\.(spawn|output|status)\(\)' \
+  tests/it/*.rs | grep -v '^tests/it/util.rs:' || true)
+if [[ -n $direct ]]; then
+  echo "error: start child processes through tests/it/util.rs (spawn, output, status):" >&2
+  echo "$direct" >&2
+  exit 1
+fi
+echo "integration tests: every child process started through tests/it/util.rs"

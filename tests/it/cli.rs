@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use crate::util::{fixture, root, shelfwatch, SHELFWATCH};
+use crate::util::{self, fixture, root, shelfwatch, SHELFWATCH};
 
 fn stdout_json(out: &Output) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(&out.stdout)
@@ -507,17 +507,18 @@ fn a_cached_model_finds_the_same_boxes_and_a_damaged_entry_is_rebuilt() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().to_str().unwrap();
     let run = || {
-        let out = Command::new(SHELFWATCH)
-            .args([
-                "detect",
-                "--model-cache",
-                cache,
-                "tests/fixtures/photos/coffee.png",
-            ])
-            .current_dir(root())
-            .env("SHELFWATCH_LOG", "info")
-            .output()
-            .unwrap();
+        let out = util::output(
+            Command::new(SHELFWATCH)
+                .args([
+                    "detect",
+                    "--model-cache",
+                    cache,
+                    "tests/fixtures/photos/coffee.png",
+                ])
+                .current_dir(root())
+                .env("SHELFWATCH_LOG", "info"),
+        )
+        .unwrap();
         assert!(
             out.status.success(),
             "{}",
@@ -565,17 +566,18 @@ fn a_model_cache_that_cannot_be_written_costs_a_warning_not_the_detection() {
     let file = dir.path().join("not-a-directory");
     std::fs::write(&file, b"").unwrap();
     let cache = file.join("cache");
-    let out = Command::new(SHELFWATCH)
-        .args([
-            "detect",
-            "--model-cache",
-            cache.to_str().unwrap(),
-            "tests/fixtures/photos/coffee.png",
-        ])
-        .current_dir(root())
-        .env("SHELFWATCH_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = util::output(
+        Command::new(SHELFWATCH)
+            .args([
+                "detect",
+                "--model-cache",
+                cache.to_str().unwrap(),
+                "tests/fixtures/photos/coffee.png",
+            ])
+            .current_dir(root())
+            .env("SHELFWATCH_LOG", "warn"),
+    )
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("cannot write the model cache"), "{stderr}");

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
-use crate::util::{fixture, jsonl, patience, Camera, Config, Daemon, Sink, Zone, SHELFWATCH};
+use crate::util::{self, fixture, jsonl, patience, Camera, Config, Daemon, Sink, Zone, SHELFWATCH};
 
 /// With which models a daemon replays a committed frame sequence.
 struct Replay {
@@ -341,10 +341,9 @@ fn run_with_an_unknown_config_key_exits_78() {
     let config = scene_config("*.jpg", false)
         .set("state.directory", "x")
         .write(dir.path());
-    let out = Command::new(SHELFWATCH)
-        .args(["run", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out =
+        util::output(Command::new(SHELFWATCH).args(["run", "--config", config.to_str().unwrap()]))
+            .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("state.directory"));
 }
@@ -361,10 +360,9 @@ fn run_without_any_camera_exits_78_so_systemd_does_not_restart_it() {
         ),
     )
     .unwrap();
-    let out = Command::new(SHELFWATCH)
-        .args(["run", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out =
+        util::output(Command::new(SHELFWATCH).args(["run", "--config", config.to_str().unwrap()]))
+            .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(

@@ -13,7 +13,8 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::util::{
-    fixture, free_port, Broker, Camera, Config, Daemon, Message, Sink, Subscriber, Zone, SHELFWATCH,
+    self, fixture, free_port, Broker, Camera, Config, Daemon, Message, Sink, Subscriber, Zone,
+    SHELFWATCH,
 };
 
 /// The cup scenes (composed for the generic-class SSD: cups and a person) counted by
@@ -351,10 +352,14 @@ fn stderr_hint_done(dir: &Path) -> bool {
 fn wrong_credentials_are_reported_and_retries_are_spaced_by_the_backoff() {
     let dir = tempfile::tempdir().unwrap();
     let pw = dir.path().join("passwd");
-    let status = Command::new("mosquitto_passwd")
-        .args(["-b", "-c", pw.to_str().unwrap(), "shelf", "right-password"])
-        .status()
-        .unwrap();
+    let status = util::status(Command::new("mosquitto_passwd").args([
+        "-b",
+        "-c",
+        pw.to_str().unwrap(),
+        "shelf",
+        "right-password",
+    ]))
+    .unwrap();
     assert!(status.success());
     let broker = Broker::start(
         dir.path(),
@@ -702,10 +707,7 @@ fn a_client_with_the_daemons_old_client_id_does_not_disconnect_the_daemon() {
 /// `shelfwatch check-config` on a config with this MQTT sink.
 fn check_config(dir: &Path, sink: Sink) -> std::process::Output {
     let cfg = scenes(sink, "*.jpg", true, 10.0).write(dir);
-    Command::new(SHELFWATCH)
-        .args(["check-config", cfg.to_str().unwrap()])
-        .output()
-        .unwrap()
+    util::output(Command::new(SHELFWATCH).args(["check-config", cfg.to_str().unwrap()])).unwrap()
 }
 
 // Issue #19: the embedded broker has no authentication of its own; nothing here binds a
@@ -877,18 +879,19 @@ fn the_embedded_broker_is_ready_at_once_where_proc_net_is_hidden_as_under_the_un
 fn make_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let ca_key = dir.join(format!("{name}.key"));
     let ca = dir.join(format!("{name}.pem"));
-    let ok = Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
-        ])
-        .arg(format!("/CN={name}"))
-        .arg("-keyout")
-        .arg(&ca_key)
-        .arg("-out")
-        .arg(&ca)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
+    let ok = util::status(
+        Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            ])
+            .arg(format!("/CN={name}"))
+            .arg("-keyout")
+            .arg(&ca_key)
+            .arg("-out")
+            .arg(&ca)
+            .stderr(Stdio::null()),
+    )
+    .unwrap();
     assert!(ok.success());
     (ca, ca_key)
 }
@@ -900,11 +903,7 @@ fn make_server_cert(dir: &Path, ca: &Path, ca_key: &Path) -> (PathBuf, PathBuf) 
     let ext = dir.join("server.ext");
     std::fs::write(&ext, "subjectAltName=IP:127.0.0.1\n").unwrap();
     let run = |args: &[&std::ffi::OsStr]| {
-        let ok = Command::new("openssl")
-            .args(args)
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
+        let ok = util::status(Command::new("openssl").args(args).stderr(Stdio::null())).unwrap();
         assert!(ok.success(), "openssl {args:?}");
     };
     run(&[
@@ -1085,18 +1084,19 @@ fn scanner_daemon_with(
 ) -> Daemon {
     let gallery = dir.join("gallery");
     for (sku, photo) in [("GUITAR-1", "guitar.jpg"), ("CAM-100", "camera.jpg")] {
-        let out = Command::new(SHELFWATCH)
-            .args([
-                "enroll",
-                "--gallery",
-                gallery.to_str().unwrap(),
-                "--sku",
-                sku,
-            ])
-            .arg(fixture("products").join(photo))
-            .env("SHELFWATCH_LOG", "warn")
-            .output()
-            .unwrap();
+        let out = util::output(
+            Command::new(SHELFWATCH)
+                .args([
+                    "enroll",
+                    "--gallery",
+                    gallery.to_str().unwrap(),
+                    "--sku",
+                    sku,
+                ])
+                .arg(fixture("products").join(photo))
+                .env("SHELFWATCH_LOG", "warn"),
+        )
+        .unwrap();
         assert!(out.status.success(), "{out:?}");
     }
     let sink = Sink::mqtt(&broker.address()).set("protocol", protocol);
@@ -1256,13 +1256,14 @@ fn a_mqtt_3_1_1_scanner_uses_the_json_envelope_and_gets_its_request_id_back() {
 /// longer than a command line should carry).
 fn publish_request(port: u16, payload: &str) {
     use std::io::Write;
-    let mut c = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-V", "mqttv311", "-q", "1"])
-        .args(["-t", "shelfwatch/dev-1/identify/request", "-s"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut c = util::spawn(
+        Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-V", "mqttv311", "-q", "1"])
+            .args(["-t", "shelfwatch/dev-1/identify/request", "-s"])
+            .stdin(Stdio::piped()),
+    )
+    .unwrap();
     c.stdin
         .take()
         .unwrap()

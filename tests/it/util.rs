@@ -2,10 +2,10 @@
 //! guard that kills it should a test fail, daemon configs built as TOML tables, and a
 //! mosquitto broker and subscriber on loopback for the MQTT tests.
 
-use std::io::{BufRead, BufReader};
+use std::io::{self, BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -58,15 +58,62 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// Held while this process forks, and by the tests' helper threads while they run: every
+/// child process is started through [`spawn`], [`output`] or [`status`].
+///
+/// Under qemu-user (scripts/test-arm.sh) a fork copies the emulator along with the test,
+/// and a fork while another thread of the test runs guest code can leave the child
+/// waiting forever on a lock that thread held: the copy never reaches exec (seen once,
+/// a CLI test stuck for 70 minutes). So nothing else of ours may run while we fork. The
+/// ARM runs start each test that spawns a process alone (`--test-threads=1`); this lock
+/// covers the threads those tests start themselves (log and subscriber readers): they
+/// hold it while they handle a line and wait for input without it.
+static FORK: Mutex<()> = Mutex::new(());
+
+/// [`FORK`], whatever a panicking holder left behind: it guards no data.
+pub fn fork_lock() -> MutexGuard<'static, ()> {
+    FORK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `cmd.spawn()`, while no helper thread runs.
+///
+/// scripts/test-arm.sh runs the modules that start no process several tests at a time,
+/// with SHELFWATCH_TEST_NO_FORK set: a test there that forks fails here, rather than
+/// hanging once in a while.
+pub fn spawn(cmd: &mut Command) -> io::Result<Child> {
+    assert!(
+        std::env::var_os("SHELFWATCH_TEST_NO_FORK").is_none(),
+        "{cmd:?}: this test starts a process, so under qemu it must run alone: \
+         move its module to the single-threaded run in scripts/test-arm.sh"
+    );
+    let _fork = fork_lock();
+    cmd.spawn()
+}
+
+/// `cmd.output()`: started while no helper thread runs, then waited for without the
+/// lock, so the helpers go on reading (a daemon never blocks on a full log pipe).
+pub fn output(cmd: &mut Command) -> io::Result<Output> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    spawn(cmd)?.wait_with_output()
+}
+
+/// `cmd.status()`, started the same way.
+pub fn status(cmd: &mut Command) -> io::Result<ExitStatus> {
+    spawn(cmd)?.wait()
+}
+
 /// `shelfwatch ARGS` run to its end from the repository's root, as a user runs it, with
 /// warnings and errors only on stderr.
 pub fn shelfwatch(args: &[&str]) -> Output {
-    Command::new(SHELFWATCH)
-        .args(args)
-        .current_dir(root())
-        .env("SHELFWATCH_LOG", "warn")
-        .output()
-        .expect("run shelfwatch")
+    output(
+        Command::new(SHELFWATCH)
+            .args(args)
+            .current_dir(root())
+            .env("SHELFWATCH_LOG", "warn"),
+    )
+    .expect("run shelfwatch")
 }
 
 /// The messages a JSON lines sink has written to `path` so far. Only whole lines: the
@@ -111,16 +158,14 @@ impl Daemon {
 
     /// Starts `cmd` with stdout discarded and stderr captured.
     pub fn spawn(mut cmd: Command) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
+        let mut child = spawn(cmd.stdout(Stdio::null()).stderr(Stdio::piped()))
             .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(String::new()));
         let sink = log.clone();
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).split(b'\n').map_while(Result::ok) {
+                let _fork = fork_lock();
                 let mut log = sink.lock().unwrap();
                 log.push_str(&String::from_utf8_lossy(&line));
                 log.push('\n');
@@ -490,11 +535,12 @@ impl Broker {
     /// Publishes with mosquitto_pub (`args`: topic, message, options) and checks it
     /// went out.
     pub fn publish(&self, args: &[&str]) {
-        let ok = Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &self.port().to_string()])
-            .args(args)
-            .status()
-            .expect("mosquitto_pub is installed by scripts/setup.sh");
+        let ok = status(
+            Command::new("mosquitto_pub")
+                .args(["-h", "127.0.0.1", "-p", &self.port().to_string()])
+                .args(args),
+        )
+        .expect("mosquitto_pub is installed by scripts/setup.sh");
         assert!(ok.success(), "mosquitto_pub {args:?}: {ok}");
     }
 
@@ -505,13 +551,14 @@ impl Broker {
 
     /// Starts it (again), and waits until it accepts connections.
     pub fn restart(&mut self) {
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto is installed by scripts/setup.sh");
+        let child = spawn(
+            Command::new("mosquitto")
+                .arg("-c")
+                .arg(&self.conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("mosquitto is installed by scripts/setup.sh");
         self.child = Some(child);
         let t = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
@@ -557,21 +604,23 @@ impl Subscriber {
     /// topics, credentials, a protocol version).
     pub fn start(port: u16, id: &str, extra: &[&str]) -> Self {
         let ready = format!("{READY_PREFIX}{id}");
-        let mut child = Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-            .args(["-q", "1", "-c", "-i", id])
-            .args(["-t", "shelfwatch/#", "-t", &ready, "-F", "%r|%t|%p"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto_sub is installed by scripts/setup.sh");
+        let mut child = spawn(
+            Command::new("mosquitto_sub")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .args(["-q", "1", "-c", "-i", id])
+                .args(["-t", "shelfwatch/#", "-t", &ready, "-F", "%r|%t|%p"])
+                .args(extra)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        )
+        .expect("mosquitto_sub is installed by scripts/setup.sh");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().unwrap();
         let l = lines.clone();
         std::thread::spawn(move || {
             // Snapshots are binary JPEG: read bytes, not UTF-8 lines.
             for line in BufReader::new(out).split(b'\n').map_while(Result::ok) {
+                let _fork = fork_lock();
                 l.lock()
                     .unwrap()
                     .push(String::from_utf8_lossy(&line).into_owned());
@@ -599,13 +648,14 @@ impl Subscriber {
                 t.elapsed() < limit,
                 "mosquitto_sub did not subscribe on port {port} within {limit:?}"
             );
-            let _ = Command::new("mosquitto_pub")
-                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-                .args(["-t", ready, "-m", "ready"])
-                .args(&login)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            let _ = status(
+                Command::new("mosquitto_pub")
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                    .args(["-t", ready, "-m", "ready"])
+                    .args(&login)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

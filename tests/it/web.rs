@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::browser::{agent, Browser};
 use crate::util::{
-    fixture, free_port, jsonl, patience, root, Broker, Camera, Config, Daemon, Sink, Zone,
+    self, fixture, free_port, jsonl, patience, root, Broker, Camera, Config, Daemon, Sink, Zone,
     SHELFWATCH,
 };
 
@@ -739,11 +739,12 @@ fn without_a_token_only_loopback_may_listen_and_only_loopback_host_names_are_ans
     let config = web_config(port)
         .set("http.listen", format!("0.0.0.0:{port}"))
         .write(dir.path());
-    let out = std::process::Command::new(SHELFWATCH)
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = util::output(
+        std::process::Command::new(SHELFWATCH)
+            .args(["run", "--config"])
+            .arg(&config),
+    )
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(
@@ -813,11 +814,12 @@ fn with_a_token_every_route_needs_it_and_wrong_credentials_get_401() {
     let config = web_config(free_port())
         .set("http.token-file", file.display().to_string())
         .write(dir.path());
-    let out = std::process::Command::new(SHELFWATCH)
-        .args(["check-config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = util::output(
+        std::process::Command::new(SHELFWATCH)
+            .args(["check-config"])
+            .arg(&config),
+    )
+    .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("http.token-file"));
 
