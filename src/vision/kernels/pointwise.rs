@@ -175,6 +175,20 @@ impl PartialEq for QuantPointwiseConv {
 }
 impl Eq for QuantPointwiseConv {}
 
+/// What every tile of a layer shares.
+#[derive(Clone, Copy)]
+struct Shared {
+    /// Groups of four input channels.
+    groups: usize,
+    /// Bias and scale are one per lane (channels last: lanes are output channels), not
+    /// one per broadcast row (channels first).
+    per_lane: bool,
+    /// The output's zero point and range.
+    zero: i32,
+    lo: i32,
+    hi: i32,
+}
+
 /// Where one tile's operands and results are.
 #[derive(Clone, Copy)]
 struct Tile {
@@ -184,8 +198,6 @@ struct Tile {
     /// The broadcast operand, likewise.
     bcast: *const u8,
     bcast_stride: usize,
-    /// Groups of four input channels.
-    groups: usize,
     /// Output row `i` (one per broadcast row) starts at `out + i * out_stride`; lanes
     /// are consecutive bytes.
     out: *mut u8,
@@ -194,20 +206,11 @@ struct Tile {
     /// store).
     rows: usize,
     lanes: usize,
-    /// Bias and scale: one per lane (channels last: lanes are output channels) or one
-    /// per broadcast row (channels first), at the tile's first output channel.
+    /// Bias and scale at the tile's first output channel (see [`Shared::per_lane`]).
     bias: *const i32,
     scale: *const f32,
-    per_lane: bool,
-    zero: i32,
-    lo: i32,
-    hi: i32,
+    layer: Shared,
 }
-
-// SAFETY: a Tile shared between threads is the template the tiles are made from, whose
-// pointers are null and never followed; a tile itself is made and run by one thread, and
-// its output rows are disjoint from every other tile's.
-unsafe impl Sync for Tile {}
 
 impl QuantPointwiseConv {
     pub fn kernel_name(&self) -> String {
@@ -293,18 +296,8 @@ impl QuantPointwiseConv {
         }
         let total = n * m;
         self.pack_input(x, &mut packed, rows);
-        let tile = Tile {
-            vec: std::ptr::null(),
-            vec_stride: 0,
-            bcast: std::ptr::null(),
-            bcast_stride: 0,
+        let layer = Shared {
             groups: self.groups(),
-            out: std::ptr::null_mut(),
-            out_stride: 0,
-            rows: 0,
-            lanes: 0,
-            bias: std::ptr::null(),
-            scale: std::ptr::null(),
             per_lane: self.channels_last,
             zero: self.y_zero,
             lo,
@@ -329,7 +322,7 @@ impl QuantPointwiseConv {
                             lanes: (m - o).min(vec_rows),
                             bias: self.bias[o..].as_ptr(),
                             scale: self.scale[o..].as_ptr(),
-                            ..tile
+                            layer,
                         };
                         // SAFETY: the operands hold `groups` groups of every row up
                         // to the tile's plus ROW_PAD; the output rows and lanes
@@ -357,7 +350,7 @@ impl QuantPointwiseConv {
                             lanes: (n - p).min(vec_rows),
                             bias: self.bias[first + o..].as_ptr(),
                             scale: self.scale[first + o..].as_ptr(),
-                            ..tile
+                            layer,
                         };
                         // SAFETY: as above.
                         unsafe { self.tile(t) };
@@ -413,7 +406,7 @@ mod generic {
         const L: usize = 8;
         const R: usize = 4;
         let mut acc = [[0i32; L]; R];
-        for g in 0..t.groups {
+        for g in 0..t.layer.groups {
             // SAFETY: inside the operands (caller).
             let v = unsafe { std::slice::from_raw_parts(t.vec.add(g * t.vec_stride), L * 4) };
             let b = unsafe { std::slice::from_raw_parts(t.bcast.add(g * t.bcast_stride), R * 4) };
@@ -429,10 +422,10 @@ mod generic {
         for (i, acc) in acc.iter().enumerate().take(t.rows) {
             let mut row = [0u8; L];
             for (j, (r, &a)) in row.iter_mut().zip(acc).enumerate() {
-                let at = if t.per_lane { j } else { i };
+                let at = if t.layer.per_lane { j } else { i };
                 // SAFETY: bias and scale hold the tile's output channels (caller).
                 let (bias, scale) = unsafe { (*t.bias.add(at), *t.scale.add(at)) };
-                *r = requantise(a + bias, scale, t.zero, t.lo, t.hi) as u8;
+                *r = requantise(a + bias, scale, t.layer.zero, t.layer.lo, t.layer.hi) as u8;
             }
             // SAFETY: row i of the output (caller).
             unsafe { store_row(&row, t.out.add(i * t.out_stride), t.lanes) };
@@ -457,8 +450,8 @@ mod vnni {
         let mut acc = [[_mm256_setzero_si256(); 2]; R];
         // The unsigned operand is the input: the broadcast one when lanes are output
         // channels (channels last), the vector one otherwise.
-        let input_is_bcast = t.per_lane;
-        for g in 0..t.groups {
+        let input_is_bcast = t.layer.per_lane;
+        for g in 0..t.layer.groups {
             // SAFETY: inside the operands (caller).
             let (v0, v1, b) = unsafe {
                 let v = t.vec.add(g * t.vec_stride);
@@ -481,9 +474,9 @@ mod vnni {
             }
         }
         let (zero, lo, hi) = (
-            _mm256_set1_epi32(t.zero),
-            _mm256_set1_epi32(t.lo),
-            _mm256_set1_epi32(t.hi),
+            _mm256_set1_epi32(t.layer.zero),
+            _mm256_set1_epi32(t.layer.lo),
+            _mm256_set1_epi32(t.layer.hi),
         );
         let (rlo, rhi) = (_mm256_set1_ps(-ROUND_RANGE), _mm256_set1_ps(ROUND_RANGE));
         for (i, acc) in acc.iter().enumerate().take(t.rows) {
@@ -491,7 +484,7 @@ mod vnni {
             for (h, &a) in acc.iter().enumerate() {
                 // SAFETY: bias and scale hold the tile's output channels (caller).
                 let (bias, scale) = unsafe {
-                    if t.per_lane {
+                    if t.layer.per_lane {
                         (
                             _mm256_loadu_si256(t.bias.add(h * 8) as *const __m256i),
                             _mm256_loadu_ps(t.scale.add(h * 8)),
@@ -542,7 +535,7 @@ mod dotprod {
             (z, z, z, z, z, z, z, z);
         let (mut c0, mut c1, mut c2, mut c3, mut c4, mut c5, mut c6, mut c7) =
             (z, z, z, z, z, z, z, z);
-        for g in 0..t.groups {
+        for g in 0..t.layer.groups {
             // SAFETY: inside the operands (caller).
             let (v0, v1, b0, b1) = unsafe {
                 let v = t.vec.add(g * t.vec_stride) as *const i8;
@@ -601,16 +594,16 @@ mod dotprod {
         // The clamps of `requantise` as saturations, where NEON has them for free:
         // FCVTNS saturates to i32, SQADD adds the zero point without wrapping, and the
         // saturating narrowings to i16 then to u8 (or i8) clamp to the output's range
-        // (`t.lo..=t.hi` is always the whole of u8 or i8). Past 2^22 the reference
-        // clamps first; either way such a value saturates the output the same way.
-        let zero = vdupq_n_s32(t.zero);
-        let unsigned = t.lo == 0;
+        // (`lo..=hi` is always the whole of u8 or i8). Past 2^22 the reference clamps
+        // first; either way such a value saturates the output the same way.
+        let zero = vdupq_n_s32(t.layer.zero);
+        let unsigned = t.layer.lo == 0;
         for (i, acc) in acc.iter().enumerate().take(t.rows) {
             let mut r = [z; 2];
             for (h, &a) in acc.iter().enumerate() {
                 // SAFETY: bias and scale hold the tile's output channels (caller).
                 let (bias, scale) = unsafe {
-                    if t.per_lane {
+                    if t.layer.per_lane {
                         (vld1q_s32(t.bias.add(h * 4)), vld1q_f32(t.scale.add(h * 4)))
                     } else {
                         (vdupq_n_s32(*t.bias.add(i)), vdupq_n_f32(*t.scale.add(i)))
