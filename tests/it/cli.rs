@@ -566,18 +566,12 @@ fn a_model_cache_that_cannot_be_written_costs_a_warning_not_the_detection() {
     let file = dir.path().join("not-a-directory");
     std::fs::write(&file, b"").unwrap();
     let cache = file.join("cache");
-    let out = util::output(
-        Command::new(SHELFWATCH)
-            .args([
-                "detect",
-                "--model-cache",
-                cache.to_str().unwrap(),
-                "tests/fixtures/photos/coffee.png",
-            ])
-            .current_dir(root())
-            .env("SHELFWATCH_LOG", "warn"),
-    )
-    .unwrap();
+    let out = shelfwatch(&[
+        "detect",
+        "--model-cache",
+        cache.to_str().unwrap(),
+        "tests/fixtures/photos/coffee.png",
+    ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("cannot write the model cache"), "{stderr}");
