@@ -19,33 +19,54 @@ BACKBONE_SHA256 = "93ad2ed2c410c5bf849855f08e68477c46fcdbc27a2c6916a425f40334006
 # Model input: 384x288 (4:3), stretched like the SSD. See README.md for why.
 INPUT_W = 384
 INPUT_H = 288
-STRIDE = 8
-GRID_W = INPUT_W // STRIDE  # 48
-GRID_H = INPUT_H // STRIDE  # 36
+# The heat map's stride: 8 (the bundled model), or 4 with SHELF_HEAT_STRIDE=4 (one cell
+# per 4 x 4 model pixels, so two product centres 8 px apart are still two peaks of the
+# 3x3 max-pool; measured and not the default: README.md, "A stride-4 heat map").
+STRIDE = int(os.environ.get("SHELF_HEAT_STRIDE", "8"))
+if STRIDE not in (4, 8):
+    raise SystemExit(f"SHELF_HEAT_STRIDE={STRIDE}: the head is built for stride 8 or 4")
+GRID_W = INPUT_W // STRIDE
+GRID_H = INPUT_H // STRIDE
 MEAN = 127.0
 STD = 128.0
-HEAD_CH = 64
-LOG_SIZE_CAP = 3.0  # the Rust decoder clamps log sizes at 3 before exp
-# The generator keeps every product's width and height below this many cells, so no
-# training target is ever clipped by the cap (e^3 = 20.1 cells).
-MAX_SIZE_CELLS = 19.0
+HEAD_CH = 64     # the stride-8 trunk of the head
+HEAD4_CH = 32    # the stride-4 part, when there is one (4x the cells: fewer channels)
+# The generator's and the evaluation's width unit: 8 model pixels (the first models'
+# heat-map cell), kept so that training data and the per-width tables do not change
+# with the heat map's stride.
+WIDTH_UNIT = 8
+# The Rust decoder caps log sizes at 3 + ln(8 / stride) before exp: boxes of at most
+# e^3 x 8 = 160.7 model pixels, whatever the stride.
+def log_size_cap(stride):
+    return np.float32(3.0) + np.log(np.float32(8.0) / np.float32(stride))
 
-# Product widths in heat-map cells (stride 8 at the model input). The generator draws
-# each image's base width from WIDTH_CELLS_RANGE (log-uniform, most images in
-# WIDTH_CELLS_BULK); the manifest's [scale] section tells shelfwatch's scale rule the band
-# where the measured held-out recall is reliably high (SCALE_MIN/MAX_WIDTH_CELLS, see
-# README.md's per-width table) and where to aim the median product (the band's geometric
-# middle).
-WIDTH_CELLS_RANGE = (2.0, 16.0)
-WIDTH_CELLS_BULK = (3.0, 10.0)
-SCALE_MIN_WIDTH_CELLS = 2.5
-SCALE_MAX_WIDTH_CELLS = 10.0
-SCALE_TARGET_WIDTH_CELLS = 5.0
+
+LOG_SIZE_CAP = float(log_size_cap(STRIDE))
+# The generator keeps every product's width and height below this many width units, so
+# no training target is ever clipped by the cap (20.1 units).
+MAX_SIZE_UNITS = 19.0
+
+# Product widths in width units (8 model pixels). The generator draws each image's base
+# width from WIDTH_UNITS_RANGE (log-uniform, most images in WIDTH_UNITS_BULK).
+WIDTH_UNITS_RANGE = (2.0, 16.0)
+WIDTH_UNITS_BULK = (3.0, 10.0)
+# The manifest's [scale] section tells shelfwatch's scale rule the band where the
+# measured held-out recall is reliably high (README.md's per-width table) and where to
+# aim the median product (the band's geometric middle), in model pixels here and in
+# heat-map cells in the manifest.
+SCALE_MIN_WIDTH_PX = 20.0
+SCALE_MAX_WIDTH_PX = 80.0
+SCALE_TARGET_WIDTH_PX = 40.0
+SCALE_MIN_WIDTH_CELLS = SCALE_MIN_WIDTH_PX / STRIDE
+SCALE_MAX_WIDTH_CELLS = SCALE_MAX_WIDTH_PX / STRIDE
+SCALE_TARGET_WIDTH_CELLS = SCALE_TARGET_WIDTH_PX / STRIDE
 
 # Feature taps of EfficientNet-Lite0 (tensor names of models/efficientnet_lite0.onnx):
-# the last block of stage 3 (40 ch, stride 8), of stage 5 (112 ch, stride 16) and of
-# stage 7 (320 ch, stride 32). Blocks per stage: 1, 2, 2, 3, 3, 4, 1.
-TAPS = [("block4/add", 40, 8), ("block10/add", 112, 16), ("block15/project/conv", 320, 32)]
+# the last block of stage 2 (24 ch, stride 4; only for a stride-4 heat map), of stage 3
+# (40 ch, stride 8), of stage 5 (112 ch, stride 16) and of stage 7 (320 ch, stride 32).
+# Blocks per stage: 1, 2, 2, 3, 3, 4, 1. The last tap is the fine-tuned blocks' output.
+TAPS = [("block2/add", 24, 4), ("block4/add", 40, 8), ("block10/add", 112, 16),
+        ("block15/project/conv", 320, 32)][(0 if STRIDE == 4 else 1):]
 
 PRODUCT_TYPES = ["box", "lying_box", "bottle", "can", "pouch"]
 
@@ -217,6 +238,7 @@ def decode(heat, boxes, peak=None, threshold=0.4, stride=STRIDE, fraction=1.0,
         peak = maxpool3(heat)
     gh, gw = heat.shape
     ys, xs = np.nonzero(heat >= peak)  # row-major, like the Rust loops
+    cap = np.float32(log_size_cap(stride))
     peaks = []
     for y, x in zip(ys.tolist(), xs.tolist()):
         v = np.float32(heat[y, x])
@@ -226,8 +248,8 @@ def decode(heat, boxes, peak=None, threshold=0.4, stride=STRIDE, fraction=1.0,
         st = np.float32(stride)
         cx = (np.float32(x) + np.float32(0.5) + boxes[0, y, x]) * st
         cy = (np.float32(y) + np.float32(0.5) + boxes[1, y, x]) * st
-        w = np.exp(np.minimum(boxes[2, y, x], np.float32(LOG_SIZE_CAP))) * st
-        h = np.exp(np.minimum(boxes[3, y, x], np.float32(LOG_SIZE_CAP))) * st
+        w = np.exp(np.minimum(boxes[2, y, x], cap)) * st
+        h = np.exp(np.minimum(boxes[3, y, x], cap)) * st
         peaks.append((float(score), float(cx), float(cy), float(w), float(h)))
     peaks.sort(key=lambda p: -p[0])  # stable, like Rust's sort_by
     f = fraction / 2.0

@@ -15,10 +15,10 @@ side of a not yet matched product (greedy, strongest detection first, nearest pr
 detections on `ignore` products (mostly cut off or hidden) count neither way. Per product
 type: recall; precision counts a type's true positives against the false positives whose
 centre lies inside a product of that type (duplicates); false positives on no product are
-reported as `background`. The same per product width bin (width in heat-map cells at
-the model input) and, for synthetic splits, per condition (generate.py's per-product
+reported as `background`. The same per product width bin (width in units of 8 pixels
+at the model input, the first models' heat-map cell) and, for synthetic splits, per condition (generate.py's per-product
 flags: dense = packed 0-2 px apart, stacked, occluded = partly behind a price strip,
-board lip or upright, perspective = aisle view, far = median product < 3 cells; image
+board lip or upright, perspective = aisle view, far = median product < 3 units; image
 conditions glare, blur, noise, jpeg_low): recall over the products having it, precision
 counting the false positives lying on them.
 
@@ -120,22 +120,23 @@ WIDTH_BINS = [0, 2, 2.5, 3, 4, 6, 8, 10, 12, 16, 1e9]
 
 
 def width_bin(o, W):
-    """The product's width in heat-map cells at the (stretched) model input, binned."""
-    c = o["w"] * common.INPUT_W / W / common.STRIDE
+    """The product's width in width units (8 pixels) at the (stretched) model input,
+    binned."""
+    c = o["w"] * common.INPUT_W / W / common.WIDTH_UNIT
     for lo, hi in zip(WIDTH_BINS, WIDTH_BINS[1:]):
         if lo <= c < hi:
             return f"{lo:g}-{hi:g}" if hi < 1e9 else f">={lo:g}"
     return "?"
 
 
-def in_band(items, band):
-    """Products outside [lo, hi] cells become `ignore`."""
+def in_band(items, band, stride):
+    """Products outside [lo, hi] cells (of `stride` pixels) become `ignore`."""
     lo, hi = band
     out = []
     for path, W, H, objs in items:
         o2 = []
         for o in objs:
-            c = o["w"] * common.INPUT_W / W / common.STRIDE
+            c = o["w"] * common.INPUT_W / W / stride
             o2.append(dict(o, ignore=o["ignore"] or not (lo <= c <= hi)))
         out.append((path, W, H, o2))
     return out
@@ -145,11 +146,11 @@ def evaluate(sess, items, post, per_image=False, cache=None):
     """cache: a dict path -> model outputs, filled on the first call (one run per image)."""
     cache = {} if cache is None else cache
     errs, rows = [], []
-    groups = {"per_type": {}, "per_width_cells": {}, "per_condition": {}}
+    groups = {"per_type": {}, "per_width_units": {}, "per_condition": {}}
 
     def keys(o, W):
         yield "per_type", o["type"]
-        yield "per_width_cells", width_bin(o, W)
+        yield "per_width_units", width_bin(o, W)
         for c in o.get("conditions", []):
             yield "per_condition", c
 
@@ -162,7 +163,7 @@ def evaluate(sess, items, post, per_image=False, cache=None):
             cache[path] = run_model(sess, path)
         heat, boxes, peak = cache[path]
         dets = common.decode(heat, boxes, peak, threshold=post["score"],
-                             fraction=post["fraction"], iou_threshold=post["iou"],
+                             stride=post["stride"], fraction=post["fraction"], iou_threshold=post["iou"],
                              max_detections=post["max"])
         sx, sy = W / common.INPUT_W, H / common.INPUT_H
         dets = [(s, cx * sx, cy * sy, w * sx, h * sy) for s, cx, cy, w, h in dets]
@@ -201,7 +202,7 @@ def evaluate(sess, items, post, per_image=False, cache=None):
     for g, stats in groups.items():
         res[g] = {}
         order = sorted(stats, key=lambda t: (WIDTH_BINS.index(float(t.split("-")[0].lstrip(">=")))
-                                             if g == "per_width_cells" else t))
+                                             if g == "per_width_units" else t))
         for t in order:
             s = stats[t]
             r = {"products": s["products"], "recall": round(s["found"] / s["products"], 4)
@@ -244,7 +245,8 @@ def main():
     post = {"score": args.threshold or m["postprocess"]["score-threshold"],
             "iou": m["postprocess"]["iou-threshold"],
             "max": m["postprocess"]["max-detections"],
-            "fraction": m["decoder"].get("suppression-box-fraction", 1.0)}
+            "fraction": m["decoder"].get("suppression-box-fraction", 1.0),
+            "stride": m["decoder"]["stride"]}
     sess = common.ort_session(blob, 1)
     items = load_yolo(args.yolo) if args.yolo else load_synthetic(args.split)
     res = {"model": onnx_path, "model_bytes": len(blob), "set": args.yolo or args.split,
@@ -253,7 +255,7 @@ def main():
     res.update(evaluate(sess, items, post, args.per_image, cache))
     if "scale" in m:
         band = (m["scale"]["min-width-cells"], m["scale"]["max-width-cells"])
-        r = evaluate(sess, in_band(items, band), post, cache=cache)
+        r = evaluate(sess, in_band(items, band, post["stride"]), post, cache=cache)
         res["in_band"] = {"band_cells": list(band), **{k: r[k] for k in (
             "products", "count_mae", "count_bias", "exact_count_rate", "precision", "recall",
             "per_condition")}}

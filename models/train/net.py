@@ -7,12 +7,15 @@ the stride-2 depthwise convolutions ([1, 1, 2, 2] for block11's 5x5) are exactly
 the exported ONNX uses. Trained weights go back into the same nodes at export
 (export.py), so the fine-tuned blocks replace the original ones in the graph.
 
-Head (per stride-8 cell): per scale a 1x1 projection to HEAD_CH channels of the
-normalised features (stride 8: block4/add, frozen; stride 16: block10/add, frozen;
-stride 32: the fine-tuned block15/project/conv), nearest-neighbour upsampling to stride
-8, sum + bias, ReLU, a 3x3 convolution HEAD_CH -> HEAD_CH + ReLU (lets neighbouring cells
-talk before deciding, which touching products need), and a 3x3 convolution to 5
-channels: centre heat logit, dx, dy, log w, log h (cells).
+Head: per scale a 1x1 projection to HEAD_CH channels of the normalised features
+(stride 8: block4/add, frozen; stride 16: block10/add, frozen; stride 32: the fine-tuned
+block15/project/conv), nearest-neighbour upsampling to stride 8, sum + bias, ReLU, a 3x3
+convolution HEAD_CH -> HEAD_CH + ReLU (lets neighbouring cells talk before deciding,
+which touching products need), and a 3x3 convolution to 5 channels: centre heat logit,
+dx, dy, log w, log h (cells). With a stride-4 heat map (SHELF_HEAT_STRIDE=4) the trunk
+is projected to HEAD4_CH channels and upsampled 2x, plus a 1x1 projection of the
+normalised stride-4 features (block2/add, frozen), ReLU, a 3x3 convolution HEAD4_CH ->
+HEAD4_CH + ReLU, before that last convolution.
 """
 import numpy as np
 
@@ -117,22 +120,36 @@ def _attr(a):
     return helper.get_attribute_value(a)
 
 
-def init_head(rng, c8, c16, c32, ch=common.HEAD_CH):
+def init_head(rng, *channels, ch=common.HEAD_CH, ch4=common.HEAD4_CH):
     """He-style initialisation; the heat bias starts at -2.19 (prior 0.1, as CenterNet)
-    and the log-size biases at typical sizes so early box gradients are sane."""
+    and the log-size biases at typical sizes so early box gradients are sane. channels:
+    of each tap of common.TAPS (a stride-4 tap first adds the stride-4 part)."""
     def he(shape, fan_in):
         return rng.normal(0, np.sqrt(2.0 / fan_in), shape).astype(np.float32)
 
+    c8, c16, c32 = channels[-3:]
     P = {"p8": he((ch, c8), 3 * c8) , "p16": he((ch, c16), 3 * c16),
          "p32": he((ch, c32), 3 * c32), "pb": np.zeros(ch, np.float32),
-         "m": he((ch, ch, 3, 3), 9 * ch), "mb": np.zeros(ch, np.float32),
-         "k": rng.normal(0, 0.01, (5, ch, 3, 3)).astype(np.float32),
-         "kb": np.array([-2.19, 0.0, 0.0, 1.5, 1.7], np.float32)}
+         "m": he((ch, ch, 3, 3), 9 * ch), "mb": np.zeros(ch, np.float32)}
+    last = ch
+    if len(channels) == 4:
+        last = ch4
+        P.update({"q": he((ch4, ch), 2 * ch), "p4": he((ch4, channels[0]), 2 * channels[0]),
+                  "qb": np.zeros(ch4, np.float32),
+                  "m4": he((ch4, ch4, 3, 3), 9 * ch4), "m4b": np.zeros(ch4, np.float32)})
+    up = float(np.log(8.0 / common.STRIDE))
+    P["k"] = rng.normal(0, 0.01, (5, last, 3, 3)).astype(np.float32)
+    P["kb"] = np.array([-2.19, 0.0, 0.0, 1.5 + up, 1.7 + up], np.float32)
     return P
 
 
-def head_apply(P, f8, f16, f32):
-    """Normalised features (NCHW) -> [B, 5, H/8, W/8] (heat logit, dx, dy, log w, log h)."""
+# The head's kernels (weight decay applies to these, not to biases).
+HEAD_KERNELS = ("p8", "p16", "p32", "m", "q", "p4", "m4", "k")
+
+
+def head_apply(P, *feats):
+    """Normalised features (NCHW) of each tap of common.TAPS -> [B, 5, H/s, W/s] (heat
+    logit, dx, dy, log w, log h; s = common.STRIDE)."""
     import jax
     import jax.numpy as jnp
 
@@ -142,22 +159,27 @@ def head_apply(P, f8, f16, f32):
     def up(x, f):
         return jnp.repeat(jnp.repeat(x, f, axis=2), f, axis=3)
 
+    f8, f16, f32 = feats[-3:]
     s = proj(P["p8"], f8) + up(proj(P["p16"], f16), 2) + up(proj(P["p32"], f32), 4)
     a = jax.nn.relu(s + P["pb"][None, :, None, None])
     pad = ((1, 1), (1, 1))
     a = jax.nn.relu(conv(a, P["m"], padding=pad) + P["mb"][None, :, None, None])
+    if len(feats) == 4:
+        a = up(proj(P["q"], a), 2) + proj(P["p4"], feats[0]) + P["qb"][None, :, None, None]
+        a = jax.nn.relu(a)
+        a = jax.nn.relu(conv(a, P["m4"], padding=pad) + P["m4b"][None, :, None, None])
     return conv(a, P["k"], padding=pad) + P["kb"][None, :, None, None]
 
 
-def normalise(norm, f8, f16, f32):
+def normalise(norm, *feats):
     """Per-channel feature normalisation (constants from the training features, folded
-    into the projections at export)."""
-    (m8, s8), (m16, s16), (m32, s32) = norm
-    return (f8 - m8) / s8, (f16 - m16) / s16, (f32 - m32) / s32
+    into the projections at export); one (mean, std) per tap."""
+    return tuple((f - m) / s for f, (m, s) in zip(feats, norm))
 
 
-def forward(params, blocks, norm, f8, f16):
-    """Cached frozen features (raw, float32, NCHW) -> [B, 5, H/8, W/8], running the
-    fine-tuned blocks on f16. norm: ((m8, s8), (m16, s16), (m32, s32)) shaped [1,C,1,1]."""
-    f32 = blocks(params["blocks"], f16)
-    return head_apply(params["head"], *normalise(norm, f8, f16, f32))
+def forward(params, blocks, norm, *frozen):
+    """Cached frozen features (raw, float32, NCHW; every tap of common.TAPS but the last)
+    -> [B, 5, H/s, W/s], running the fine-tuned blocks on the last of them (block10/add).
+    norm: one (mean, std) shaped [1,C,1,1] per tap."""
+    f32 = blocks(params["blocks"], frozen[-1])
+    return head_apply(params["head"], *normalise(norm, *frozen, f32))

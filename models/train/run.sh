@@ -7,7 +7,8 @@
 #
 # Sizes (environment): TRAIN_IMAGES (5000), VAL_IMAGES (300), TEST_IMAGES (400),
 # HEAD_EPOCHS (4, head only on cached features), FT_EPOCHS (4, end to end through blocks
-# 11-15), FT_IMAGES (2000 per end-to-end epoch), THREADS (2). Everything goes to
+# 11-15), FT_IMAGES (2000 per end-to-end epoch), THREADS (2); SHELF_HEAT_STRIDE (8, or 4
+# for a stride-4 heat map: README.md says why it is not the default). Everything goes to
 # models/train/out/ (gitignored): data/, features/, checkpoint.npz, train_log.json,
 # shelf_counter.onnx/.toml/.labels, eval_*.json.
 # Needs python3 (with venv) and the PyPI registry, like models/build.sh, whose venv it

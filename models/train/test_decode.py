@@ -29,7 +29,7 @@ def main():
     # peaks become boxes from their offsets and log sizes
     heat, boxes = outputs([(2, 1, 0.9, [0.25, -0.5, 0.0, np.log(2)]), (3, 1, 0.6, [0] * 4),
                            (6, 3, 0.2, [0] * 4)])
-    out = common.decode(heat, boxes, threshold=0.3)
+    out = common.decode(heat, boxes, threshold=0.3, stride=8)
     assert len(out) == 1, out
     s, cx, cy, w, h = out[0]
     assert close(s, 0.9) and close(cx - w / 2, 18) and close(cx + w / 2, 26), out
@@ -37,19 +37,21 @@ def main():
     # a weaker peak inside a stronger peak's box is the same object
     big = [0, 0, np.log(5), np.log(3)]
     heat, boxes = outputs([(2, 1, 0.9, big), (4, 1, 0.7, [0] * 4), (6, 1, 0.8, [0] * 4)])
-    out = common.decode(heat, boxes, threshold=0.3)
+    out = common.decode(heat, boxes, threshold=0.3, stride=8)
     assert [p[1] for p in out] == [20.0, 52.0], out
     # a max-pooled output decides peaks; logits go through a sigmoid
     heat, boxes = outputs([(1, 1, 2.0, [0] * 4), (5, 2, 1.0, [0] * 4)])
     heat[heat == 0] = -10
     pooled = heat.copy()
     pooled[2, 5] = 3.0
-    out = common.decode(heat, boxes, pooled, threshold=0.5, heat_is_logit=True)
+    out = common.decode(heat, boxes, pooled, threshold=0.5, stride=8, heat_is_logit=True)
     assert len(out) == 1 and close(out[0][0], 1 / (1 + np.exp(-2.0))), out
-    # log sizes are capped at 3 before exp
+    # log sizes are capped before exp: boxes of at most e^3 x 8 model pixels, whatever
+    # the stride
     heat, boxes = outputs([(2, 1, 0.9, [0, 0, 10.0, 10.0])])
-    out = common.decode(heat, boxes, threshold=0.3)
-    assert close(out[0][3], np.exp(3.0) * 8), out
+    for stride in (8, 4):
+        out = common.decode(heat, boxes, threshold=0.3, stride=stride)
+        assert abs(out[0][3] - np.exp(3.0) * 8) < 1e-3, out
     print("decode: 4 checks passed (the Rust HeatmapDecoder tests)")
 
 

@@ -5,8 +5,8 @@
 
 Network (net.py): EfficientNet-Lite0's blocks 11-15 (the stride-32 stage 6 and block 15,
 read from models/efficientnet_lite0.onnx) and the counting head. The frozen part
-(blocks 0-10) ran once in features.py: its block4/add (stride 8) and block10/add (stride
-16) outputs are cached as float16, with block15/project/conv of the original weights.
+(blocks 0-10) ran once in features.py: its block4/add (stride 8), block10/add (stride
+16) and, for a stride-4 heat map, block2/add (stride 4) outputs are cached as float16, with block15/project/conv of the original weights.
 
 Two phases, because on this CPU a step through the blocks costs ~8x a head-only step:
 1. `--head-epochs` over all training images with the blocks frozen, on the cached
@@ -87,7 +87,7 @@ def targets(objects):
             owner = np.where(core, g, owner)
             T[0][core] = (cx - xs[None, :].repeat(GH, 0))[core]
             T[1][core] = (cy - ys[:, None].repeat(GW, 1))[core]
-            # the decoder caps log sizes at 3 (20 cells): train to the same cap
+            # the decoder caps log sizes (boxes of 160.7 model px): train to the same cap
             T[2][core] = min(np.log(max(w, 0.25)), common.LOG_SIZE_CAP)
             T[3][core] = min(np.log(max(h, 0.25)), common.LOG_SIZE_CAP)
             bw[core] = g[core]
@@ -213,15 +213,15 @@ def match(dets, objects):
 
 
 def predict(params, blocks, norm, feats, frozen_blocks, batch=32):
-    """Head outputs for a whole split (numpy [N, 5, GH, GW]). frozen_blocks: use the
+    """Head outputs for a whole split (numpy [N, 5, GH, GW]), cells of common.STRIDE. frozen_blocks: use the
     cached block15 output instead of running the blocks (phase 1)."""
     import jax
 
     @jax.jit
-    def run(params, f8, f16, f32):
+    def run(params, *f):
         if not frozen_blocks:
-            f32 = blocks(params["blocks"], f16)
-        return net.head_apply(params["head"], *net.normalise(norm, f8, f16, f32))
+            f = f[:-1] + (blocks(params["blocks"], f[-2]),)
+        return net.head_apply(params["head"], *net.normalise(norm, *f))
 
     outs = []
     for i in range(0, len(feats[0]), batch):
@@ -281,7 +281,8 @@ class Batches:
         self.src = {"s": (feats, tg), "f": (ft_feats, ft_tg)}
 
     def get(self, chunk, need_s32):
-        taps = (0, 1, 2) if need_s32 else (0, 1)
+        n = len(common.TAPS)
+        taps = range(n) if need_s32 else range(n - 1)
         f = {k: [] for k in taps}
         t = [[], [], [], []]
         for src, i in chunk:
@@ -300,7 +301,7 @@ def make_step(opt, blocks, norm, end_to_end):
 
     def loss_of(params, f, t):
         if end_to_end:
-            out = net.forward(params, blocks, norm, f[0], f[1])
+            out = net.forward(params, blocks, norm, *f)
         else:
             out = net.head_apply(params["head"], *net.normalise(norm, *f))
         return loss_fn(out, *t)
@@ -325,7 +326,7 @@ def optimiser(head_lr, block_lr, steps, train_blocks):
 
     def decay_mask(params):
         return {"blocks": jax.tree_util.tree_map(lambda _: False, params["blocks"]),
-                "head": {k: k in ("p8", "p16", "p32", "m", "k") for k in params["head"]}}
+                "head": {k: k in net.HEAD_KERNELS for k in params["head"]}}
 
     def labels(params):
         return {"blocks": jax.tree_util.tree_map(lambda _: "blocks", params["blocks"]),

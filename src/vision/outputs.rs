@@ -413,6 +413,8 @@ pub struct HeatmapDecoder {
     input_size: (u32, u32),
     grid: (usize, usize),
     stride: f32,
+    /// Log sizes (in cells) are clamped here before `exp`.
+    log_size_cap: f32,
     heat_is_logit: bool,
     suppression: f32,
     /// heat, boxes and, if the model has it, the max-pooled heat.
@@ -452,6 +454,10 @@ impl HeatmapDecoder {
             input_size,
             grid: ((w / spec.stride) as usize, (h / spec.stride) as usize),
             stride: spec.stride as f32,
+            // exp of a wild value would make an infinite box: sizes stop at e^3 x 8 =
+            // 160.7 model pixels (20 cells of 8), beyond any product the scale rule
+            // shows a model, whatever its stride (models/train/common.py does the same).
+            log_size_cap: 3.0 + (8.0 / spec.stride as f32).ln(),
             heat_is_logit: spec.heat_is_logit,
             suppression: spec.suppression_box_fraction,
             outputs,
@@ -493,9 +499,7 @@ impl HeatmapDecoder {
                         continue;
                     }
                     let term = |k: usize| boxes[k * plane + y * gw + x];
-                    // exp of a wild value would make an infinite box; 20 cells is beyond
-                    // any object the grid can hold.
-                    let size = |v: f32| v.min(3.0).exp() * self.stride;
+                    let size = |v: f32| v.min(self.log_size_cap).exp() * self.stride;
                     peaks.push(Peak {
                         class_id: c,
                         score,
@@ -798,6 +802,28 @@ mod tests {
         );
         assert_eq!(out.len(), 1);
         assert!(close(out[0].score, 1.0 / (1.0 + (-2f32).exp())));
+    }
+
+    #[test]
+    fn a_wild_log_size_stops_at_the_same_box_in_pixels_whatever_the_stride() {
+        // An 8x4 grid at stride 8 (64x32) and at stride 4 (32x16): the cap is e^3 x 8 =
+        // 160.7 model pixels either way, so a stride-4 model can still say how large a
+        // product of 20 old cells is, and the stride-8 models decode as they always did.
+        for (stride, size) in [(8, (64, 32)), (4, (32, 16))] {
+            let spec = HeatmapSpec {
+                stride,
+                ..heatmap_spec(false, false)
+            };
+            let d =
+                HeatmapDecoder::new(&spec, 1, size, vec!["heat".into(), "boxes".into()]).unwrap();
+            let (heat, boxes) = heatmap_outputs(&[(2, 1, 0.9, [0.0, 0.0, 10.0, 10.0])]);
+            let out = decode_heatmap(&d, vec![Tensor::from(heat), Tensor::from(boxes)], 0.3);
+            let width_px = out[0].bbox.width() * size.0 as f32;
+            assert!(
+                (width_px - 3f32.exp() * 8.0).abs() < 1e-3,
+                "stride {stride}: {width_px}"
+            );
+        }
     }
 
     #[test]
