@@ -35,8 +35,8 @@ use super::{BBox, Detection, Detector, StageTimings, VisionError};
 pub type Rect = (f64, f64, f64, f64);
 
 /// The largest tile the rule runs, in model-input pixels. Larger tiles waste less on
-/// overlaps but each needs its own buffers; 640 x 480 holds 160 x 120 cells of a
-/// stride-4 heat map.
+/// overlaps but each needs its own buffers; 640 x 480 holds 80 x 60 cells at stride 8
+/// (160 x 120 at stride 4).
 pub const DEFAULT_MAX_TILE: (u32, u32) = (640, 480);
 
 /// See [`ScaleRule::tiles`]: how much larger than the largest tile a region may be and
