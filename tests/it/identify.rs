@@ -9,7 +9,7 @@ use serde_json::Value;
 use shelfwatch::identify::{answer, Gallery, Reference};
 use shelfwatch::vision::{Embedder, EmbedderOptions};
 
-use crate::util::{fixture, jsonl, model, shelfwatch, Camera, Config, Daemon, Sink, Zone};
+use crate::util::{self, fixture, jsonl, model, shelfwatch, Camera, Config, Daemon, Sink, Zone};
 
 fn embedder_manifest() -> PathBuf {
     model("efficientnet_lite0.toml")
@@ -230,14 +230,7 @@ fn a_damaged_gallery_is_refused_naming_the_file_and_enroll_does_not_overwrite_it
     let dir = tempfile::tempdir().unwrap();
     let g = dir.path().to_str().unwrap();
     let photo = fixture("products/camera.jpg");
-    let out = shelfwatch(&[
-        "enroll",
-        "--gallery",
-        g,
-        "--sku",
-        "CAM",
-        photo.to_str().unwrap(),
-    ]);
+    let out = util::enroll(dir.path(), "CAM", &photo);
     assert!(out.status.success());
     let file = dir.path().join("gallery.swg");
     let mut bytes = std::fs::read(&file).unwrap();
@@ -251,14 +244,7 @@ fn a_damaged_gallery_is_refused_naming_the_file_and_enroll_does_not_overwrite_it
         err.contains("gallery.swg") && err.contains("checksum"),
         "{err}"
     );
-    let out = shelfwatch(&[
-        "enroll",
-        "--gallery",
-        g,
-        "--sku",
-        "X",
-        photo.to_str().unwrap(),
-    ]);
+    let out = util::enroll(dir.path(), "X", &photo);
     assert!(
         !out.status.success(),
         "enroll must not replace a damaged gallery"
@@ -303,14 +289,7 @@ fn the_daemon_counts_per_sku_and_reports_the_wrong_variant_in_a_planogram_zone()
     let blue_path = dir.path().join("coffee-blue.png");
     blue.save(&blue_path).unwrap();
     for (sku, photo) in [("cup-brown", coffee.as_path()), ("cup-blue", &blue_path)] {
-        let out = shelfwatch(&[
-            "enroll",
-            "--gallery",
-            gallery.to_str().unwrap(),
-            "--sku",
-            sku,
-            photo.to_str().unwrap(),
-        ]);
+        let out = util::enroll(&gallery, sku, photo);
         assert!(out.status.success(), "{out:?}");
     }
     // The scenes are composed for the generic-class SSD (cups and a person). The
@@ -409,14 +388,7 @@ fn a_product_enrolled_while_the_daemon_runs_is_counted_after_sighup() {
     let frames = recoloured_scenes(dir.path());
     let gallery = dir.path().join("gallery");
     let enroll = |sku: &str, photo: &Path| {
-        let out = shelfwatch(&[
-            "enroll",
-            "--gallery",
-            gallery.to_str().unwrap(),
-            "--sku",
-            sku,
-            photo.to_str().unwrap(),
-        ]);
+        let out = util::enroll(&gallery, sku, photo);
         assert!(out.status.success(), "{out:?}");
     };
     enroll("cup-brown", &fixture("photos/coffee.png"));

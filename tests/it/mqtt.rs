@@ -13,8 +13,8 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::util::{
-    self, fixture, free_port, shelfwatch, Broker, Camera, Config, Daemon, Message, Sink,
-    Subscriber, Zone, SHELFWATCH,
+    self, fixture, free_port, Broker, Camera, Config, Daemon, Message, Sink, Subscriber, Zone,
+    SHELFWATCH,
 };
 
 /// The cup scenes (composed for the generic-class SSD: cups and a person) counted by
@@ -1084,14 +1084,7 @@ fn scanner_daemon_with(
 ) -> Daemon {
     let gallery = dir.join("gallery");
     for (sku, photo) in [("GUITAR-1", "guitar.jpg"), ("CAM-100", "camera.jpg")] {
-        let out = shelfwatch(&[
-            "enroll",
-            "--gallery",
-            gallery.to_str().unwrap(),
-            "--sku",
-            sku,
-            fixture("products").join(photo).to_str().unwrap(),
-        ]);
+        let out = util::enroll(&gallery, sku, &fixture("products").join(photo));
         assert!(out.status.success(), "{out:?}");
     }
     let sink = Sink::mqtt(&broker.address()).set("protocol", protocol);

@@ -116,6 +116,19 @@ pub fn shelfwatch(args: &[&str]) -> Output {
     .expect("run shelfwatch")
 }
 
+/// `shelfwatch enroll --gallery GALLERY --sku SKU PHOTO`: one product photo into a
+/// gallery, as a user enrols it.
+pub fn enroll(gallery: &Path, sku: &str, photo: &Path) -> Output {
+    shelfwatch(&[
+        "enroll",
+        "--gallery",
+        gallery.to_str().unwrap(),
+        "--sku",
+        sku,
+        photo.to_str().unwrap(),
+    ])
+}
+
 /// The messages a JSON lines sink has written to `path` so far. Only whole lines: the
 /// daemon may be writing the next one while a test reads (a read racing a write on a
 /// regular file can see part of it), and that line is read on the next call.
