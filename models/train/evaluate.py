@@ -163,7 +163,8 @@ def evaluate(sess, items, post, per_image=False, cache=None):
             cache[path] = run_model(sess, path)
         heat, boxes, peak = cache[path]
         dets = common.decode(heat, boxes, peak, threshold=post["score"],
-                             stride=post["stride"], fraction=post["fraction"], iou_threshold=post["iou"],
+                             stride=post["stride"], fraction=post["fraction"],
+                             iou_threshold=post["iou"],
                              max_detections=post["max"])
         sx, sy = W / common.INPUT_W, H / common.INPUT_H
         dets = [(s, cx * sx, cy * sy, w * sx, h * sy) for s, cx, cy, w, h in dets]

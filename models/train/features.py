@@ -1,14 +1,15 @@
-"""Frozen EfficientNet-Lite0 features at strides 4, 8, 16 and 32, extracted once and cached.
+"""Frozen EfficientNet-Lite0 features at strides (4,) 8, 16 and 32, extracted once and cached.
 
     python features.py --data OUT/data --split train [--threads 2]
     python features.py --images DIR --cache OUT/features/finetune   (a user's own frames)
 
-The backbone is models/efficientnet_lite0.onnx cut at common.TAPS (block2/add, 24 ch,
-stride 4; block4/add, 40 ch, stride 8; block10/add, 112 ch, stride 16; block15/project/conv, 320 ch, stride 32) with
-its input fixed to 384x288 (common.cut_backbone). Images are stretched to 384x288 with
+The backbone is models/efficientnet_lite0.onnx cut at common.TAPS (block4/add, 40 ch,
+stride 8; block10/add, 112 ch, stride 16; block15/project/conv, 320 ch, stride 32; and
+for a stride-4 heat map block2/add, 24 ch, stride 4) with its input fixed to 384x288
+(common.cut_backbone). Images are stretched to 384x288 with
 Pillow BILINEAR and normalised as (pixel - 127) / 128, exactly as shelfwatch feeds the
-exported model. Writes OUT/features/<split>_s4.npy, _s8.npy, _s16.npy, _s32.npy (float16, N x C x
-H x W) and <split>_files.json (image order).
+exported model. Writes OUT/features/<split>_s8.npy, _s16.npy, _s32.npy (and _s4.npy
+at stride 4; float16, N x C x H x W) and <split>_files.json (image order).
 """
 import argparse
 import json

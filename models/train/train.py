@@ -6,7 +6,8 @@
 Network (net.py): EfficientNet-Lite0's blocks 11-15 (the stride-32 stage 6 and block 15,
 read from models/efficientnet_lite0.onnx) and the counting head. The frozen part
 (blocks 0-10) ran once in features.py: its block4/add (stride 8), block10/add (stride
-16) and, for a stride-4 heat map, block2/add (stride 4) outputs are cached as float16, with block15/project/conv of the original weights.
+16) and, for a stride-4 heat map, block2/add (stride 4) outputs are cached as float16,
+with block15/project/conv of the original weights.
 
 Two phases, because on this CPU a step through the blocks costs ~8x a head-only step:
 1. `--head-epochs` over all training images with the blocks frozen, on the cached
@@ -213,8 +214,8 @@ def match(dets, objects):
 
 
 def predict(params, blocks, norm, feats, frozen_blocks, batch=32):
-    """Head outputs for a whole split (numpy [N, 5, GH, GW]), cells of common.STRIDE. frozen_blocks: use the
-    cached block15 output instead of running the blocks (phase 1)."""
+    """Head outputs for a whole split (numpy [N, 5, GH, GW], cells of common.STRIDE).
+    frozen_blocks: use the cached block15 output instead of running the blocks (phase 1)."""
     import jax
 
     @jax.jit
